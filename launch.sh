@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Launch an mtp job with the `deepspeed` launcher, on one machine or several.
+#
+#   bash launch.sh [launcher options] [--config FILE] [--resume] [dotted.key=value ...]
+#
+# Launcher options:
+#   --nproc N          processes per node: GPUs on a GPU node, CPU ranks otherwise (default: all GPUs, or 2 on CPU)
+#   --hostfile FILE    several nodes (format: hostfile.example); ssh to each host unless --no_ssh
+#   --no_ssh           start this node only: run launch.sh on every node with its own --node_rank
+#   --node_rank R      this node's rank in the hostfile (with --no_ssh)
+#   --master_addr A    address of node 0 (default: 127.0.0.1 on one node)
+#   --master_port P    rendezvous port (default: 29500)
+#   --command CMD      mtp sub-command to run on every rank (default: train)
+# Everything else goes to `mtp CMD`: --config, --resume and dotted overrides.
+# The config is checked once before any process starts; a bad config exits with code 2.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+nproc=""; hostfile=""; no_ssh=0; node_rank=""; master_addr=""; master_port="${MASTER_PORT:-29500}"
+command="train"; config="configs/default.yaml"; resume=""; passthrough=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --nproc|--num_gpus) nproc="$2"; shift 2 ;;
+    --hostfile) hostfile="$2"; shift 2 ;;
+    --no_ssh) no_ssh=1; shift ;;
+    --node_rank) node_rank="$2"; shift 2 ;;
+    --master_addr) master_addr="$2"; shift 2 ;;
+    --master_port) master_port="$2"; shift 2 ;;
+    --command) command="$2"; shift 2 ;;
+    --config) config="$2"; shift 2 ;;
+    --config=*) config="${1#--config=}"; shift ;;
+    --resume) resume="--resume"; shift ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) passthrough+=("$1"); shift ;;
+  esac
+done
+
+PYTHON="${PYTHON:-python3}"
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [[ "$gpus" == "0" ]]; then
+  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+  nproc="${nproc:-2}"
+  cores=$(nproc)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}"
+else
+  nproc="${nproc:-$gpus}"
+fi
+
+# World size: processes per node times nodes (a hostfile's slots when --nproc is not given).
+if [[ -n "$hostfile" ]]; then
+  [[ -f "$hostfile" ]] || { echo "launch.sh: error: hostfile not found: $hostfile" >&2; exit 2; }
+  nodes=$(grep -cE '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$hostfile" || true)
+  [[ "$nodes" -gt 0 ]] || { echo "launch.sh: error: $hostfile: no 'host slots=N' lines" >&2; exit 2; }
+  world=$(( nodes * nproc ))
+  if [[ $no_ssh -eq 1 && -z "$node_rank" ]]; then
+    echo "launch.sh: error: --no_ssh needs --node_rank (this node's line in $hostfile, from 0)" >&2; exit 2
+  fi
+  # without ssh nobody can ask node 0 for its address: default to the hostfile's first host
+  [[ $no_ssh -eq 1 && -z "$master_addr" ]] && master_addr=$(grep -oE '^[^#[:space:]]+' "$hostfile" | head -1)
+else
+  world=$nproc
+fi
+
+# Check everything that can be checked before any process group starts (exit 2 on a bad input).
+if [[ "$command" == "train" ]]; then
+  "$PYTHON" -m mtp check --config "$config" --world-size "$world" $resume "${passthrough[@]}" || exit $?
+fi
+
+launcher=(deepspeed --master_port "$master_port" --num_gpus "$nproc")
+[[ -n "$hostfile" ]] && launcher+=(--hostfile "$hostfile") || launcher+=(--hostfile /dev/null)
+[[ -n "$master_addr" ]] && launcher+=(--master_addr "$master_addr")
+[[ $no_ssh -eq 1 ]] && launcher+=(--no_ssh --node_rank "$node_rank")
+exec "${launcher[@]}" --no_local_rank --module mtp "$command" --config "$config" $resume "${passthrough[@]}"

@@ -1,0 +1,5 @@
+import sys
+
+from mtp.cli import main
+
+sys.exit(main())

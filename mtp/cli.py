@@ -1,0 +1,104 @@
+"""`mtp` command line: check a config, train (as one rank of a DeepSpeed job).
+
+Any `ConfigError` ends the command with its one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from mtp.config import ConfigError, ExperimentConfig, load_config
+
+
+def check_experiment(cfg: ExperimentConfig, world_size: int, resume: bool) -> dict[str, int]:
+    """Everything that can be checked before processes start: files, rows, labels, configs, output dir."""
+    from mtp.data import MultitaskSampler, load_tasks, task_probabilities
+    from mtp.model import load_tokenizer
+    from mtp.train import CHECKPOINTS, build_ds_config
+
+    build_ds_config(cfg, world_size)
+    ckpts = Path(cfg.output_dir) / CHECKPOINTS
+    has_ckpt = (ckpts / "latest").exists()
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume: no checkpoint in {ckpts}")
+    if not resume and has_ckpt:
+        raise ConfigError(f"output_dir: {cfg.output_dir} already holds checkpoints; pass --resume to continue "
+                          "or choose another output_dir")
+    _check_encoder(cfg)
+    load_tokenizer(cfg.encoder)
+    tasks = load_tasks(cfg)
+    sizes = {t.name: len(t.train_texts) for t in tasks}
+    MultitaskSampler(sizes, task_probabilities(cfg, sizes), cfg.train.micro_batch_size, 0, world_size, 0)
+    return sizes
+
+
+def _check_encoder(cfg: ExperimentConfig) -> None:
+    from transformers import AutoConfig
+
+    from mtp.model import PRUNABLE_BY_ARCH, resolve_encoder_path
+
+    source = resolve_encoder_path(cfg.encoder.name)
+    try:
+        hf = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"encoder.name: cannot load {source!r}: {str(err).splitlines()[0]}") from None
+    if hf.model_type not in PRUNABLE_BY_ARCH:
+        raise ConfigError(f"encoder.name: architecture {hf.model_type!r} is not supported")
+    for key in cfg.encoder.config_overrides:
+        if not hasattr(hf, key):
+            raise ConfigError(f"encoder.config_overrides.{key}: not a field of {type(hf).__name__}")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    sizes = check_experiment(cfg, args.world_size, args.resume)
+    print(f"config ok: {len(sizes)} tasks ({', '.join(f'{k} {v}' for k, v in sizes.items())} training rows)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mtp.train import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    run_training(cfg, resume=args.resume)
+    return 0
+
+
+def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the YAML")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a config and its data without training")
+    _add_experiment_args(check)
+    check.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    check.set_defaults(func=_cmd_check)
+    train = sub.add_parser("train", help="train as one rank of a DeepSpeed job (launch.sh starts the ranks)")
+    _add_experiment_args(train)
+    train.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher may append --local_rank=N; LOCAL_RANK is in the environment anyway
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as err:
+        print(f"mtp: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

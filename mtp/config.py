@@ -1,0 +1,241 @@
+"""The experiment config: one YAML file, validated by a pydantic schema, with dotted-key overrides.
+
+Every error a user can make in a config is raised as `ConfigError` with one line that names the key
+(or file, or row); the CLI turns it into exit code 2 before any process group starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A user error in the config or its inputs; the message is one line naming the culprit."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EncoderConfig(_Strict):
+    name: str = DEFAULT_ENCODER
+    """Hugging Face name or local folder. With random_init, a folder (or name) holding config.json."""
+    tokenizer: str | None = None
+    """Tokenizer name or folder; defaults to `name`."""
+    random_init: bool = False
+    """Build the architecture from its config with random weights (tests, large-architecture checks)."""
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Keys set on the transformers config before the model is built (e.g. num_hidden_layers)."""
+    pooling: Literal["cls", "mean"] = "cls"
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TaskConfig(_Strict):
+    name: str
+    """A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or any name for a custom task."""
+    train_file: str | None = None
+    dev_file: str | None = None
+    format: Literal["csv", "tsv", "jsonl"] | None = None
+    """Custom tasks: file format; inferred from the extension when left out."""
+    text_columns: list[str] | None = None
+    label_column: str | None = None
+    labels: list[str] | None = None
+    """Custom classification tasks: the label names, in index order."""
+    regression: bool = False
+    metric: Literal["accuracy", "f1_accuracy", "matthews", "pearson_spearman"] | None = None
+    max_train_examples: int | None = Field(None, gt=0)
+    """Subsample the training set (seeded) to at most this many rows."""
+    max_dev_examples: int | None = Field(None, gt=0)
+    weight: float = Field(1.0, gt=0.0)
+    """Loss weight w_t."""
+
+    @property
+    def is_custom(self) -> bool:
+        return self.train_file is not None
+
+
+class DataConfig(_Strict):
+    glue_dir: str | None = None
+    """Folder with the canonical GLUE files; else $MTP_GLUE_DIR; else the hub (nyu-mll/glue)."""
+    max_seq_len: int = Field(128, ge=8, le=4096)
+    cache_dir: str | None = None
+    """Tokenized datasets cache; defaults to $MTP_CACHE_DIR or ~/.cache/mtp."""
+
+
+class SamplingConfig(_Strict):
+    strategy: Literal["proportional", "temperature", "uniform", "given"] = "temperature"
+    temperature: float = Field(2.0, gt=0.0)
+    probabilities: dict[str, float] | None = None
+
+
+class TrainConfig(_Strict):
+    deepspeed_config: str = "ds_configs/cpu_zero2.json"
+    micro_batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps. When unset, `epochs` over the summed training sets decides."""
+    epochs: float = Field(1.0, gt=0.0)
+    seed: int = 42
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = Field(2, gt=0)
+    stop_after_steps: int | None = Field(None, gt=0)
+    """Checkpoint and stop after this many steps, as an interrupted run would (the schedule is unchanged)."""
+    eval_batch_size: int = Field(64, gt=0)
+
+
+class PruningConfig(_Strict):
+    method: Literal["none"] = "none"
+
+
+class ExperimentConfig(_Strict):
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    tasks: list[TaskConfig]
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    output_dir: str = "runs/default"
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> ExperimentConfig:
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ValueError("tasks: at least one task is needed")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tasks: task {dupes[0]!r} is listed twice")
+        if self.sampling.strategy == "given":
+            probs = self.sampling.probabilities or {}
+            missing = [n for n in names if n not in probs]
+            extra = [n for n in probs if n not in names]
+            if missing or extra:
+                culprit = missing[0] if missing else extra[0]
+                raise ValueError(f"sampling.probabilities: {culprit!r} must match the task list {names}")
+            if any(p < 0 for p in probs.values()) or sum(probs.values()) <= 0:
+                raise ValueError("sampling.probabilities: must be non-negative with a positive sum")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c=value` in a nested dict; list items are addressed by index or by task name."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, key, dotted)
+            if last:
+                node[idx] = value
+                return
+            node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(keys[:i])} is not a section")
+        if last:
+            node[key] = value
+            return
+        node = node.setdefault(key, {})
+
+
+def _list_index(items: list[Any], key: str, dotted: str) -> int:
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    for idx, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == key:
+            return idx
+    raise ConfigError(f"override {dotted}: no list item {key!r}")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Turn `key.sub=value` strings into (key, YAML-typed value) pairs."""
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key, value))
+    return pairs
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    # tasks.2.name -> tasks[2].name reads better
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = first.get("input")
+    detail = f" (got {got!r})" if first["type"] not in ("extra_forbidden", "missing") and got is not None else ""
+    where = f"{loc}: " if loc else ""
+    return f"{source}: {where}{msg}{detail}"
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment, apply `dotted.key=value` overrides, validate it against the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, str(path))) from None
+
+
+def resolve_path(path: str, what: str) -> Path:
+    """Find a file named in the config: as given, else relative to the project root."""
+    candidate = Path(path).expanduser()
+    if candidate.exists():
+        return candidate.resolve()
+    if not candidate.is_absolute() and (PROJECT_ROOT / candidate).exists():
+        return (PROJECT_ROOT / candidate).resolve()
+    raise ConfigError(f"{what}: file not found: {path}")
+
+
+def glue_dir(cfg: ExperimentConfig) -> Path | None:
+    """The local GLUE folder (config, then $MTP_GLUE_DIR), or None to read from the hub."""
+    raw = cfg.data.glue_dir or os.environ.get("MTP_GLUE_DIR")
+    if not raw:
+        return None
+    folder = Path(raw).expanduser()
+    if not folder.is_dir():
+        key = "data.glue_dir" if cfg.data.glue_dir else "$MTP_GLUE_DIR"
+        raise ConfigError(f"{key}: not a folder: {raw}")
+    return folder.resolve()
+
+
+def cache_dir(cfg: ExperimentConfig) -> Path:
+    raw = cfg.data.cache_dir or os.environ.get("MTP_CACHE_DIR") or "~/.cache/mtp"
+    return Path(raw).expanduser()
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,57 @@
+"""The one interface through which training algorithms (pruning methods) plug into the trainer.
+
+The trainer calls these events and nothing else; it never knows which algorithm runs.
+Order within one training run:
+
+    setup(model)                      before DeepSpeed wraps the model: may replace modules
+    param_groups(model)               optimizer groups with their own learning rates
+    [resume] load_state_dict(state)   after the DeepSpeed checkpoint is loaded
+    loop over optimizer steps:
+        extra_loss(model, step)       added to each micro-batch's loss (regularisers, Lagrangians)
+        on_optimizer_step(model, step)  once per optimizer step, after DeepSpeed's step
+        metrics()                     scalars for TensorBoard at log steps
+        state_dict()                  into every checkpoint
+    on_train_end(model) -> dict       final projection / report, merged into results.json
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Hook:
+    """Base class: every event is a no-op. Subclasses override what they need."""
+
+    name = "hook"
+
+    def setup(self, model: nn.Module) -> None:
+        """Prepare the model before DeepSpeed sees it (wrap layers, add parameters)."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups owned by this hook (their params leave the default groups)."""
+        return []
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        """A term added to the training loss of every micro-batch, or None."""
+        return None
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Advance schedules, masks, multipliers: called once per optimizer step (step counts from 1)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars to log (TensorBoard tag -> value)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Picklable state saved in every checkpoint (parameters already live in the DeepSpeed state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` on resume."""
+
+    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+        """Finish (e.g. project to the budget) and return a report for results.json."""
+        return {}

