@@ -292,7 +292,7 @@ def tokenize_task(task: TaskData, tokenizer: Any, max_len: int, cache: Path, tok
         raw = datasets.Dataset.from_dict({**columns, "labels": labels})
         n_text = len(columns)
 
-        def encode(batch: dict[str, list]) -> dict[str, list]:
+        def encode(batch: dict[str, list], n_text: int = n_text) -> dict[str, list]:
             args = [batch[f"text{i}"] for i in range(n_text)]
             return tokenizer(*args, truncation=True, max_length=max_len)
 

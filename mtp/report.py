@@ -12,7 +12,7 @@ from mtp.config import ExperimentConfig
 
 def print_summary(results: dict[str, Any], cfg: ExperimentConfig, console: Console | None = None) -> None:
     """Dev scores per task and their mean, with how far training went."""
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 110)
     if not results.get("finished"):
         console.print(f"[yellow]stopped at step {results['steps']} of {results['max_steps']}; "
                       f"resume with --resume (checkpoints in {cfg.output_dir}/checkpoints)[/yellow]")

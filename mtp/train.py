@@ -206,6 +206,7 @@ class Trainer:
         self.tokens_seen = 0
         self.prior_wall = 0.0
         self.eval_history: list[dict[str, Any]] = []
+        self.loss_history: list[dict[str, Any]] = []
         if resume:
             self._load_checkpoint()
         self.writer = self._tensorboard()
@@ -238,6 +239,7 @@ class Trainer:
         tag = f"step_{self.step}"
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
                  "wall_time": self.prior_wall + time.time() - self.t_start, "eval_history": self.eval_history,
+                 "loss_history": self.loss_history,
                  "hooks": {h.name: h.state_dict() for h in self.hooks}}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"mtp": state})
         _save_rng(self.ckpt_dir / tag / f"rng_rank{self.rank}.safetensors")
@@ -258,6 +260,7 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.prior_wall = state["wall_time"]
         self.eval_history = state["eval_history"]
+        self.loss_history = state["loss_history"]
         self.sampler.load_state_dict(state["sampler"])
         for hook in self.hooks:
             hook.load_state_dict(state["hooks"].get(hook.name, {}))
@@ -356,10 +359,12 @@ class Trainer:
         n = len(names)
         tokens = int(window[-1])
         self.tokens_seen += tokens
-        if self.rank != 0:
-            return
         counts = window[n:2 * n] / self.world  # every rank counted the same micro-steps
         steps_in_window = max(1.0, float(counts.sum()))
+        mean_loss = float(window[:n].sum() / self.world / steps_in_window)
+        self.loss_history.append({"step": self.step, "loss": mean_loss})
+        if self.rank != 0:
+            return
         for i, name in enumerate(names):
             if counts[i] > 0:
                 self.writer.add_scalar(f"train/loss/{name}", float(window[i] / self.world / counts[i]), self.step)
@@ -372,7 +377,6 @@ class Trainer:
         for hook in self.hooks:
             for tag, value in hook.metrics().items():
                 self.writer.add_scalar(tag, value, self.step)
-        mean_loss = float(window[:n].sum() / self.world / steps_in_window)
         mix = " ".join(f"{name}:{int(counts[i])}" for i, name in enumerate(names))
         bar.set_postfix_str(f"loss={mean_loss:.3f} tok/s={tok_s:.0f} mix[{mix}]", refresh=False)
 
@@ -397,7 +401,7 @@ class Trainer:
             "precision": precision_of(self.ds_config), "zero_stage": zero_stage(self.ds_config),
             "params": self.param_counts, "sampling": self.probs,
             "data": {t.name: {"source": t.source, **t.stats} for t in self.tasks},
-            "eval_history": self.eval_history,
+            "eval_history": self.eval_history, "loss_history": self.loss_history,
         }
         if finished:
             results["tasks"] = self.last_eval

@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:
+#   make run    set everything up, then run the default job (2 DeepSpeed ranks on CPU, about 10 minutes)
+#   make test   set everything up, then run the test suite
+PYTHON ?= python3
+# GLUE files: $MTP_GLUE_DIR if set, else the shared copy beside the checkout when there is one (else the hub)
+MTP_GLUE_DIR ?= $(wildcard $(abspath ..)/shared/data/glue)
+export MTP_GLUE_DIR
+
+.PHONY: setup run test lint bench
+
+setup: .setup.stamp
+
+# torch is installed first and pinned on machines without CUDA: an unpinned torch pulls a 5 GB CUDA build.
+.setup.stamp: pyproject.toml
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	bash launch.sh --config configs/default.yaml $(ARGS)
+
+test: setup
+	$(PYTHON) -m ruff check mtp tune bench tests
+	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: setup
+	$(PYTHON) bench/throughput.py

@@ -1,0 +1,61 @@
+"""Shared fixtures: the GLUE folder, a free port, and a helper that runs launch.sh for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _glue_dir() -> Path:
+    env = os.environ.get("MTP_GLUE_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(ROOT.parent / "shared" / "data" / "glue")
+    for c in candidates:
+        if (c / "RTE" / "train.tsv").is_file():
+            return c.resolve()
+    raise RuntimeError("GLUE files not found: set MTP_GLUE_DIR to a folder with the canonical GLUE TSVs")
+
+
+GLUE_DIR = _glue_dir()
+os.environ["MTP_GLUE_DIR"] = str(GLUE_DIR)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    return GLUE_DIR
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MTP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mtp-cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], nproc: int = 2, timeout: int = 600, extra_env: dict[str, str] | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run `bash launch.sh` as a user would; returns the finished process."""
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               **(extra_env or {}))
+    proc = subprocess.run(["bash", str(ROOT / "launch.sh"), "--nproc", str(nproc), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.sh failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())

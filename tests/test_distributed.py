@@ -1,0 +1,109 @@
+"""Real 2-rank DeepSpeed jobs through launch.sh: tiny random-init encoders on real GLUE rows."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, free_port, launch, results
+
+pytestmark = pytest.mark.slow
+TINY = "configs/tiny.yaml"
+
+
+def losses(res: dict) -> np.ndarray:
+    return np.array([h["loss"] for h in res["loss_history"]])
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    outs = {}
+    for stage in (0, 1, 2, 3):
+        out = tmp_path_factory.mktemp(f"zero{stage}")
+        launch(["--config", TINY, f"train.deepspeed_config=ds_configs/cpu_zero{stage}.json", f"output_dir={out}"])
+        outs[stage] = out
+    return outs
+
+
+def test_every_zero_stage_trains_and_agrees(zero_runs: dict[int, Path]) -> None:
+    reference = results(zero_runs[0])
+    assert reference["finished"] and reference["steps"] == 8 and reference["world_size"] == 2
+    assert set(reference["tasks"]) == {"rte", "stsb"}
+    for stage, out in zero_runs.items():
+        res = results(out)
+        assert res["zero_stage"] == stage and res["precision"] == "fp32"
+        # the same seed and data give the same training, whatever the partitioning (fp32 rounding aside)
+        np.testing.assert_allclose(losses(res), losses(reference), rtol=2e-3, atol=1e-4)
+        assert res["mean_score"] == pytest.approx(reference["mean_score"], abs=0.5)
+        assert (out / "checkpoints" / "step_8" / "rng_rank1.safetensors").is_file()
+
+
+def test_results_and_tensorboard_hold_what_a_user_watches(zero_runs: dict[int, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = zero_runs[2]
+    res = results(out)
+    assert res["tokens_seen"] > 0 and res["wall_time_s"] > 0
+    assert set(res["tasks"]["stsb"]["dev"]["dev"]) == {"pearson", "spearman", "score"}
+    assert res["params"]["encoder_blocks"] == 2 * (4 * (32 * 32 + 32) + 2 * 2 * 32 + 32 * 64 + 64 + 64 * 32 + 32)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss/rte", "train/loss/stsb", "train/lr/decay", "train/tokens_per_s",
+                "dev/mean_score", "dev/stsb/dev/pearson", "dev/rte/dev/accuracy", "train/task_share/rte"):
+        assert tag in tags, sorted(tags)
+    assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(zero_runs: dict[int, Path], tmp_path: Path) -> None:
+    reference = results(zero_runs[2])  # the uninterrupted 8-step ZeRO-2 run
+    out = tmp_path / "resumed"
+    common = ["--config", TINY, "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
+    launch([*common, "train.stop_after_steps=4"])
+    half = results(out)
+    assert not half["finished"] and half["steps"] == 4
+    launch([*common, "--resume"])
+    res = results(out)
+    assert res["finished"] and res["steps"] == 8
+    np.testing.assert_allclose(losses(res), losses(reference), rtol=1e-5, atol=1e-6)
+    for task, scores in reference["tasks"].items():
+        assert res["tasks"][task]["score"] == pytest.approx(scores["score"], abs=1e-3)
+    assert res["tokens_seen"] == reference["tokens_seen"]
+
+
+def test_tiny_roberta_with_custom_task_under_zero3(tmp_path: Path) -> None:
+    rows = ["text,label"] + [f"sample {i} {'great' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}"
+                             for i in range(40)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:13]) + "\n")
+    out = tmp_path / "run"
+    launch(["--config", TINY, "encoder.name=configs/arch/tiny-roberta",
+            "train.deepspeed_config=ds_configs/cpu_zero3.json",
+            f"tasks=[{{name: rte, max_train_examples: 64, max_dev_examples: 30}}, {{name: polarity, "
+            f"train_file: {tmp_path}/train.csv, dev_file: {tmp_path}/dev.csv, text_columns: [text], "
+            "label_column: label, labels: [neg, pos]}]", f"output_dir={out}"])
+    res = results(out)
+    assert res["finished"] and res["zero_stage"] == 3
+    assert res["data"]["polarity"]["dev_used"] == {"dev": 12}
+    assert 0 <= res["tasks"]["polarity"]["dev"]["dev"]["accuracy"] <= 100
+
+
+def test_two_nodes_on_localhost_without_ssh(tmp_path: Path) -> None:
+    """Two 'nodes' (one rank each) started separately with --no_ssh and a node rank, as on a cluster."""
+    import os
+    import sys
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    procs = [subprocess.Popen(["bash", "launch.sh", "--nproc", "1", "--hostfile", str(hostfile), "--no_ssh",
+                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--config", TINY,
+                               f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    res = results(out)
+    assert res["finished"] and res["world_size"] == 2
