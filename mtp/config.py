@@ -100,7 +100,40 @@ class TrainConfig(_Strict):
 
 
 class PruningConfig(_Strict):
-    method: Literal["none"] = "none"
+    method: Literal["none", "magnitude", "movement", "soft_movement", "rank"] = "none"
+    budget: float = Field(1.0, gt=0.0)
+    """Encoder budget B: a fraction of the dense encoder-block parameters (<= 1) or a parameter count (> 1)."""
+    scope: Literal["per_matrix", "global"] = "per_matrix"
+    """Element-wise top-k per matrix or over all prunable matrices at once."""
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dense warmup w0, as a fraction of the optimizer steps."""
+    cooldown_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    """Cool-down w1 at the final density (or Lagrangian target), as a fraction of the steps."""
+    score_lr: float = Field(1e-2, gt=0.0)
+    """Learning rate of movement scores."""
+    soft_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """Soft movement: final tau in M = 1[sigmoid(S) > tau] (ramped by the cubic schedule)."""
+    soft_lambda: float = Field(1.0, ge=0.0)
+    """Soft movement: final weight of mean(sigmoid(S)) in the loss (ramped with tau)."""
+    gate_lr: float = Field(5e-2, gt=0.0)
+    """Rank pruning: learning rate of the gates' log alpha."""
+    lagrangian_lr: float = Field(0.1, gt=0.0)
+    """Rank pruning: step size of the gradient ascent on lambda1 and lambda2."""
+    log_alpha_init: float = 2.5
+    """Rank pruning: initial log alpha; 2.5 makes every deterministic gate 1 (the pretrained map)."""
+    gate_beta: float = Field(2.0 / 3.0, gt=0.0)
+    gate_low: float = Field(-0.1, lt=0.0)
+    gate_high: float = Field(1.1, gt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PruningConfig:
+        if self.warmup_ratio + self.cooldown_ratio >= 1.0:
+            raise ValueError("pruning.warmup_ratio + pruning.cooldown_ratio must be below 1")
+        if self.budget > 1.0 and self.budget != int(self.budget):
+            raise ValueError(f"pruning.budget: {self.budget} is neither a fraction (<= 1) nor a parameter count")
+        if self.method != "none" and self.budget == 1.0:
+            raise ValueError(f"pruning.budget: method {self.method!r} needs a budget below the dense size")
+        return self
 
 
 class ExperimentConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,23 @@ def parameter_counts(model: MultitaskModel) -> dict[str, int]:
         "embeddings": sum(numel(p) for p in model.encoder.embeddings.parameters()),
         "heads": sum(numel(p) for p in model.heads.parameters()),
     }
+
+
+def gathered(params: list[nn.Parameter]) -> Any:
+    """Gather ZeRO-3 partitioned parameters for reading; a no-op for ordinary parameters."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return nullcontext()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state (parameters gathered one by one under ZeRO-3, and buffers) as CPU tensors."""
+    state = {}
+    for name, param in model.named_parameters():
+        with gathered([param]):
+            state[name] = param.detach().cpu().clone()
+    for name, buf in model.named_buffers():
+        state[name] = buf.detach().cpu().clone()
+    return state

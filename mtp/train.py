@@ -12,7 +12,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from mtp.config import ConfigError, ExperimentConfig, cache_dir, dump_config, re
 from mtp.data import MultitaskSampler, TaskData, eval_shard, load_tasks, task_probabilities, tokenize_task
 from mtp.hooks import Hook
 from mtp.metrics import compute_metrics, task_score
-from mtp.model import MultitaskModel, TaskInfo, load_encoder, load_tokenizer, parameter_counts
+from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder, load_tokenizer, parameter_counts
+from mtp.pruning import build_pruning
 
 CHECKPOINTS = "checkpoints"
 
@@ -163,7 +164,7 @@ class Trainer:
     """Holds the engine and everything a step, an eval or a checkpoint needs."""
 
     cfg: ExperimentConfig
-    hooks: list[Hook] = field(default_factory=list)
+    hooks: list[Hook] | None = None  # None: the pruning hooks the config asks for
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -192,6 +193,8 @@ class Trainer:
         model = MultitaskModel(encoder, [TaskInfo(t.name, t.num_labels) for t in self.tasks],
                                pooling=cfg.encoder.pooling, head_dropout=cfg.encoder.head_dropout)
         self.param_counts = parameter_counts(model)
+        if self.hooks is None:
+            self.hooks = build_pruning(cfg.pruning, self.max_steps)
         for hook in self.hooks:
             hook.setup(model)
         groups = split_param_groups(model, self.hooks, cfg.train.weight_decay)
@@ -351,8 +354,24 @@ class Trainer:
             for hook in self.hooks:
                 hook_report[hook.name] = hook.on_train_end(self.engine.module)
             self._record_eval(self.evaluate())
+            self.save_final_model(hook_report)
         self.save_checkpoint()
         return self._write_results(finished, hook_report)
+
+    def save_final_model(self, hook_report: dict[str, Any]) -> None:
+        """final/model.safetensors (every parameter and buffer: masks, gates) and final/mtp.json, for export."""
+        from safetensors.torch import save_file
+
+        state = full_state_dict(self.engine.module)  # collective under ZeRO-3: every rank takes part
+        if self.rank != 0:
+            return
+        final = self.out / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(final / "model.safetensors"))
+        meta = {"config": self.cfg.model_dump(mode="json"), "steps": self.step,
+                "tasks": [{"name": t.name, "labels": t.labels, "metric": t.metric} for t in self.tasks],
+                "pruning": hook_report.get("pruning"), "dev_scores": {k: v["score"] for k, v in self.last_eval.items()}}
+        (final / "mtp.json").write_text(json.dumps(meta, indent=2))
 
     def _log_window(self, window: torch.Tensor, names: list[str], seconds: float, bar: Any) -> None:
         dist.all_reduce(window)
@@ -442,7 +461,7 @@ def _load_rng(path: Path) -> None:
 def run_training(cfg: ExperimentConfig, resume: bool = False, hooks: list[Hook] | None = None) -> dict[str, Any]:
     """Train (or resume) the experiment in this process as one rank of the job; returns results.json."""
     rank, world, local_rank = init_distributed()
-    trainer = Trainer(cfg, hooks=list(hooks or []), rank=rank, world=world, local_rank=local_rank)
+    trainer = Trainer(cfg, hooks=hooks, rank=rank, world=world, local_rank=local_rank)
     trainer.setup(resume=resume)
     results = trainer.train()
     if rank == 0:

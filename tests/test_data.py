@@ -122,3 +122,24 @@ def test_eval_shard_covers_every_row_with_equal_batches(world: int) -> None:
     assert len({len(s) for s in shards}) == 1  # same number of forward passes on every rank
     seen = {i for s in shards for batch in s for i in batch}
     assert seen == set(range(len(lengths)))
+
+
+def test_hub_path_reads_nyu_mll_glue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a local folder, GLUE comes from the hub's nyu-mll/glue, whose labels are already indices."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path: str, name: str, split: str) -> datasets.Dataset:
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"premise": ["a", "b"], "hypothesis": ["c", "d"], "label": [2, 0],
+                                           "idx": [0, 1]})
+
+    monkeypatch.delenv("MTP_GLUE_DIR")
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["tasks=[{name: mnli}]"])
+    data = load_task(cfg.tasks[0], cfg)
+    assert calls == [("nyu-mll/glue", "mnli", "train"), ("nyu-mll/glue", "mnli", "validation_matched"),
+                     ("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert data.train_texts == [("a", "c"), ("b", "d")] and data.train_labels == [2.0, 0.0]
+    assert set(data.dev) == {"matched", "mismatched"} and data.source == "hub:nyu-mll/glue/mnli"

@@ -1,0 +1,412 @@
+"""Pruning the shared encoder to a parameter budget, as hooks at the optimizer step.
+
+Methods (docs/METHOD.md of the project's design, reconstructed from Sanh et al. 2020 and FLOP, Wang et al. 2020):
+- `magnitude`: M = top-v of |W|;
+- `movement`: M = top-v of learned scores S (straight-through: dL/dS = dL/dM), per matrix or global;
+- `soft_movement`: M = 1[sigmoid(S) > tau] plus lambda_t * mean(sigmoid(S)); projected to the budget at the end;
+- `rank`: W = P diag(g) Q from the SVD of W, hard-concrete gates g, augmented Lagrangian on the expected size.
+
+Masks and gates act in the forward pass (never by writing zeros into weights), so ZeRO's master copy cannot undo
+them. Masks are recomputed once per optimizer step from the (gathered, under ZeRO-3) scores or weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp.config import ConfigError, PruningConfig
+from mtp.hooks import Hook
+from mtp.model import PRUNABLE_BY_ARCH, encoder_layers, gathered, parameter_counts
+
+# ---------------------------------------------------------------- budget and schedule
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The encoder budget B and what it leaves for the prunable matrices (all in parameters)."""
+
+    dense_blocks: int
+    prunable: int
+    target: int
+
+    @property
+    def non_prunable(self) -> int:
+        return self.dense_blocks - self.prunable
+
+    @property
+    def prunable_allowance(self) -> int:
+        return self.target - self.non_prunable
+
+    @property
+    def density(self) -> float:
+        """v: the kept fraction of prunable weights for element-wise pruning."""
+        return self.prunable_allowance / self.prunable
+
+
+def make_budget(counts: dict[str, int], budget: float) -> Budget:
+    """B from a fraction of the dense encoder blocks (<= 1) or an absolute count (> 1); refuses infeasible ones."""
+    dense = counts["encoder_blocks"]
+    target = int(math.floor(budget * dense)) if budget <= 1.0 else int(budget)
+    non_prunable = dense - counts["prunable"]
+    if target > dense:
+        raise ConfigError(f"pruning.budget: {target:,} parameters exceeds the dense encoder blocks ({dense:,})")
+    if target < non_prunable:
+        raise ConfigError(f"pruning.budget: {target:,} parameters is infeasible: the non-prunable block parameters "
+                          f"(biases, LayerNorms) alone are {non_prunable:,} ({non_prunable / dense:.4f} of {dense:,})")
+    return Budget(dense_blocks=dense, prunable=counts["prunable"], target=target)
+
+
+def cubic_schedule(step: int, total: int, warmup: int, cooldown: int, start: float, end: float) -> float:
+    """Sanh et al.'s cubic schedule: `start` until `warmup`, `end` for the last `cooldown` steps, cubic between."""
+    if step <= warmup:
+        return start
+    if step > total - cooldown:
+        return end
+    span = max(1, total - warmup - cooldown)
+    progress = min(1.0, (step - warmup) / span)
+    return end + (start - end) * (1.0 - progress) ** 3
+
+
+def allocate(total: int, sizes: list[int], fraction: float) -> list[int]:
+    """Split `total` kept entries over matrices in proportion to their sizes (largest remainder), summing exactly."""
+    raw = [fraction * n for n in sizes]
+    counts = [min(n, int(math.floor(r))) for r, n in zip(raw, sizes, strict=True)]
+    rest = total - sum(counts)
+    order = sorted(range(len(sizes)), key=lambda i: raw[i] - counts[i], reverse=True)
+    for i in order:
+        if rest <= 0:
+            break
+        if counts[i] < sizes[i]:
+            counts[i] += 1
+            rest -= 1
+    return counts
+
+
+def topk_mask(criterion: torch.Tensor, k: int) -> torch.Tensor:
+    """A boolean mask keeping exactly the k largest entries (ties broken by position, deterministically)."""
+    flat = criterion.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k >= flat.numel():
+        mask[:] = True
+    elif k > 0:
+        mask[torch.topk(flat.float(), k, sorted=False).indices] = True
+    return mask.view_as(criterion)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class MaskedLinear(nn.Module):
+    """y = (W * M) x + b; with scores, M's gradient flows straight through to S."""
+
+    def __init__(self, linear: nn.Linear, with_scores: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("mask", torch.ones_like(linear.weight, dtype=torch.bool))
+        self.scores = nn.Parameter(torch.zeros_like(linear.weight)) if with_scores else None
+        self.track_sigmoid = False
+        self.aux: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.to(self.weight.dtype)
+        if self.scores is not None and self.training:
+            mask = mask + (self.scores - self.scores.detach())  # value M, gradient dL/dS = dL/dM
+            if self.track_sigmoid:
+                self.aux = torch.sigmoid(self.scores.float()).sum()
+        return F.linear(x, self.weight * mask, self.bias)
+
+
+class FactorizedLinear(nn.Module):
+    """y = P diag(g) Q x + b, initialised from the SVD of W (P = U sqrt(S), Q = sqrt(S) V^T), so it starts as W."""
+
+    def __init__(self, linear: nn.Linear, beta: float, stretch: tuple[float, float], log_alpha_init: float):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = s.sqrt()
+        dtype = linear.weight.dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.P = nn.Parameter((u * root).to(dtype))
+        self.Q = nn.Parameter((root[:, None] * vh).to(dtype))
+        self.bias = linear.bias
+        self.log_alpha = nn.Parameter(torch.full((s.numel(),), float(log_alpha_init)))
+        self.register_buffer("keep", torch.ones(s.numel(), dtype=torch.bool))
+        self.beta, (self.low, self.high) = beta, stretch
+        self.aux: torch.Tensor | None = None
+
+    @property
+    def rank_cost(self) -> int:
+        return self.in_features + self.out_features
+
+    def gates(self) -> torch.Tensor:
+        """Hard-concrete samples in training, deterministic gates in evaluation; dropped ranks are 0."""
+        log_alpha = self.log_alpha.float()
+        if self.training:
+            u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
+        else:
+            s = torch.sigmoid(log_alpha)
+        return (s * (self.high - self.low) + self.low).clamp(0.0, 1.0) * self.keep
+
+    def expected_open(self) -> torch.Tensor:
+        """E[number of non-zero gates] = sum sigmoid(log alpha - beta log(-l/r)) over kept ranks."""
+        shift = self.beta * math.log(-self.low / self.high)
+        return (torch.sigmoid(self.log_alpha.float() - shift) * self.keep).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gates()
+        if self.training:
+            self.aux = self.expected_open()
+        hidden = F.linear(x, self.Q) * g.to(x.dtype)
+        return F.linear(hidden, self.P, self.bias)
+
+
+def prunable_modules(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """(matrix type, layer index, module) for the six prunable maps of every block."""
+    found = []
+    for idx, layer in enumerate(encoder_layers(model)):
+        for kind, path in PRUNABLE_BY_ARCH[model.model_type].items():
+            found.append((kind, idx, layer.get_submodule(path)))
+    return found
+
+
+def _replace(model: nn.Module, make: Any) -> None:
+    for idx, layer in enumerate(encoder_layers(model)):
+        for path in PRUNABLE_BY_ARCH[model.model_type].values():
+            parent_path, _, child = path.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            setattr(parent, child, make(getattr(parent, child), idx))
+
+
+# ---------------------------------------------------------------- hooks
+
+
+class PruningHook(Hook):
+    """Shared by all methods: budget, schedule position, reports of kept parameters."""
+
+    name = "pruning"
+
+    def __init__(self, cfg: PruningConfig, total_steps: int):
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.warmup = int(round(cfg.warmup_ratio * total_steps))
+        self.cooldown = int(round(cfg.cooldown_ratio * total_steps))
+        self.step = 0
+        self.budget: Budget | None = None
+
+    def setup(self, model: nn.Module) -> None:
+        self.budget = make_budget(parameter_counts(model), self.cfg.budget)
+
+    def kept_report(self, model: nn.Module) -> dict[str, Any]:
+        """Kept parameters: total (as the budget counts them), per layer, per matrix type."""
+        per_layer: dict[str, int] = {}
+        per_type: dict[str, int] = {}
+        for kind, idx, module in prunable_modules(model):
+            kept = self.kept_in(module)
+            per_layer[str(idx)] = per_layer.get(str(idx), 0) + kept
+            per_type[kind] = per_type.get(kind, 0) + kept
+        assert self.budget is not None
+        kept_blocks = sum(per_type.values()) + self.budget.non_prunable
+        return {"method": self.cfg.method, "budget": self.budget.target, "budget_fraction":
+                self.budget.target / self.budget.dense_blocks, "dense_blocks": self.budget.dense_blocks,
+                "kept_blocks": kept_blocks, "kept_fraction": kept_blocks / self.budget.dense_blocks,
+                "within_budget": kept_blocks <= self.budget.target, "non_prunable": self.budget.non_prunable,
+                "kept_prunable_per_layer": per_layer, "kept_prunable_per_type": per_type}
+
+    def kept_in(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state.get("step", 0)
+
+
+class ElementwisePruning(PruningHook):
+    """Magnitude, movement (per matrix or global top-k) and soft movement."""
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        with_scores = self.cfg.method in ("movement", "soft_movement")
+        _replace(model, lambda linear, _idx: MaskedLinear(linear, with_scores))
+        self.modules = [m for _, _, m in prunable_modules(model)]
+        for m in self.modules:
+            m.track_sigmoid = self.cfg.method == "soft_movement"
+        self.density = 1.0
+        self.threshold = 0.0
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        scores = [m.scores for m in self.modules if m.scores is not None]
+        return [{"params": scores, "lr": self.cfg.score_lr, "weight_decay": 0.0, "name": "scores"}] if scores else []
+
+    def progress(self) -> float:
+        """0 before pruning starts, 1 from the cool-down on."""
+        return 1.0 - cubic_schedule(self.step, self.total_steps, self.warmup, self.cooldown, 1.0, 0.0)
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        if self.cfg.method != "soft_movement" or self.cfg.soft_lambda == 0:
+            return None
+        total = sum(m.aux for m in self.modules if m.aux is not None)
+        assert self.budget is not None
+        return self.cfg.soft_lambda * self.progress() * total / self.budget.prunable
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        self.step = step
+        assert self.budget is not None
+        if self.cfg.method == "soft_movement":
+            self.threshold = self.cfg.soft_threshold * self.progress()
+            for m in self.modules:
+                with gathered([m.scores]):
+                    m.mask.copy_(torch.sigmoid(m.scores.detach().float()) > self.threshold)
+            return
+        self.density = cubic_schedule(step, self.total_steps, self.warmup, self.cooldown, 1.0, self.budget.density)
+        self.update_masks(self.density)
+
+    def _criterion(self, m: MaskedLinear) -> torch.Tensor:
+        return m.weight.detach().abs() if m.scores is None else m.scores.detach()
+
+    def update_masks(self, density: float) -> None:
+        """Keep the top `density` of the prunable entries: per matrix, or over all matrices at once."""
+        sizes = [m.mask.numel() for m in self.modules]
+        kept_total = int(math.floor(density * sum(sizes))) if density < 1.0 else sum(sizes)
+        if density < 1.0 and self.cfg.scope == "global":
+            criteria = []
+            for m in self.modules:
+                with gathered([m.weight] if m.scores is None else [m.scores]):
+                    criteria.append(self._criterion(m).float().reshape(-1).clone())
+            flat = torch.cat(criteria)
+            mask = topk_mask(flat, kept_total)
+            self.threshold = float(flat[mask].min()) if kept_total else math.inf
+            for m, part in zip(self.modules, torch.split(mask, sizes), strict=True):
+                m.mask.copy_(part.view_as(m.mask))
+            return
+        for m, k in zip(self.modules, allocate(kept_total, sizes, density), strict=True):
+            with gathered([m.weight] if m.scores is None else [m.scores]):
+                m.mask.copy_(topk_mask(self._criterion(m), k))
+
+    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+        assert self.budget is not None
+        if self.cfg.method == "soft_movement":  # soft movement does not hit the budget by itself: project
+            scope = self.cfg.scope
+            self.cfg.scope = "global"
+            self.update_masks(self.budget.density)
+            self.cfg.scope = scope
+        return self.kept_report(model)
+
+    def kept_in(self, module: nn.Module) -> int:
+        return int(module.mask.sum())
+
+    def metrics(self) -> dict[str, float]:
+        assert self.budget is not None
+        kept = sum(int(m.mask.sum()) for m in self.modules) + self.budget.non_prunable
+        return {"pruning/kept_blocks": kept, "pruning/kept_fraction": kept / self.budget.dense_blocks,
+                "pruning/budget": self.budget.target, "pruning/target_density": self.density,
+                "pruning/threshold": self.threshold}
+
+
+class RankPruning(PruningHook):
+    """FLOP-style rank pruning with hard-concrete gates and an augmented Lagrangian on the expected size."""
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        c = self.cfg
+        _replace(model, lambda linear, _idx: FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high),
+                                                              c.log_alpha_init))
+        self.modules = [m for _, _, m in prunable_modules(model)]
+        self.lambda1 = 0.0
+        self.lambda2 = 0.0
+        self.start_density = self.expected_density().item()
+        self.last_density = self.start_density
+
+    def expected_density(self) -> torch.Tensor:
+        """Expected encoder-block size over the dense size (differentiable in log alpha)."""
+        assert self.budget is not None
+        size = sum(m.rank_cost * m.expected_open() for m in self.modules)
+        return (size + self.budget.non_prunable) / self.budget.dense_blocks
+
+    def target(self, step: int) -> float:
+        assert self.budget is not None
+        end = self.budget.target / self.budget.dense_blocks
+        return cubic_schedule(step, self.total_steps, self.warmup, self.cooldown, self.start_density, end)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [m.log_alpha for m in self.modules], "lr": self.cfg.gate_lr, "weight_decay": 0.0,
+                 "name": "gates"}]
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        assert self.budget is not None
+        size = sum(m.rank_cost * m.aux for m in self.modules if m.aux is not None)
+        density = (size + self.budget.non_prunable) / self.budget.dense_blocks
+        gap = density - self.target(step)
+        self.last_density = float(density.detach())
+        return self.lambda1 * gap + self.lambda2 * gap * gap
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Gradient ascent on the multipliers: d/d(lambda1) = gap, d/d(lambda2) = gap^2."""
+        self.step = step
+        gap = self.last_density - self.target(step)
+        self.lambda1 += self.cfg.lagrangian_lr * gap
+        self.lambda2 += self.cfg.lagrangian_lr * gap * gap
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "lambda1": self.lambda1, "lambda2": self.lambda2,
+                "start_density": self.start_density, "last_density": self.last_density}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state.get("step", 0)
+        self.lambda1, self.lambda2 = state.get("lambda1", 0.0), state.get("lambda2", 0.0)
+        self.start_density = state.get("start_density", self.start_density)
+        self.last_density = state.get("last_density", self.last_density)
+
+    def project(self) -> None:
+        """Keep the ranks with the largest deterministic gates, over all matrices, while the size fits B."""
+        assert self.budget is not None
+        candidates = []
+        for i, m in enumerate(self.modules):
+            with gathered([m.log_alpha]):
+                gate = (torch.sigmoid(m.log_alpha.detach().float()) * (m.high - m.low) + m.low).clamp(0, 1)
+            for j, value in enumerate(gate.tolist()):
+                if value > 0:
+                    candidates.append((value, i, j))
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        room = self.budget.prunable_allowance
+        keep = [torch.zeros_like(m.keep) for m in self.modules]
+        for _value, i, j in candidates:
+            cost = self.modules[i].rank_cost
+            if cost <= room:
+                keep[i][j] = True
+                room -= cost
+        for m, k in zip(self.modules, keep, strict=True):
+            m.keep.copy_(k)
+
+    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+        self.project()
+        report = self.kept_report(model)
+        report.update({"lambda1": self.lambda1, "lambda2": self.lambda2,
+                       "kept_ranks": {f"{kind}.{idx}": int(m.keep.sum()) for kind, idx, m in prunable_modules(model)}})
+        return report
+
+    def kept_in(self, module: nn.Module) -> int:
+        return int(module.keep.sum()) * module.rank_cost
+
+    def metrics(self) -> dict[str, float]:
+        return {"pruning/expected_fraction": self.last_density, "pruning/target_fraction": self.target(self.step),
+                "pruning/lambda1": self.lambda1, "pruning/lambda2": self.lambda2}
+
+
+def build_pruning(cfg: PruningConfig, total_steps: int) -> list[Hook]:
+    """The hooks for `pruning.method` (none: no hook)."""
+    if cfg.method == "none":
+        return []
+    if cfg.method == "rank":
+        return [RankPruning(cfg, total_steps)]
+    return [ElementwisePruning(cfg, total_steps)]
