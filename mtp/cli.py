@@ -29,8 +29,9 @@ def check_experiment(cfg: ExperimentConfig, world_size: int, resume: bool) -> di
         raise ConfigError(f"output_dir: {cfg.output_dir} already holds checkpoints; pass --resume to continue "
                           "or choose another output_dir")
     _check_encoder(cfg)
-    load_tokenizer(cfg.encoder)
+    tokenizer = load_tokenizer(cfg.encoder)
     tasks = load_tasks(cfg)
+    _check_budget(cfg, tasks, tokenizer.pad_token_id)
     sizes = {t.name: len(t.train_texts) for t in tasks}
     MultitaskSampler(sizes, task_probabilities(cfg, sizes), cfg.train.micro_batch_size, 0, world_size, 0)
     return sizes
@@ -51,6 +52,21 @@ def _check_encoder(cfg: ExperimentConfig) -> None:
     for key in cfg.encoder.config_overrides:
         if not hasattr(hf, key):
             raise ConfigError(f"encoder.config_overrides.{key}: not a field of {type(hf).__name__}")
+
+
+def _check_budget(cfg: ExperimentConfig, tasks: list, pad_token_id: int | None) -> None:
+    """An infeasible pruning budget is refused here, from the architecture alone (no weights are loaded)."""
+    if cfg.pruning.method == "none":
+        return
+    import torch
+
+    from mtp.model import MultitaskModel, TaskInfo, load_encoder, parameter_counts
+    from mtp.pruning import make_budget
+
+    meta_cfg = cfg.encoder.model_copy(update={"random_init": True})
+    with torch.device("meta"):
+        model = MultitaskModel(load_encoder(meta_cfg, pad_token_id), [TaskInfo(t.name, t.num_labels) for t in tasks])
+    make_budget(parameter_counts(model), cfg.pruning.budget)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,179 @@
+"""Pruning methods against references: SVD factorisation, exact top-k, the cubic schedule, expected L0, budgets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtp.config import ConfigError, EncoderConfig, PruningConfig
+from mtp.model import MultitaskModel, TaskInfo, load_encoder, parameter_counts
+from mtp.pruning import (
+    ElementwisePruning,
+    FactorizedLinear,
+    MaskedLinear,
+    RankPruning,
+    allocate,
+    cubic_schedule,
+    make_budget,
+    prunable_modules,
+    topk_mask,
+)
+
+
+def tiny_model(arch: str = "tiny-bert") -> MultitaskModel:
+    torch.manual_seed(0)
+    encoder = load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True))
+    return MultitaskModel(encoder, [TaskInfo("rte", 2), TaskInfo("stsb", 1)])
+
+
+def test_svd_factorisation_reproduces_the_pretrained_layer() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 32)
+    layer = FactorizedLinear(linear, beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=2.5).eval()
+    assert layer.P.shape == (32, 32) and layer.Q.shape == (32, 48)
+    torch.testing.assert_close(layer.P @ layer.Q, linear.weight, atol=1e-5, rtol=1e-5)
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-5)
+    assert torch.all(layer.gates() == 1.0)  # log alpha 2.5: every deterministic gate is open
+
+
+def test_hard_concrete_expected_l0_matches_sampling() -> None:
+    torch.manual_seed(0)
+    layer = FactorizedLinear(nn.Linear(16, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=0.0).train()
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.linspace(-3, 3, 16))
+    closed_form = float(layer.expected_open())
+    by_hand = sum(1 / (1 + math.exp(-(a - (2 / 3) * math.log(0.1 / 1.1)))) for a in torch.linspace(-3, 3, 16).tolist())
+    assert closed_form == pytest.approx(by_hand, rel=1e-6)
+    samples = torch.stack([layer.gates() for _ in range(20000)])
+    assert float((samples > 0).float().sum(1).mean()) == pytest.approx(closed_form, rel=0.02)
+
+
+def test_topk_keeps_exactly_k_and_allocation_sums_exactly() -> None:
+    scores = torch.tensor([[0.5, 0.5, 0.5], [0.1, 0.9, 0.5]])
+    mask = topk_mask(scores, 4)
+    assert int(mask.sum()) == 4 and bool(mask[1, 1]) and not bool(mask[1, 0])
+    assert int(topk_mask(scores, 0).sum()) == 0 and int(topk_mask(scores, 99).sum()) == 6
+    sizes = [1000, 4000, 3, 777]
+    for fraction in (0.1, 0.333, 0.5, 0.999):
+        total = math.floor(fraction * sum(sizes))
+        counts = allocate(total, sizes, fraction)
+        assert sum(counts) == total and all(0 <= c <= n for c, n in zip(counts, sizes, strict=True))
+
+
+def test_cubic_schedule_break_points() -> None:
+    kw = {"total": 100, "warmup": 10, "cooldown": 20, "start": 1.0, "end": 0.1}
+    assert cubic_schedule(0, **kw) == 1.0 and cubic_schedule(10, **kw) == 1.0
+    assert cubic_schedule(81, **kw) == 0.1 and cubic_schedule(100, **kw) == 0.1
+    # halfway through the ramp (step 45 of 10..80): v_f + (v0 - v_f) * (1 - 0.5)^3
+    assert cubic_schedule(45, **kw) == pytest.approx(0.1 + 0.9 * 0.125)
+    assert cubic_schedule(80, **kw) == pytest.approx(0.1)
+
+
+def test_budget_arithmetic_for_bert_base_by_hand() -> None:
+    with torch.device("meta"):
+        model = MultitaskModel(load_encoder(EncoderConfig(name="configs/arch/bert-base-uncased", random_init=True)),
+                               [TaskInfo("rte", 2)])
+    counts = parameter_counts(model)
+    # per block: Q, K, V, attention output 768x768; FFN 3072x768 and 768x3072
+    prunable = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+    # biases (4*768 + 3072 + 768) and two LayerNorms (2 * 2 * 768) per block
+    non_prunable = 12 * (4 * 768 + 3072 + 768 + 4 * 768)
+    assert counts["prunable"] == prunable == 84_934_656
+    assert counts["non_prunable_blocks"] == non_prunable == 119_808
+    budget = make_budget(counts, 0.10)
+    assert budget.target == math.floor(0.10 * 85_054_464) == 8_505_446
+    assert budget.density == pytest.approx((8_505_446 - 119_808) / 84_934_656)
+    assert make_budget(counts, 5_000_000).target == 5_000_000
+    # a rank-r factor of a 768x768 matrix costs r * (768 + 768): it saves nothing until r < 384
+    assert 384 * (768 + 768) == 768 * 768
+    with pytest.raises(ConfigError, match="infeasible: the non-prunable block parameters"):
+        make_budget(counts, 0.001)
+    with pytest.raises(ConfigError, match="exceeds the dense encoder blocks"):
+        make_budget(counts, 90_000_000)
+
+
+@pytest.mark.parametrize("scope", ["per_matrix", "global"])
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_elementwise_masks_hit_the_budget_exactly(method: str, scope: str) -> None:
+    model = tiny_model()
+    hook = ElementwisePruning(PruningConfig(method=method, budget=0.3, scope=scope), total_steps=10)
+    hook.setup(model)
+    modules = [m for _, _, m in prunable_modules(model)]
+    assert all(isinstance(m, MaskedLinear) for m in modules)
+    for m in modules:
+        if m.scores is not None:
+            m.scores.data.normal_()
+    hook.on_optimizer_step(model, 10)  # past the cool-down start: the final density
+    report = hook.kept_report(model)
+    budget = hook.budget
+    assert report["kept_blocks"] == budget.non_prunable + math.floor(budget.density * budget.prunable)
+    assert report["within_budget"] and budget.target - report["kept_blocks"] <= 1
+    if scope == "per_matrix":
+        for m in modules:
+            assert abs(int(m.mask.sum()) - budget.density * m.mask.numel()) <= 1
+
+
+def test_masks_act_in_the_forward_pass_with_straight_through_scores() -> None:
+    torch.manual_seed(0)
+    layer = MaskedLinear(nn.Linear(6, 4), with_scores=True).train()
+    layer.mask[:, :3] = False
+    x = torch.randn(2, 6)
+    expected = x @ (layer.weight * layer.mask).T + layer.bias
+    out = layer(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    # dL/dS = dL/dM = dL/dW_eff * W: nonzero for pruned entries too (they can come back)
+    grad_weff = torch.ones(2, 4).T @ x
+    torch.testing.assert_close(layer.scores.grad, grad_weff * layer.weight.detach())
+    torch.testing.assert_close(layer.weight.grad, grad_weff * layer.mask)
+
+
+def test_soft_movement_projects_to_the_budget_at_the_end() -> None:
+    model = tiny_model()
+    hook = ElementwisePruning(PruningConfig(method="soft_movement", budget=0.25), total_steps=10)
+    hook.setup(model)
+    for _, _, m in prunable_modules(model):
+        m.scores.data.normal_()
+    hook.on_optimizer_step(model, 10)
+    report = hook.on_train_end(model)
+    assert report["within_budget"]
+    assert hook.budget.target - report["kept_blocks"] <= 1
+
+
+def test_rank_pruning_projects_within_budget_and_counts_rank_cost() -> None:
+    model = tiny_model("tiny-roberta")
+    hook = RankPruning(PruningConfig(method="rank", budget=0.3), total_steps=10)
+    hook.setup(model)
+    modules = [m for _, _, m in prunable_modules(model)]
+    assert all(isinstance(m, FactorizedLinear) for m in modules)
+    assert hook.start_density > 1.0  # a full-rank factorisation is larger than the dense matrices
+    for m in modules:
+        m.log_alpha.data.normal_()
+    report = hook.on_train_end(model)
+    budget = hook.budget
+    kept = sum(int(m.keep.sum()) * (m.in_features + m.out_features) for m in modules)
+    assert report["kept_blocks"] == kept + budget.non_prunable <= budget.target
+    # as close as the granularity allows: no dropped rank would still fit
+    room = budget.target - report["kept_blocks"]
+    assert all(m.in_features + m.out_features > room for m in modules if int(m.keep.sum()) < m.keep.numel())
+
+
+def test_lagrangian_ascent_raises_multipliers_when_over_target() -> None:
+    model = tiny_model()
+    hook = RankPruning(PruningConfig(method="rank", budget=0.3, warmup_ratio=0.0, cooldown_ratio=0.0), 10)
+    hook.setup(model.train())
+    x = torch.randint(1, 100, (2, 5))
+    model("rte", input_ids=x, attention_mask=torch.ones_like(x), labels=torch.tensor([0, 1]))
+    penalty = hook.extra_loss(model, 10)
+    assert float(penalty) == 0.0  # multipliers start at zero
+    hook.on_optimizer_step(model, 10)
+    assert hook.lambda1 > 0 and hook.lambda2 > 0  # expected size above the target: both grow
+    model("rte", input_ids=x, attention_mask=torch.ones_like(x), labels=torch.tensor([0, 1]))
+    penalty = hook.extra_loss(model, 10)
+    penalty.backward()
+    assert all(m.log_alpha.grad is not None and float(m.log_alpha.grad.sum()) > 0
+               for _, _, m in prunable_modules(model))  # descent lowers log alpha: smaller expected size
