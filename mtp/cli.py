@@ -6,6 +6,7 @@ Any `ConfigError` ends the command with its one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -84,6 +85,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mtp.export import export_run, verify_export
+
+    out = export_run(args.run_dir, args.out)
+    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*.safetensors")) for p in (out / "hf", out / "compact")}
+    print(f"exported {args.run_dir} to {out}: hf/ {sizes['hf'] / 1e6:.1f} MB of safetensors, "
+          f"compact/ {sizes['compact'] / 1e6:.1f} MB")
+    if args.verify:
+        report = verify_export(args.run_dir, out)
+        print(json.dumps(report, indent=2))
+        if not report["ok"]:
+            print("mtp: error: the compact export does not score as the trained model", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
@@ -100,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train as one rank of a DeepSpeed job (launch.sh starts the ranks)")
     _add_experiment_args(train)
     train.set_defaults(func=_cmd_train)
+    export = sub.add_parser("export", help="write a finished run as a Hugging Face checkpoint and a compact model")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, default=None, help="export folder (default: RUN_DIR/export)")
+    export.add_argument("--verify", action="store_true",
+                        help="score the compact model on the dev sets and compare with the end of training")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

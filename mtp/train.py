@@ -156,6 +156,38 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+@torch.no_grad()
+def evaluate_tasks(forward: Any, tasks: list[TaskData], data: dict[str, dict[str, Any]], tokenizer: Any,
+                   batch_size: int, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+                   ) -> dict[str, Any]:
+    """Dev metrics of `forward(task, **batch)` on every task; with world > 1 each rank scores its share."""
+    results: dict[str, Any] = {}
+    for task in tasks:
+        splits = {}
+        for split in task.dev:
+            ds = data[task.name][f"dev_{split}"]
+            lengths = [len(x) for x in ds["input_ids"]]
+            local_idx: list[int] = []
+            local_pred: list[float] = []
+            for rows in eval_shard(lengths, batch_size, rank, world):
+                batch = _to_device(collate(ds, rows, tokenizer), torch.device(device))
+                batch.pop("labels")
+                logits = forward(task.name, **batch)["logits"]
+                pred = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+                local_idx += rows
+                local_pred += pred.float().cpu().tolist()
+            gathered: list[Any] = [(local_idx, local_pred)]
+            if world > 1:
+                gathered = [None] * world
+                dist.all_gather_object(gathered, (local_idx, local_pred))
+            preds = np.zeros(len(lengths))
+            for idx, pred in gathered:
+                preds[idx] = pred
+            splits[split] = compute_metrics(task.metric, preds, np.array(ds["labels"]))
+        results[task.name] = {"dev": splits, "score": task_score(splits)}
+    return results
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -273,33 +305,11 @@ class Trainer:
         _load_rng(rng_file)
 
     # ------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Dev metrics for every task, each rank scoring its share; all ranks get the same result."""
         self.engine.eval()
-        results: dict[str, Any] = {}
-        for task in self.tasks:
-            splits = {}
-            for split in task.dev:
-                ds = self.data[task.name][f"dev_{split}"]
-                lengths = [len(x) for x in ds["input_ids"]]
-                local_idx: list[int] = []
-                local_pred: list[float] = []
-                for rows in eval_shard(lengths, self.cfg.train.eval_batch_size, self.rank, self.world):
-                    batch = _to_device(collate(ds, rows, self.tokenizer), self.device)
-                    batch.pop("labels")
-                    logits = self.engine(task.name, **batch)["logits"]
-                    pred = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
-                    local_idx += rows
-                    local_pred += pred.float().cpu().tolist()
-                gathered: list[Any] = [None] * self.world
-                dist.all_gather_object(gathered, (local_idx, local_pred))
-                preds = np.zeros(len(lengths))
-                for idx, pred in gathered:
-                    preds[idx] = pred
-                labels = np.array(ds["labels"])
-                splits[split] = compute_metrics(task.metric, preds, labels)
-            results[task.name] = {"dev": splits, "score": task_score(splits)}
+        results = evaluate_tasks(self.engine, self.tasks, self.data, self.tokenizer, self.cfg.train.eval_batch_size,
+                                 self.device, self.rank, self.world)
         self.engine.train()
         return results
 

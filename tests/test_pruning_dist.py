@@ -1,0 +1,137 @@
+"""Pruning in real 2-rank DeepSpeed jobs: every method lands within the budget, masks agree across ZeRO stages,
+pruning state survives a resume, and bf16 runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, launch, results
+
+pytestmark = pytest.mark.slow
+TINY = "configs/tiny.yaml"
+PRUNE = ["pruning.budget=0.3", "pruning.warmup_ratio=0.25", "pruning.cooldown_ratio=0.25"]
+
+
+def masks(out: Path) -> dict[str, np.ndarray]:
+    state = load_file(str(out / "final" / "model.safetensors"))
+    return {k: v.numpy() for k, v in state.items() if k.endswith(".mask") or k.endswith(".keep")}
+
+
+METHODS = {"magnitude": [], "movement": ["pruning.scope=global"], "soft_movement": [], "rank": []}
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    outs = {}
+    for method, extra in METHODS.items():
+        out = tmp_path_factory.mktemp(method)
+        launch(["--config", TINY, f"pruning.method={method}", *PRUNE, *extra, f"output_dir={out}"])
+        outs[method] = out
+    return outs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_lands_within_the_budget(method_runs: dict[str, Path], method: str) -> None:
+    out = method_runs[method]
+    res = results(out)
+    report = res["pruning"]
+    assert report["method"] == method and report["within_budget"]
+    assert report["kept_blocks"] <= report["budget"] == int(0.3 * res["params"]["encoder_blocks"])
+    granularity = 1 if method != "rank" else 32 + 64  # one rank of the largest tiny matrix
+    assert report["budget"] - report["kept_blocks"] < granularity
+    assert sum(report["kept_prunable_per_type"].values()) + report["non_prunable"] == report["kept_blocks"]
+    assert set(report["kept_prunable_per_layer"]) == {"0", "1"}
+    if method == "rank":
+        assert "lambda1" in report and sum(report["kept_ranks"].values()) > 0
+    meta = json.loads((out / "final" / "mtp.json").read_text())
+    assert meta["pruning"]["kept_blocks"] == report["kept_blocks"]
+
+
+@pytest.fixture(scope="module")
+def movement_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    outs = {}
+    for stage in (0, 2, 3):
+        out = tmp_path_factory.mktemp(f"movement_zero{stage}")
+        launch(["--config", TINY, "pruning.method=movement", *PRUNE,
+                f"train.deepspeed_config=ds_configs/cpu_zero{stage}.json", f"output_dir={out}"])
+        outs[stage] = out
+    return outs
+
+
+def test_same_seed_and_data_give_the_same_masks_under_zero_0_2_3(movement_runs: dict[int, Path]) -> None:
+    reference = masks(movement_runs[0])
+    assert len(reference) == 12 and all(0 < m.mean() < 1 for m in reference.values())
+    for stage in (2, 3):
+        other = masks(movement_runs[stage])
+        assert other.keys() == reference.keys()
+        differing = sum(int((other[k] != reference[k]).sum()) for k in reference)
+        total = sum(m.size for m in reference.values())
+        assert differing == 0, f"ZeRO-{stage}: {differing} of {total} mask entries differ from ZeRO-0"
+        assert results(movement_runs[stage])["pruning"]["kept_blocks"] == \
+            results(movement_runs[0])["pruning"]["kept_blocks"]
+
+
+def test_pruned_run_resumes_to_the_same_masks_and_losses(movement_runs: dict[int, Path], tmp_path: Path) -> None:
+    out = tmp_path / "resumed"
+    common = ["--config", TINY, "pruning.method=movement", *PRUNE, "train.deepspeed_config=ds_configs/cpu_zero2.json",
+              f"output_dir={out}"]
+    launch([*common, "train.stop_after_steps=4"])
+    launch([*common, "--resume"])
+    reference = movement_runs[2]
+    np.testing.assert_allclose([h["loss"] for h in results(out)["loss_history"]],
+                               [h["loss"] for h in results(reference)["loss_history"]], rtol=1e-5, atol=1e-6)
+    resumed, uninterrupted = masks(out), masks(reference)
+    assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_pruning_under_bf16(tmp_path: Path) -> None:
+    ds = json.loads((ROOT / "ds_configs" / "cpu_zero2.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    (tmp_path / "bf16.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    launch(["--config", TINY, "pruning.method=movement", *PRUNE, f"train.deepspeed_config={tmp_path}/bf16.json",
+            f"output_dir={out}"])
+    res = results(out)
+    assert res["precision"] == "bf16" and res["pruning"]["within_budget"]
+
+
+@pytest.mark.parametrize("method", ["movement", "rank"])
+def test_export_is_smaller_loads_with_transformers_and_scores_the_same(method_runs: dict[str, Path],
+                                                                       method: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from mtp.export import build_dense_model, load_compact, read_final
+
+    run = method_runs[method]
+    export = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "mtp", "export", str(run), "--out", str(export), "--verify"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["ok"] and report["max_logit_diff_compact"] <= 1e-4 and report["max_score_diff"] <= 1e-2
+    # really smaller: the compact encoder blocks take less disk than the dense ones
+    compact_bytes = (export / "compact" / "model.safetensors").stat().st_size
+    dense_bytes = (export / "hf" / "encoder" / "model.safetensors").stat().st_size
+    assert compact_bytes < dense_bytes
+    # plain transformers: the encoder, and a sequence-classification model per task (cls pooling)
+    cfg, meta, state = read_final(run)
+    trained = build_dense_model(cfg, meta, state)
+    assert isinstance(AutoModel.from_pretrained(export / "hf" / "encoder"), torch.nn.Module)
+    clf = AutoModelForSequenceClassification.from_pretrained(export / "hf" / "rte").eval()
+    x = torch.randint(1000, 2000, (2, 9))
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(input_ids=x, attention_mask=mask).logits,
+                                   trained("rte", input_ids=x, attention_mask=mask)["logits"], atol=1e-5, rtol=1e-5)
+        compact = load_compact(export / "compact")
+        torch.testing.assert_close(compact("stsb", input_ids=x, attention_mask=mask)["logits"],
+                                   trained("stsb", input_ids=x, attention_mask=mask)["logits"], atol=1e-4, rtol=1e-4)
