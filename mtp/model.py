@@ -176,11 +176,13 @@ def gathered(params: list[nn.Parameter]) -> Any:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state (parameters gathered one by one under ZeRO-3, and buffers) as CPU tensors."""
+    """The whole state (parameters gathered one by one under ZeRO-3, persistent buffers) as CPU tensors."""
+    persistent = set(model.state_dict().keys())
     state = {}
     for name, param in model.named_parameters():
         with gathered([param]):
             state[name] = param.detach().cpu().clone()
     for name, buf in model.named_buffers():
-        state[name] = buf.detach().cpu().clone()
+        if name in persistent:
+            state[name] = buf.detach().cpu().clone()
     return state

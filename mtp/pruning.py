@@ -134,8 +134,8 @@ class FactorizedLinear(nn.Module):
         root = s.sqrt()
         dtype = linear.weight.dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.P = nn.Parameter((u * root).to(dtype))
-        self.Q = nn.Parameter((root[:, None] * vh).to(dtype))
+        self.P = nn.Parameter((u * root).to(dtype).contiguous())  # SVD factors come column-major
+        self.Q = nn.Parameter((root[:, None] * vh).to(dtype).contiguous())
         self.bias = linear.bias
         self.log_alpha = nn.Parameter(torch.full((s.numel(),), float(log_alpha_init)))
         self.register_buffer("keep", torch.ones(s.numel(), dtype=torch.bool))
