@@ -204,6 +204,7 @@ class PruningHook(Hook):
 
     def setup(self, model: nn.Module) -> None:
         self.budget = make_budget(parameter_counts(model), self.cfg.budget)
+        self.model = model
 
     def kept_report(self, model: nn.Module) -> dict[str, Any]:
         """Kept parameters: total (as the budget counts them), per layer, per matrix type."""
@@ -214,15 +215,24 @@ class PruningHook(Hook):
             per_layer[str(idx)] = per_layer.get(str(idx), 0) + kept
             per_type[kind] = per_type.get(kind, 0) + kept
         assert self.budget is not None
-        kept_blocks = sum(per_type.values()) + self.budget.non_prunable
+        kept_blocks = int(round(sum(per_type.values()))) + self.budget.non_prunable
         return {"method": self.cfg.method, "budget": self.budget.target, "budget_fraction":
                 self.budget.target / self.budget.dense_blocks, "dense_blocks": self.budget.dense_blocks,
                 "kept_blocks": kept_blocks, "kept_fraction": kept_blocks / self.budget.dense_blocks,
                 "within_budget": kept_blocks <= self.budget.target, "non_prunable": self.budget.non_prunable,
                 "kept_prunable_per_layer": per_layer, "kept_prunable_per_type": per_type}
 
-    def kept_in(self, module: nn.Module) -> int:
+    def kept_in(self, module: nn.Module) -> float:
         raise NotImplementedError
+
+    def kept_metrics(self) -> dict[str, float]:
+        """TensorBoard scalars of the kept parameters: total, per layer, per matrix type."""
+        report = self.kept_report(self.model)
+        out = {"pruning/kept_blocks": report["kept_blocks"], "pruning/kept_fraction": report["kept_fraction"],
+               "pruning/budget": report["budget"]}
+        out |= {f"pruning/kept_per_layer/{k}": v for k, v in report["kept_prunable_per_layer"].items()}
+        out |= {f"pruning/kept_per_type/{k}": v for k, v in report["kept_prunable_per_type"].items()}
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -307,10 +317,7 @@ class ElementwisePruning(PruningHook):
 
     def metrics(self) -> dict[str, float]:
         assert self.budget is not None
-        kept = sum(int(m.mask.sum()) for m in self.modules) + self.budget.non_prunable
-        return {"pruning/kept_blocks": kept, "pruning/kept_fraction": kept / self.budget.dense_blocks,
-                "pruning/budget": self.budget.target, "pruning/target_density": self.density,
-                "pruning/threshold": self.threshold}
+        return {**self.kept_metrics(), "pruning/target_density": self.density, "pruning/threshold": self.threshold}
 
 
 class RankPruning(PruningHook):
@@ -324,6 +331,7 @@ class RankPruning(PruningHook):
         self.modules = [m for _, _, m in prunable_modules(model)]
         self.lambda1 = 0.0
         self.lambda2 = 0.0
+        self.projected = False
         self.start_density = self.expected_density().item()
         self.last_density = self.start_density
 
@@ -387,6 +395,7 @@ class RankPruning(PruningHook):
                 room -= cost
         for m, k in zip(self.modules, keep, strict=True):
             m.keep.copy_(k)
+        self.projected = True
 
     def on_train_end(self, model: nn.Module) -> dict[str, Any]:
         self.project()
@@ -395,12 +404,17 @@ class RankPruning(PruningHook):
                        "kept_ranks": {f"{kind}.{idx}": int(m.keep.sum()) for kind, idx, m in prunable_modules(model)}})
         return report
 
-    def kept_in(self, module: nn.Module) -> int:
-        return int(module.keep.sum()) * module.rank_cost
+    def kept_in(self, module: nn.Module) -> float:
+        """Kept parameters of a factorised matrix: exact after the projection, expected before it."""
+        if self.projected:
+            return int(module.keep.sum()) * module.rank_cost
+        with gathered([module.log_alpha]), torch.no_grad():
+            return float(module.expected_open()) * module.rank_cost
 
     def metrics(self) -> dict[str, float]:
-        return {"pruning/expected_fraction": self.last_density, "pruning/target_fraction": self.target(self.step),
-                "pruning/lambda1": self.lambda1, "pruning/lambda2": self.lambda2}
+        return {**self.kept_metrics(), "pruning/expected_fraction": self.last_density,
+                "pruning/target_fraction": self.target(self.step), "pruning/lambda1": self.lambda1,
+                "pruning/lambda2": self.lambda2}
 
 
 def build_pruning(cfg: PruningConfig, total_steps: int) -> list[Hook]:

@@ -55,6 +55,8 @@ def test_given_probabilities_must_match_tasks() -> None:
         (["encoder.config_overrides.num_layerz=1"], "encoder.config_overrides.num_layerz: not a field"),
         (["data.glue_dir=/nonexistent/glue"], "data.glue_dir: not a folder"),
         (["train.micro_batch_size=64"], "tasks.rte: 64 training rows is fewer than one global batch"),
+        (["pruning.method=movement", "pruning.budget=0.001"], "pruning.budget: 17 parameters is infeasible"),
+        (["pruning.method=rank"], "pruning.budget: method 'rank' needs a budget below the dense size"),
     ],
 )
 def test_cli_check_fails_with_one_line_and_exit_2(overrides: list[str], expected: str) -> None:

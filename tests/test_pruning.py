@@ -177,3 +177,31 @@ def test_lagrangian_ascent_raises_multipliers_when_over_target() -> None:
     penalty.backward()
     assert all(m.log_alpha.grad is not None and float(m.log_alpha.grad.sum()) > 0
                for _, _, m in prunable_modules(model))  # descent lowers log alpha: smaller expected size
+
+
+@pytest.mark.parametrize("arch", ["bert-large-uncased", "roberta-large"])
+def test_large_architectures_are_pruned_by_architecture_map(arch: str) -> None:
+    with torch.device("meta"):
+        model = MultitaskModel(load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True)),
+                               [TaskInfo("rte", 2)])
+    hook = ElementwisePruning(PruningConfig(method="movement", budget=0.1), total_steps=100)
+    hook.setup(model)
+    kinds = [(kind, idx) for kind, idx, m in prunable_modules(model) if isinstance(m, MaskedLinear)]
+    assert len(kinds) == 24 * 6
+    assert hook.budget.prunable == 24 * (4 * 1024 * 1024 + 2 * 1024 * 4096)
+
+
+def test_rank_factorisation_of_a_roberta_base_block() -> None:
+    torch.manual_seed(0)
+    encoder = load_encoder(EncoderConfig(name="configs/arch/roberta-base", random_init=True,
+                                         config_overrides={"num_hidden_layers": 1}))
+    model = MultitaskModel(encoder, [TaskInfo("rte", 2)]).eval()
+    x = torch.randint(5, 1000, (2, 11))
+    before = model("rte", input_ids=x, attention_mask=torch.ones_like(x))["logits"]
+    hook = RankPruning(PruningConfig(method="rank", budget=0.5), total_steps=10)
+    hook.setup(model)
+    model.eval()  # the new factorised layers are built in training mode
+    after = model("rte", input_ids=x, attention_mask=torch.ones_like(x))["logits"]
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # starts as exactly the pretrained map
+    ffn_in = next(m for kind, _, m in prunable_modules(model) if kind == "ffn_in")
+    assert ffn_in.P.shape == (3072, 768) and ffn_in.Q.shape == (768, 768)

@@ -50,6 +50,13 @@ def test_every_method_lands_within_the_budget(method_runs: dict[str, Path], meth
         assert "lambda1" in report and sum(report["kept_ranks"].values()) > 0
     meta = json.loads((out / "final" / "mtp.json").read_text())
     assert meta["pruning"]["kept_blocks"] == report["kept_blocks"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set(EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
+    expected = {"pruning/kept_blocks", "pruning/budget", "pruning/kept_per_layer/1", "pruning/kept_per_type/ffn_in"}
+    expected |= {"pruning/lambda1", "pruning/lambda2", "pruning/target_fraction"} if method == "rank" else {
+        "pruning/threshold", "pruning/target_density"}
+    assert expected <= tags, sorted(tags)
 
 
 @pytest.fixture(scope="module")
