@@ -80,12 +80,13 @@ def test_tiny_roberta_with_custom_task_under_zero3(tmp_path: Path) -> None:
     (tmp_path / "dev.csv").write_text("\n".join(rows[:13]) + "\n")
     out = tmp_path / "run"
     launch(["--config", TINY, "encoder.name=configs/arch/tiny-roberta",
-            "train.deepspeed_config=ds_configs/cpu_zero3.json",
+            "train.deepspeed_config=ds_configs/cpu_zero3.json", "train.grad_accum=2", "train.max_steps=4",
             f"tasks=[{{name: rte, max_train_examples: 64, max_dev_examples: 30}}, {{name: polarity, "
             f"train_file: {tmp_path}/train.csv, dev_file: {tmp_path}/dev.csv, text_columns: [text], "
             "label_column: label, labels: [neg, pos]}]", f"output_dir={out}"])
     res = results(out)
-    assert res["finished"] and res["zero_stage"] == 3
+    assert res["finished"] and res["zero_stage"] == 3 and res["steps"] == 4
+    assert sum(h["loss"] > 0 for h in res["loss_history"]) == 2  # log_every=2: two windows of 2 optimizer steps
     assert res["data"]["polarity"]["dev_used"] == {"dev": 12}
     assert 0 <= res["tasks"]["polarity"]["dev"]["dev"]["accuracy"] <= 100
 

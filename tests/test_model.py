@@ -54,3 +54,11 @@ def test_every_head_gets_a_gradient_whatever_the_task() -> None:
     assert all(p.grad is not None for p in model.parameters())
     assert all(float(p.grad.abs().sum()) == 0.0 for p in model.heads["rte"].parameters())
     assert float(model.heads["stsb"][-1].weight.grad.abs().sum()) > 0
+
+
+def test_warmup_then_linear_decay() -> None:
+    from mtp.train import lr_lambda
+
+    factor = lr_lambda(warmup=4, total=20)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(12) == pytest.approx(0.5) and factor(20) == 0.0
