@@ -1,0 +1,158 @@
+"""Step time of each pruning method over dense training in the same DeepSpeed engine, and of the peer.
+
+    python bench/pruning_overhead.py [--config configs/default.yaml] [--budget 0.25] [--steps 20] [--rounds 3]
+
+Every path is the trainer's step (forward, the hooks' extra loss, backward, DeepSpeed step, the hooks'
+optimizer-step event) on the same pre-drawn batches and starting weights, 1 rank, fp32 ZeRO-0 on CPU;
+rounds alternate between paths. Targets: magnitude and movement at most 1.10x dense, rank at most 1.25x.
+
+The peer is DeepSpeed Compression's own `sparse_pruning` with method `topk` at the same density.
+DeepSpeed removed its compression library in 0.19, so the peer runs in a child process on the last
+release that has it (deepspeed 0.18.9, installed under bench/.deps/ on first use), against its own
+dense baseline in that engine. Writes bench/results/pruning_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from common import base_model, draw_batches, machine, median, time_paths
+
+from mtp.config import PruningConfig, load_config
+from mtp.train import build_ds_config, init_distributed, lr_lambda, split_param_groups
+
+PEER_DEEPSPEED = "0.18.9"
+BENCH = Path(__file__).resolve().parent
+PREFIXES = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+            "intermediate.dense", "output.dense"]
+
+
+def engine_step(cfg, model, hooks, ds_extra=None):
+    import deepspeed
+
+    ds = build_ds_config(cfg, 1) | (ds_extra or {})
+    engine, *_ = deepspeed.initialize(model=model, config=ds,
+                                      model_parameters=split_param_groups(model, hooks, cfg.train.weight_decay),
+                                      lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(0, 10**6)))
+    state = {"step": 0}
+
+    def step(task, batch):
+        loss = engine(task, **batch)["loss"]
+        for hook in hooks:
+            extra = hook.extra_loss(engine.module, state["step"])
+            if extra is not None:
+                loss = loss + extra
+        engine.backward(loss)
+        engine.step()
+        state["step"] += 1
+        for hook in hooks:
+            hook.on_optimizer_step(engine.module, state["step"])
+
+    return step
+
+
+def density_of(cfg, base, budget: float) -> float:
+    from mtp.model import parameter_counts
+    from mtp.pruning import make_budget
+
+    return make_budget(parameter_counts(base), budget).density
+
+
+def run_peer(args, cfg, batches, base) -> dict:
+    """Dense vs DeepSpeed Compression topk sparse pruning, both in this (older) DeepSpeed's engine."""
+    import deepspeed
+    from deepspeed.compression.compress import init_compression
+
+    density = density_of(cfg, base, args.budget)
+    compression = {"compression_training": {"sparse_pruning": {
+        "shared_parameters": {"enabled": True, "schedule_offset": 0, "method": "topk"},
+        "different_groups": {"all": {"params": {"dense_ratio": density}, "modules": PREFIXES}}}}}
+    dense_model = copy.deepcopy(base)
+    peer_model = init_compression(copy.deepcopy(base), compression)
+    paths = {"dense": engine_step(cfg, dense_model, []),
+             "deepspeed_compression_topk": engine_step(cfg, peer_model, [], compression)}
+    seconds = time_paths(paths, batches, args.warmup, args.rounds)
+    compressed = sum(1 for m in peer_model.modules() if getattr(m, "sparse_pruning_enabled", False))
+    return {"deepspeed_version": deepspeed.__version__, "dense_ratio": density, "compressed_layers": compressed,
+            "seconds_per_round": seconds,
+            "overhead_vs_dense": median(seconds["deepspeed_compression_topk"]) / median(seconds["dense"])}
+
+
+def peer_in_child(args) -> dict:
+    target = BENCH / ".deps" / f"deepspeed-{PEER_DEEPSPEED}"
+    if not (target / "deepspeed" / "compression" / "compress.py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        f"deepspeed=={PEER_DEEPSPEED}"], check=True)
+    out = BENCH / "results" / ".peer.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, __file__, "--peer-out", str(out), "--config", args.config, "--budget", str(args.budget),
+           "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup), *args.overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/pruning_overhead.json")
+    parser.add_argument("--no-peer", action="store_true", help="skip DeepSpeed Compression")
+    parser.add_argument("--peer-out", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_distributed()
+    cfg = load_config(args.config, [*args.overrides, "train.deepspeed_config=ds_configs/cpu_zero0.json"])
+    batches, tasks = draw_batches(cfg, args.warmup + args.steps)
+    base = base_model(cfg, tasks)
+    if args.peer_out:
+        Path(args.peer_out).write_text(json.dumps(run_peer(args, cfg, batches, base)))
+        return
+
+    from mtp.pruning import build_pruning
+
+    total = args.warmup + args.steps * args.rounds
+    methods = {"magnitude": {}, "movement": {}, "movement_global": {"scope": "global"}, "soft_movement": {},
+               "rank": {}}
+    paths = {"dense": engine_step(cfg, copy.deepcopy(base), [])}
+    for name, extra in methods.items():
+        pcfg = PruningConfig(method=name.replace("_global", ""), budget=args.budget, warmup_ratio=0.0,
+                             cooldown_ratio=0.0, **extra)
+        model = copy.deepcopy(base)
+        hooks = build_pruning(pcfg, total)
+        for hook in hooks:
+            hook.setup(model)
+        paths[name] = engine_step(cfg, model, hooks)
+    seconds = time_paths(paths, batches, args.warmup, args.rounds)
+    dense = median(seconds["dense"])
+    overhead = {name: median(s) / dense for name, s in seconds.items() if name != "dense"}
+    report = {"benchmark": "pruning_overhead", "config": args.config, "encoder": cfg.encoder.name,
+              "budget": args.budget, "density": density_of(cfg, base, args.budget), "engine": "deepspeed fp32 ZeRO-0",
+              "steps_per_round": args.steps, "rounds": args.rounds, **machine(),
+              "seconds_per_round": seconds, "overhead_vs_dense": overhead,
+              "targets": {"magnitude": 1.10, "movement": 1.10, "movement_global": 1.10, "rank": 1.25}}
+    if not args.no_peer:
+        report["peer"] = peer_in_child(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps({"overhead_vs_dense": overhead, "peer": report.get("peer", {}).get("overhead_vs_dense")},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
