@@ -101,6 +101,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from mtp.compare import load_compare_config, plan_runs, run_all, write_report
+
+    cfg = load_compare_config(args.config, args.overrides)
+    base = Path(cfg.base)
+    if not base.is_file():
+        from mtp.config import resolve_path
+
+        base = resolve_path(cfg.base, f"{args.config}: base")
+    exp = load_config(base, list(cfg.overrides))
+    tasks = [t.name for t in exp.tasks]
+    unknown = [t for t in cfg.low_resource_tasks if t not in tasks and t not in ("rte", "mrpc", "stsb")]
+    if unknown:
+        raise ConfigError(f"{args.config}: low_resource_tasks: {unknown[0]!r} is not a task of {cfg.base}")
+    plan = plan_runs(cfg, tasks)
+    # check one multitask and one single-task run of the plan before anything trains (exit 2 on errors)
+    for spec in (plan[0], next(s for s in plan if s.task is not None)):
+        overrides = [*cfg.overrides, *spec.overrides, "output_dir=/nonexistent/mtp-check"]
+        if spec.method != "none":
+            overrides += [f"pruning.method={spec.method}", f"pruning.budget={min(cfg.budgets + cfg.single_task_sizes)}"]
+        check_experiment(load_config(base, overrides), cfg.nproc, resume=False)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output_dir) / "compare.yaml").write_text(Path(args.config).read_text())
+    if not args.report_only:
+        status = run_all(cfg, base, parallel=args.parallel, only=args.only)
+        failed = {k: v for k, v in status.items() if v.startswith("failed")}
+        if failed:
+            print(f"mtp compare: {len(failed)} runs failed: {', '.join(failed)} (see their launch.log)",
+                  file=sys.stderr)
+    command = " ".join(["mtp compare --config", shlex.quote(str(args.config)), *map(shlex.quote, args.overrides)])
+    report = write_report(cfg, base, command)
+    print(report.read_text())
+    return 0
+
+
 def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
@@ -117,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train as one rank of a DeepSpeed job (launch.sh starts the ranks)")
     _add_experiment_args(train)
     train.set_defaults(func=_cmd_train)
+    compare = sub.add_parser("compare", help="multitask pruning against the best single-task ensemble")
+    compare.add_argument("--config", required=True, help="compare YAML (see configs/compare_minilm.yaml)")
+    compare.add_argument("--parallel", type=int, default=1, help="runs trained at once on this machine")
+    compare.add_argument("--only", default=None, help="train only the runs whose name contains this")
+    compare.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    compare.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the compare YAML")
+    compare.set_defaults(func=_cmd_compare)
     export = sub.add_parser("export", help="write a finished run as a Hugging Face checkpoint and a compact model")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, default=None, help="export folder (default: RUN_DIR/export)")

@@ -194,8 +194,12 @@ def export_compact(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str,
                                                  indent=2))
 
 
-def load_compact(folder: str | Path) -> MultitaskModel:
-    """Rebuild the multitask model from `compact/`: sparse and low-rank layers, ready for inference."""
+def load_compact(folder: str | Path, sparse_compute: bool = True) -> MultitaskModel:
+    """Rebuild the multitask model from `compact/`, ready for inference.
+
+    Rank-pruned layers run as two thin matrices. Element-wise layers run as CSR sparse matrices, or, with
+    `sparse_compute=False`, as dense matrices with zeros (faster on CPU unless the density is low).
+    """
     folder = Path(folder)
     info = json.loads((folder / "compact.json").read_text())
     if info.get("format") != COMPACT_FORMAT:
@@ -221,7 +225,12 @@ def load_compact(folder: str | Path) -> MultitaskModel:
             values = tensors.pop(f"{path}.values")
             weight = torch.zeros(shape, dtype=values.dtype)
             weight[mask] = values
-            setattr(parent, child, SparseLinear(weight, bias))
+            if sparse_compute:
+                setattr(parent, child, SparseLinear(weight, bias))
+            else:
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+                linear.load_state_dict({"weight": weight} | ({"bias": bias} if bias is not None else {}))
+                setattr(parent, child, linear)
         else:
             setattr(parent, child, LowRankLinear(tensors.pop(f"{path}.P"), tensors.pop(f"{path}.Q"), bias))
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -1,0 +1,87 @@
+"""The comparison: the allocation search against brute force, and a tiny end-to-end `mtp compare`."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtp.compare import Choice, CompareConfig, best_allocation, brute_force_allocation, plan_runs
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_allocation_search_matches_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    tasks = rng.randint(1, 4)
+    choices = [[Choice(rng.randint(1, 50), rng.uniform(0, 100), f"{t}-{i}") for i in range(rng.randint(1, 5))]
+               for t in range(tasks)]
+    capacity = rng.randint(0, 120)
+    fast, slow = best_allocation(choices, capacity), brute_force_allocation(choices, capacity)
+    if slow is None:
+        assert fast is None  # no allocation fits: reported as None, not a crash
+    else:
+        assert fast is not None and fast[1] == pytest.approx(slow[1])
+        assert sum(c.size for c in fast[0]) <= capacity
+
+
+def test_no_allocation_fits_and_missing_task_choices() -> None:
+    choices = [[Choice(10, 80.0, "a")], [Choice(10, 70.0, "b")]]
+    assert best_allocation(choices, 19) is None
+    assert best_allocation([[Choice(1, 1.0, "a")], []], 100) is None
+    best = best_allocation([[Choice(5, 60.0, "s"), Choice(9, 90.0, "l")], [Choice(5, 50.0, "s"), Choice(9, 55.0, "l")]],
+                           14)
+    assert best is not None and [c.label for c in best[0]] == ["l", "s"] and best[1] == pytest.approx(70.0)
+
+
+def test_plan_covers_equal_split_and_low_resource_sizes() -> None:
+    cfg = CompareConfig(base="configs/tiny.yaml", methods=["movement"], budgets=[0.5, 0.2], single_task_sizes=[0.05],
+                        low_resource_tasks=["rte"])
+    names = {s.name for s in plan_runs(cfg, ["rte", "stsb"])}
+    assert {"mt-dense", "mt-movement-0.5", "mt-movement-0.2"} <= names
+    assert {"st-stsb-movement-0.25", "st-stsb-movement-0.1", "st-stsb-movement-0.05"} <= names  # B/T and grid
+    assert {"st-rte-movement-0.5", "st-rte-movement-0.2"} <= names and "st-stsb-movement-0.5" not in names
+
+
+@pytest.mark.slow
+def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
+    out = tmp_path / "compare"
+    cmd = [sys.executable, "-m", "mtp", "compare", "--config", "configs/compare_tiny.yaml", "--parallel", "2",
+           f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["missing_runs"] == []
+    rows = report["methods"]["movement"]
+    assert [r["budget"] for r in rows] == [0.5, 0.2]
+    for row in rows:
+        assert row["multitask"]["kept_blocks"] <= row["capacity"]
+        assert row["equal_split"] is not None
+        if row["best_ensemble"] is not None:
+            assert row["best_ensemble"]["kept_blocks"] <= row["capacity"]
+            assert row["best_ensemble"]["mean"] >= row["equal_split"]["mean"] - 1e-9
+    assert report["dense"]["multitask"] and report["dense"]["single_task"]
+    assert {(r["task"], r["size"]) for r in report["low_resource"]} == {("rte", 0.5), ("rte", 0.2)}
+    md = (out / "report.md").read_text()
+    assert "| 0.5 | multitask |" in md and "best ensemble" in md and "Low-resource" in md
+    assert (out / "mean_vs_budget.png").stat().st_size > 1000
+    assert any((out / "runs" / "st-rte-movement-0.25" / "tensorboard").iterdir())
+    # a second call reuses every finished run and trains nothing
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 to train" in again.stdout
+
+
+def test_compare_config_errors_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text("base: configs/tiny.yaml\nbudgets: [1.5]\n")
+    proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--config", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "budgets and single_task_sizes are fractions" in proc.stderr
+    bad.write_text("base: configs/tiny.yaml\nmethods: [prune_it]\n")
+    proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--config", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "methods.0" in proc.stderr
