@@ -7,6 +7,8 @@ optimizer-step event) on the same pre-drawn batches and starting weights, 1 rank
 rounds alternate between paths. Targets: magnitude and movement at most 1.10x dense, rank at most 1.25x.
 
 The peer is DeepSpeed Compression's own `sparse_pruning` with method `topk` at the same density.
+`rank` is measured with every gate open (the full-rank factorisation of the start of pruning) and
+`rank_at_budget` with the gates beyond the budget closed (the end of pruning).
 DeepSpeed removed its compression library in 0.19, so the peer runs in a child process on the last
 release that has it (deepspeed 0.18.9, installed under bench/.deps/ on first use), against its own
 dense baseline in that engine. Writes bench/results/pruning_overhead.json.
@@ -30,8 +32,8 @@ from mtp.train import build_ds_config, init_distributed, lr_lambda, split_param_
 
 PEER_DEEPSPEED = "0.18.9"
 BENCH = Path(__file__).resolve().parent
-PREFIXES = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-            "intermediate.dense", "output.dense"]
+PREFIXES = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",  # regexes
+            "intermediate.dense", r"layer\.\d+\.output\.dense"]
 
 
 def engine_step(cfg, model, hooks, ds_extra=None):
@@ -56,6 +58,21 @@ def engine_step(cfg, model, hooks, ds_extra=None):
             hook.on_optimizer_step(engine.module, state["step"])
 
     return step
+
+
+def close_gates_beyond_budget(hook) -> None:
+    """Late in rank pruning: the gates of the ranks beyond the budget (smallest singular values) are closed."""
+    from mtp.pruning import prunable_modules
+
+    modules = [m for _, _, m in prunable_modules(hook.model)]
+    with torch.no_grad():
+        for m in modules:
+            m.log_alpha.copy_((m.P.float().norm(dim=0) * m.Q.float().norm(dim=1)).clamp_min(1e-12).log())
+        hook.project()  # which ranks fit the budget, by singular value
+        for m in modules:
+            m.log_alpha.copy_(torch.where(m.keep, 2.5, -10.0))
+            m.keep.fill_(True)
+    hook.projected = False
 
 
 def density_of(cfg, base, budget: float) -> float:
@@ -92,6 +109,7 @@ def peer_in_child(args) -> dict:
                         f"deepspeed=={PEER_DEEPSPEED}"], check=True)
     out = BENCH / "results" / ".peer.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]))
+    env.pop("MASTER_PORT", None)  # this process's rendezvous port is taken: the child picks its own
     cmd = [sys.executable, __file__, "--peer-out", str(out), "--config", args.config, "--budget", str(args.budget),
            "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup), *args.overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -128,15 +146,17 @@ def main() -> None:
 
     total = args.warmup + args.steps * args.rounds
     methods = {"magnitude": {}, "movement": {}, "movement_global": {"scope": "global"}, "soft_movement": {},
-               "rank": {}}
+               "rank": {}, "rank_at_budget": {}}
     paths = {"dense": engine_step(cfg, copy.deepcopy(base), [])}
     for name, extra in methods.items():
-        pcfg = PruningConfig(method=name.replace("_global", ""), budget=args.budget, warmup_ratio=0.0,
-                             cooldown_ratio=0.0, **extra)
+        pcfg = PruningConfig(method=name.replace("_global", "").replace("_at_budget", ""), budget=args.budget,
+                             warmup_ratio=0.0, cooldown_ratio=0.0, **extra)
         model = copy.deepcopy(base)
         hooks = build_pruning(pcfg, total)
         for hook in hooks:
             hook.setup(model)
+        if name == "rank_at_budget":
+            close_gates_beyond_budget(hooks[0])
         paths[name] = engine_step(cfg, model, hooks)
     seconds = time_paths(paths, batches, args.warmup, args.rounds)
     dense = median(seconds["dense"])
@@ -145,7 +165,10 @@ def main() -> None:
               "budget": args.budget, "density": density_of(cfg, base, args.budget), "engine": "deepspeed fp32 ZeRO-0",
               "steps_per_round": args.steps, "rounds": args.rounds, **machine(),
               "seconds_per_round": seconds, "overhead_vs_dense": overhead,
-              "targets": {"magnitude": 1.10, "movement": 1.10, "movement_global": 1.10, "rank": 1.25}}
+              "targets": {"magnitude": 1.10, "movement": 1.10, "movement_global": 1.10, "rank": 1.25},
+              "notes": {"rank": "all gates open: the full-rank factorisation at the start of pruning",
+                        "rank_at_budget": "gates beyond the budget closed, as at the end of pruning; closed "
+                                          "ranks are skipped in the forward and backward passes"}}
     if not args.no_peer:
         report["peer"] = peer_in_child(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
