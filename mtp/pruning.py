@@ -88,31 +88,49 @@ def allocate(total: int, sizes: list[int], fraction: float) -> list[int]:
     return counts
 
 
-def topk_mask(criterion: torch.Tensor, k: int) -> torch.Tensor:
-    """A boolean mask keeping exactly the k largest entries (ties broken by position, deterministically).
-
-    The k-th largest value is found by selection, not sorting: numpy's introselect on CPU (an order of
-    magnitude faster than torch.topk there), torch.kthvalue on accelerators.
-    """
-    flat = criterion.detach().reshape(-1)
+def kth_largest(values: torch.Tensor, k: int, scratch: bool = False) -> float:
+    """The k-th largest entry (1 <= k <= n), by selection rather than sorting: numpy's introselect on CPU
+    (an order of magnitude faster than torch.topk there), torch.kthvalue on accelerators. With `scratch`,
+    a CPU float32 `values` may be reordered in place (saves a copy)."""
+    flat = values.detach().reshape(-1)
     n = flat.numel()
-    if k >= n:
-        return torch.ones_like(criterion, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(criterion, dtype=torch.bool)
-    values = flat.float()
-    if values.device.type == "cpu":
+    if flat.device.type == "cpu":
         import numpy as np
 
-        threshold = float(np.partition(values.numpy(), n - k)[n - k])
+        arr = flat.float().numpy()
+        if scratch and flat.dtype == torch.float32:
+            arr.partition(n - k)
+            return float(arr[n - k])
+        return float(np.partition(arr, n - k)[n - k])
+    return float(torch.kthvalue(flat.float(), n - k + 1).values)
+
+
+def topk_mask(criterion: torch.Tensor, k: int) -> torch.Tensor:
+    """A boolean mask keeping exactly the k largest entries (ties broken by position, deterministically)."""
+    return threshold_masks([criterion], k)[0][0]
+
+
+def threshold_masks(criteria: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], float]:
+    """Boolean masks over several tensors keeping exactly the k largest entries of all of them together
+    (entries equal to the threshold are taken first by tensor, then by position), and that threshold."""
+    n = sum(c.numel() for c in criteria)
+    if k >= n:
+        return [torch.ones_like(c, dtype=torch.bool) for c in criteria], -math.inf
+    if k <= 0:
+        return [torch.zeros_like(c, dtype=torch.bool) for c in criteria], math.inf
+    if len(criteria) == 1:
+        threshold = kth_largest(criteria[0], k)
     else:
-        threshold = float(torch.kthvalue(values, n - k + 1).values)
-    mask = values > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:  # entries equal to the threshold fill the rest, first by position
-        ties = torch.nonzero(values == threshold).squeeze(1)[:missing]
-        mask[ties] = True
-    return mask.view_as(criterion)
+        threshold = kth_largest(torch.cat([c.detach().reshape(-1).float() for c in criteria]), k, scratch=True)
+    masks = [c > threshold for c in criteria]
+    missing = k - sum(int(m.count_nonzero()) for m in masks)
+    for c, m in zip(criteria, masks, strict=True):
+        if missing <= 0:
+            break
+        ties = torch.nonzero((c == threshold).reshape(-1)).squeeze(1)[:missing]
+        m.view(-1)[ties] = True
+        missing -= ties.numel()
+    return masks, threshold
 
 
 # ---------------------------------------------------------------- modules
@@ -331,13 +349,13 @@ class ElementwisePruning(PruningHook):
         if density < 1.0 and self.cfg.scope == "global":
             criteria = []
             for m in self.modules:
-                with gathered([m.weight] if m.scores is None else [m.scores]):
-                    criteria.append(self._criterion(m).float().reshape(-1).clone())
-            flat = torch.cat(criteria)
-            mask = topk_mask(flat, kept_total)
-            self.threshold = float(flat[mask].min()) if kept_total else math.inf
-            for m, part in zip(self.modules, torch.split(mask, sizes), strict=True):
-                m.mask.copy_(part.view_as(m.mask))
+                source = m.weight if m.scores is None else m.scores
+                with gathered([source]):  # under ZeRO-3 the gathered values must outlive the context
+                    crit = self._criterion(m)
+                    criteria.append(crit.clone() if hasattr(source, "ds_id") else crit)
+            masks, self.threshold = threshold_masks(criteria, kept_total)
+            for m, mk in zip(self.modules, masks, strict=True):
+                m.mask.copy_(mk)
             return
         for m, k in zip(self.modules, allocate(kept_total, sizes, density), strict=True):
             with gathered([m.weight] if m.scores is None else [m.scores]):

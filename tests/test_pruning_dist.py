@@ -96,15 +96,17 @@ def test_pruned_run_resumes_to_the_same_masks_and_losses(movement_runs: dict[int
     assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_pruning_under_bf16(tmp_path: Path) -> None:
-    ds = json.loads((ROOT / "ds_configs" / "cpu_zero2.json").read_text())
+@pytest.mark.parametrize(("arch", "method", "stage"), [("tiny-bert", "movement", 2), ("tiny-roberta", "rank", 3)])
+def test_pruning_under_bf16(tmp_path: Path, arch: str, method: str, stage: int) -> None:
+    ds = json.loads((ROOT / "ds_configs" / f"cpu_zero{stage}.json").read_text())
     ds["bf16"] = {"enabled": True}
     (tmp_path / "bf16.json").write_text(json.dumps(ds))
     out = tmp_path / "run"
-    launch(["--config", TINY, "pruning.method=movement", *PRUNE, f"train.deepspeed_config={tmp_path}/bf16.json",
-            f"output_dir={out}"])
+    launch(["--config", TINY, f"encoder.name=configs/arch/{arch}", f"pruning.method={method}", *PRUNE,
+            f"train.deepspeed_config={tmp_path}/bf16.json", f"output_dir={out}"])
     res = results(out)
-    assert res["precision"] == "bf16" and res["pruning"]["within_budget"]
+    assert res["precision"] == "bf16" and res["zero_stage"] == stage and res["pruning"]["within_budget"]
+    assert res["pruning"]["budget"] - res["pruning"]["kept_blocks"] < 96
 
 
 @pytest.mark.parametrize("method", ["movement", "rank"])
