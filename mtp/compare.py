@@ -161,14 +161,18 @@ def launch_command(spec: RunSpec, cfg: CompareConfig, base_path: Path, out_root:
     return args
 
 
-def start_run(spec: RunSpec, cfg: CompareConfig, base_path: Path, out_root: Path, port: int) -> subprocess.Popen:
+def start_run(spec: RunSpec, cfg: CompareConfig, base_path: Path, out_root: Path, port: int,
+              parallel: int = 1) -> subprocess.Popen:
+    """Start one run through launch.sh; runs side by side share the cores (one OpenMP pool per rank)."""
     run_dir = out_root / "runs" / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
     args = launch_command(spec, cfg, base_path, out_root, port)
     log = (run_dir / "launch.log").open("a")
     log.write(f"\n$ {' '.join(args)}\n")
     log.flush()
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (parallel * cfg.nproc))))
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
 
 
 def _task_entry(base_path: Path, cfg: CompareConfig, task: str) -> dict[str, Any]:
@@ -206,7 +210,7 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
                 status[spec.name] = "claimed elsewhere"
                 continue
             log(f"compare: training {spec.name}")
-            active.append((spec, start_run(spec, cfg, base_path, out_root, base_port + 10 * (slot % 50))))
+            active.append((spec, start_run(spec, cfg, base_path, out_root, base_port + 10 * (slot % 50), parallel)))
             slot += 1
         for item in list(active):
             spec, proc = item

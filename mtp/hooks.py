@@ -9,9 +9,11 @@ Order within one training run:
     loop over optimizer steps:
         extra_loss(model, step)       added to each micro-batch's loss (regularisers, Lagrangians)
         on_optimizer_step(model, step)  once per optimizer step, after DeepSpeed's step
-        metrics()                     scalars for TensorBoard at log steps
+        metrics()                     scalars for TensorBoard at log steps (on every rank)
+        on_evaluate(step, results)    after every evaluation on the dev sets
         state_dict()                  into every checkpoint
     on_train_end(model) -> dict       final projection / report, merged into results.json
+    (then the final evaluation, which calls on_evaluate once more)
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ class Hook:
         """Advance schedules, masks, multipliers: called once per optimizer step (step counts from 1)."""
 
     def metrics(self) -> dict[str, float]:
-        """Scalars to log (TensorBoard tag -> value)."""
+        """Scalars to log (TensorBoard tag -> value); called on every rank (it may gather ZeRO-3 partitions)."""
         return {}
+
+    def on_evaluate(self, step: int, results: dict[str, Any]) -> None:
+        """Dev results of every task (the same on all ranks), after each evaluation."""
 
     def state_dict(self) -> dict[str, Any]:
         """Picklable state saved in every checkpoint (parameters already live in the DeepSpeed state)."""

@@ -12,7 +12,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,8 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 20000)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True, auto_mpi_discovery=False)
+    # joins a process group someone else started (Ray Train) as well as starting one
+    deepspeed.init_distributed(dist_init_required=not dist.is_initialized(), auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
 
@@ -197,6 +197,7 @@ class Trainer:
 
     cfg: ExperimentConfig
     hooks: list[Hook] | None = None  # None: the pruning hooks the config asks for
+    extra_hooks: list[Hook] = field(default_factory=list)  # added to those (reporting, logging)
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -227,6 +228,7 @@ class Trainer:
         self.param_counts = parameter_counts(model)
         if self.hooks is None:
             self.hooks = build_pruning(cfg.pruning, self.max_steps)
+        self.hooks = [*self.hooks, *self.extra_hooks]
         for hook in self.hooks:
             hook.setup(model)
         groups = split_param_groups(model, self.hooks, cfg.train.weight_decay)
@@ -392,6 +394,8 @@ class Trainer:
         steps_in_window = max(1.0, float(counts.sum()))
         mean_loss = float(window[:n].sum() / self.world / steps_in_window)
         self.loss_history.append({"step": self.step, "loss": mean_loss})
+        # every rank asks the hooks: their metrics may gather ZeRO-3 partitions (a collective)
+        hook_metrics = {tag: value for hook in self.hooks for tag, value in hook.metrics().items()}
         if self.rank != 0:
             return
         for i, name in enumerate(names):
@@ -403,9 +407,8 @@ class Trainer:
         tok_s = tokens / max(seconds, 1e-9)
         self.writer.add_scalar("train/tokens_per_s", tok_s, self.step)
         self.writer.add_scalar("train/tokens_seen", self.tokens_seen, self.step)
-        for hook in self.hooks:
-            for tag, value in hook.metrics().items():
-                self.writer.add_scalar(tag, value, self.step)
+        for tag, value in hook_metrics.items():
+            self.writer.add_scalar(tag, value, self.step)
         mix = " ".join(f"{name}:{int(counts[i])}" for i, name in enumerate(names))
         bar.set_postfix_str(f"loss={mean_loss:.3f} tok/s={tok_s:.0f} mix[{mix}]", refresh=False)
 
@@ -414,6 +417,8 @@ class Trainer:
         self.eval_history.append({"step": self.step, "mean_score": mean,
                                   "scores": {k: v["score"] for k, v in results.items()}})
         self.last_eval = results
+        for hook in self.hooks:
+            hook.on_evaluate(self.step, results)
         if self.rank == 0:
             for name, res in results.items():
                 for split, metrics in res["dev"].items():
@@ -468,10 +473,11 @@ def _load_rng(path: Path) -> None:
         torch.cuda.set_rng_state(tensors["torch_cuda"])
 
 
-def run_training(cfg: ExperimentConfig, resume: bool = False, hooks: list[Hook] | None = None) -> dict[str, Any]:
+def run_training(cfg: ExperimentConfig, resume: bool = False, extra_hooks: list[Hook] | None = None,
+                 ) -> dict[str, Any]:
     """Train (or resume) the experiment in this process as one rank of the job; returns results.json."""
     rank, world, local_rank = init_distributed()
-    trainer = Trainer(cfg, hooks=hooks, rank=rank, world=world, local_rank=local_rank)
+    trainer = Trainer(cfg, extra_hooks=list(extra_hooks or []), rank=rank, world=world, local_rank=local_rank)
     trainer.setup(resume=resume)
     results = trainer.train()
     if rank == 0:
