@@ -20,7 +20,7 @@ run: setup
 	bash launch.sh --config configs/default.yaml $(ARGS)
 
 test: setup
-	$(PYTHON) -m ruff check mtp bench tests
+	$(PYTHON) -m ruff check mtp tune bench tests
 	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup

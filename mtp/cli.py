@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
     compare.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the compare YAML")
     compare.set_defaults(func=_cmd_compare)
+    sub.add_parser("tune", help="Ray Tune search: the same as python -m tune (see its --help)", add_help=False)
     export = sub.add_parser("export", help="write a finished run as a Hugging Face checkpoint and a compact model")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, default=None, help="export folder (default: RUN_DIR/export)")
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher may append --local_rank=N; LOCAL_RANK is in the environment anyway
     argv = [a for a in argv if not a.startswith("--local_rank")]
+    if argv[:1] == ["tune"]:  # its own parser: python -m tune
+        from tune.__main__ import main as tune_main
+
+        return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -364,7 +364,9 @@ class Trainer:
         hook_report: dict[str, Any] = {}
         if finished:
             for hook in self.hooks:
-                hook_report[hook.name] = hook.on_train_end(self.engine.module)
+                report = hook.on_train_end(self.engine.module)
+                if report:
+                    hook_report[hook.name] = report
             self._record_eval(self.evaluate())
             self.save_final_model(hook_report)
         self.save_checkpoint()

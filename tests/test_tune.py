@@ -1,0 +1,177 @@
+"""Ray Tune search: the space and objective, one-line config errors, and a real 2-trial search with resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtp.config import ConfigError, load_config
+from tests.conftest import ROOT
+from tune.space import OVER_BUDGET, TuneConfig, check_space, experiment_for, load_tune_config, objective
+
+TINY_SEARCH = ROOT / "tune" / "configs" / "tiny.yaml"
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+BASE = {"base": "configs/tiny.yaml", "overrides": ["train.max_steps=8", "pruning.method=movement",
+                                                   "pruning.budget=0.3"]}
+
+
+@pytest.mark.parametrize(
+    ("space", "extra", "expected"),
+    [
+        ({}, {}, "at least one searched key"),
+        ({"train.lr": {"gaussian": [0, 1]}}, {}, "space.train.lr: give one of uniform"),
+        ({"train.lr": {"uniform": [0.3, 0.1]}}, {}, "space.train.lr.uniform: [low, high] with low < high"),
+        ({"train.lr": {"loguniform": [0.0, 0.1]}}, {}, "space.train.lr.loguniform: bounds must be positive"),
+        ({"train.lr": {"choice": []}}, {}, "space.train.lr.choice: a non-empty list"),
+        ({"train.lr": {"grid": [1e-4, 2e-4]}}, {}, "space.train.lr: grid values need search.algorithm: grid"),
+        ({"train.lr": {"choice": [1e-4]}}, {"search": {"algorithm": "grid"}}, "every space entry must be a grid"),
+        ({"train.lr": {"choice": [1e-4]}}, {"search": {"algorithm": "bayes"}}, "search.algorithm"),
+        ({"train.lr": {"choice": [1e-4]}}, {"workers": 0}, "workers: Input should be greater than 0"),
+    ],
+)
+def test_bad_search_configs_are_one_line_errors(tmp_path: Path, space: dict, extra: dict, expected: str) -> None:
+    path = write(tmp_path, {**BASE, "space": space, **extra})
+    with pytest.raises(ConfigError) as err:
+        load_tune_config(path)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ({"train.lrr": {"uniform": [0.1, 0.2]}}, "space.train.lrr: "),
+        ({"tasks.qqp.weight": {"uniform": [0.5, 2.0]}}, "space.tasks.qqp.weight: "),
+        ({"pruning.warmup_ratio": {"uniform": [-0.5, -0.1]}}, "space.pruning.warmup_ratio: "),
+    ],
+)
+def test_searched_keys_must_be_valid_trainer_overrides(tmp_path: Path, space: dict, expected: str) -> None:
+    cfg = load_tune_config(write(tmp_path, {**BASE, "space": space}))
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        check_space(cfg)
+
+
+def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BASE, "space": {"train.lrr": {"uniform": [0.1, 0.2]}}})
+    proc = subprocess.run([sys.executable, "-m", "tune", "--config", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("tune: error: space.train.lrr") and len(proc.stderr.strip().splitlines()) == 1
+    missing = subprocess.run([sys.executable, "-m", "mtp", "tune", "--config", str(tmp_path / "nope.yaml")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_trial_experiment_carries_sampled_values_and_evaluations() -> None:
+    cfg = load_tune_config(TINY_SEARCH)
+    params = {"pruning.warmup_ratio": 0.2, "pruning.score_lr": 0.05, "tasks.stsb.weight": 1.5,
+              "sampling.probabilities": {"rte": 0.25, "stsb": 0.75}}
+    exp = experiment_for(cfg, params, "/tmp/x")
+    assert exp.pruning.warmup_ratio == 0.2 and exp.pruning.score_lr == 0.05
+    assert [t.weight for t in exp.tasks] == [1.0, 1.5]
+    assert exp.sampling.probabilities == {"rte": 0.25, "stsb": 0.75}
+    assert exp.pruning.method == "movement" and exp.pruning.budget == 0.3
+    assert exp.train.eval_every == exp.train.max_steps // cfg.evaluations == 4
+    assert exp.output_dir == "/tmp/x"
+
+
+def test_ray_space_samples_inside_the_declared_ranges() -> None:
+    from ray.tune.search.sample import Domain
+
+    from tune.search import ray_space
+
+    cfg = TuneConfig.model_validate({**BASE, "space": {
+        "train.lr": {"loguniform": [1e-5, 1e-3]}, "pruning.warmup_ratio": {"uniform": [0.0, 0.3]},
+        "sampling.temperature": {"choice": [1.0, 2.0]}, "train.seed": {"randint": [0, 5]},
+        "pruning.cooldown_ratio": {"quniform": [0.0, 0.2, 0.05]}}})
+    space = ray_space(cfg)
+    for _ in range(50):
+        draw = {k: v.sample() if isinstance(v, Domain) else v for k, v in space.items()}
+        assert 1e-5 <= draw["train.lr"] <= 1e-3 and 0.0 <= draw["pruning.warmup_ratio"] <= 0.3
+        assert draw["sampling.temperature"] in (1.0, 2.0) and 0 <= draw["train.seed"] < 5
+        assert round(draw["pruning.cooldown_ratio"] / 0.05, 6).is_integer()
+
+
+def test_objective_is_the_mean_score_and_over_budget_cannot_win() -> None:
+    done = {"finished": True, "mean_score": 71.5, "pruning": {"within_budget": True, "kept_blocks": 10}}
+    assert objective(done) == 71.5
+    assert objective({**done, "pruning": {"within_budget": False}}) == OVER_BUDGET
+    assert objective({**done, "finished": False}) == OVER_BUDGET
+    assert objective({"finished": True, "mean_score": 12.0}) == 12.0  # dense: no pruning report
+    assert objective({"finished": True}) == OVER_BUDGET
+    assert max([objective(done), objective({**done, "mean_score": 99.0, "pruning": {"within_budget": False}})]) == 71.5
+
+
+def _trial_results(search_dir: Path) -> dict[str, dict]:
+    out = {}
+    for results in search_dir.glob("trial_*/run/results.json"):
+        out[results.parent.parent.name] = json.loads(results.read_text())
+    return out
+
+
+@pytest.mark.slow
+def test_two_trial_search_resumes_after_interruption_and_writes_the_summary(tmp_path: Path) -> None:
+    storage = tmp_path / "tune"
+    args = [sys.executable, "-m", "tune", "--config", str(TINY_SEARCH), f"storage_path={storage}", "name=t"]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        if any(r.get("finished") for r in _trial_results(storage / "t").values()):
+            break
+        time.sleep(2)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    first.send_signal(signal.SIGINT)  # interrupt the search after its first trial finished
+    first.wait(timeout=300)
+    done_before = {name: r for name, r in _trial_results(storage / "t").items() if r.get("finished")}
+    assert len(done_before) == 1
+    (name, before), = done_before.items()
+    mtime = (storage / "t" / name / "run" / "results.json").stat().st_mtime
+
+    proc = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = _trial_results(storage / "t")
+    assert len(results) == 2 and all(r["finished"] for r in results.values())
+    # the finished trial was not trained again
+    assert (storage / "t" / name / "run" / "results.json").stat().st_mtime == mtime
+    assert results[name]["wall_time_s"] == before["wall_time_s"]
+
+    summary = json.loads((storage / "t" / "summary.json").read_text())
+    objectives = [r["objective"] for r in summary["trials"]]
+    assert len(objectives) == 2 and objectives == sorted(objectives, reverse=True)
+    assert all(r["status"] == "finished" and set(r["scores"]) == {"rte", "stsb"} for r in summary["trials"])
+    assert all(r["kept_blocks"] <= results[Path(r["run_dir"]).parent.name]["pruning"]["budget"]
+               for r in summary["trials"])
+    best = summary["best"]
+    assert best["objective"] == objectives[0]
+    best_cfg = load_config(best["config"])  # a ready-to-run trainer YAML with the best values
+    for key, value in best["params"].items():
+        section, field = key.split(".", 1)
+        if section == "tasks":
+            task, attr = field.split(".")
+            assert getattr(next(t for t in best_cfg.tasks if t.name == task), attr) == pytest.approx(value)
+        else:
+            assert getattr(getattr(best_cfg, section), field) == pytest.approx(value)
+    assert (Path(best["export"]) / "compact" / "model.safetensors").is_file()
+    md = (storage / "t" / "summary.md").read_text()
+    assert "| objective |" in md and "Best config" in md
+    # TensorBoard: every trial has an HParams record and the trainer's own logs
+    for trial in (storage / "t").glob("trial_*"):
+        events = b"".join(p.read_bytes() for p in trial.glob("events.out.tfevents*"))
+        assert b"_hparams_/session_start_info" in events
+        assert any((trial / "run" / "tensorboard").iterdir())
