@@ -106,6 +106,28 @@ def test_ray_space_samples_inside_the_declared_ranges() -> None:
         assert round(draw["pruning.cooldown_ratio"] / 0.05, 6).is_integer()
 
 
+@pytest.mark.parametrize("algorithm", ["random", "grid", "optuna"])
+def test_search_algorithms_suggest_points_of_the_space(algorithm: str) -> None:
+    from tune.search import ray_space, search_algorithm
+
+    kind = "grid" if algorithm == "grid" else "choice"
+    cfg = TuneConfig.model_validate({**BASE, "search": {"algorithm": algorithm},
+                                     "space": {"sampling.temperature": {kind: [1.0, 5.0]}}})
+    algo = search_algorithm(cfg)
+    if algorithm == "optuna":
+        algo.set_search_properties("objective", "max", ray_space(cfg))
+        assert algo.suggest("t0")["sampling.temperature"] in (1.0, 5.0)
+    else:
+        assert type(algo).__name__ == "BasicVariantGenerator"
+    hyperopt = TuneConfig.model_validate({**BASE, "search": {"algorithm": "hyperopt"},
+                                          "space": {"train.lr": {"choice": [1e-4]}}})
+    try:
+        import hyperopt as _  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="needs the hyperopt package"):
+            search_algorithm(hyperopt)
+
+
 def test_objective_is_the_mean_score_and_over_budget_cannot_win() -> None:
     done = {"finished": True, "mean_score": 71.5, "pruning": {"within_budget": True, "kept_blocks": 10}}
     assert objective(done) == 71.5
