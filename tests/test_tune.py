@@ -65,6 +65,13 @@ def test_searched_keys_must_be_valid_trainer_overrides(tmp_path: Path, space: di
         check_space(cfg)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "tune" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_configs_are_valid(path: Path) -> None:
+    cfg = load_tune_config(path)
+    exp = check_space(cfg)
+    assert exp.pruning.method != "none" and exp.train.max_steps
+
+
 def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, {**BASE, "space": {"train.lrr": {"uniform": [0.1, 0.2]}}})
     proc = subprocess.run([sys.executable, "-m", "tune", "--config", str(path)], cwd=ROOT, capture_output=True,
