@@ -85,3 +85,13 @@ def test_compare_config_errors_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--config", str(bad)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "methods.0" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("compare_*.yaml")), ids=lambda p: p.name)
+def test_shipped_compare_configs_load_with_their_base(path: Path) -> None:
+    from mtp.compare import load_compare_config
+    from mtp.config import load_config
+
+    cfg = load_compare_config(path)
+    exp = load_config(ROOT / cfg.base, list(cfg.overrides))
+    assert plan_runs(cfg, [t.name for t in exp.tasks])
