@@ -204,3 +204,24 @@ def test_two_trial_search_resumes_after_interruption_and_writes_the_summary(tmp_
         events = b"".join(p.read_bytes() for p in trial.glob("events.out.tfevents*"))
         assert b"_hparams_/session_start_info" in events
         assert any((trial / "run" / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_a_crashing_trial_is_retried_reported_and_does_not_stop_the_search(tmp_path: Path) -> None:
+    # a dropout probability of 7 passes the config schema but makes the model's construction raise in
+    # the Ray Train worker: a real crash inside the trial, after Ray and the TorchTrainer started
+    search = write(tmp_path, {**BASE, "space": {"encoder.config_overrides.hidden_dropout_prob": {"grid": [0.1, 7.0]}},
+                              "search": {"algorithm": "grid", "num_samples": 1}, "scheduler": {"name": "fifo"},
+                              "evaluations": 1, "max_failures": 1, "storage_path": str(tmp_path / "tune"),
+                              "name": "crash"})
+    proc = subprocess.run([sys.executable, "-m", "tune", "--config", str(search)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "tune" / "crash" / "summary.json").read_text())
+    by_dropout = {r["params"]["encoder.config_overrides.hidden_dropout_prob"]: r for r in summary["trials"]}
+    good, bad = by_dropout[0.1], by_dropout[7.0]
+    assert good["status"] == "finished" and good["attempts"] == 1 and summary["best"]["trial"] == good["trial"]
+    assert bad["status"] == "error" and bad["attempts"] == 2 and bad["objective"] == OVER_BUDGET  # 1 + 1 retry
+    assert "dropout probability" in (tmp_path / "tune" / "crash" / bad["run_dir"].split("/")[-2] / "error.txt"
+                                     ).read_text()
+    assert f"Trial {bad['trial']} failed after 2 attempts" in (tmp_path / "tune" / "crash" / "summary.md").read_text()

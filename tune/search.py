@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from mtp.hooks import Hook
 from tune.space import OVER_BUDGET, TuneConfig, experiment_for, objective
 
 RUN_SUBDIR = "run"
+ATTEMPTS = "attempts.log"
 
 
 # ---------------------------------------------------------------- inside the Ray Train workers
@@ -72,6 +74,8 @@ def trial(params: dict[str, Any], tune_config: dict[str, Any]) -> None:
     # results and TensorBoard logs live there, so a retried or resumed trial continues from them
     trial_dir = experiment_path(cfg) / Path(ray.tune.get_context().get_trial_dir()).name
     trial_dir.mkdir(parents=True, exist_ok=True)
+    with (trial_dir / ATTEMPTS).open("a") as log:  # one line per start: retries after crashes show here
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} attempt\n")
     exp = experiment_for(cfg, params, str(trial_dir / RUN_SUBDIR))
     (trial_dir / "trial_config.yaml").write_text(dump_config(exp))
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
@@ -208,6 +212,8 @@ def summarize(cfg: TuneConfig, grid: Any) -> dict[str, Any]:
             or {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")},
             "kept_blocks": ((final or {}).get("pruning") or {}).get("kept_blocks"),
             "status": "error" if result.error else ("finished" if final and final.get("finished") else "stopped"),
+            "attempts": _count_lines(trial_dir / ATTEMPTS),
+            "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
             "run_dir": str(trial_dir / RUN_SUBDIR),
         })
     rows.sort(key=lambda r: r["objective"], reverse=True)
@@ -227,6 +233,10 @@ def summarize(cfg: TuneConfig, grid: Any) -> dict[str, Any]:
     return summary
 
 
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
 def _read_results(run_dir: Path) -> dict[str, Any] | None:
     file = run_dir / "results.json"
     return json.loads(file.read_text()) if file.is_file() else None
@@ -235,14 +245,19 @@ def _read_results(run_dir: Path) -> dict[str, Any] | None:
 def render_table(summary: dict[str, Any], cfg: TuneConfig) -> str:
     tasks = sorted({t for r in summary["trials"] for t in r["scores"]})
     keys = list(cfg.space)
-    head = "| trial | " + " | ".join(keys) + " | objective | " + " | ".join(tasks) + " | kept blocks | status |"
-    lines = [head, "|" + "---|" * (len(keys) + len(tasks) + 4)]
+    head = ("| trial | " + " | ".join(keys) + " | objective | " + " | ".join(tasks)
+            + " | kept blocks | status | attempts |")
+    lines = [head, "|" + "---|" * (len(keys) + len(tasks) + 5)]
     for r in summary["trials"]:
         params = " | ".join(_short(r["params"][k]) for k in keys)
         objective_cell = "over budget / none" if r["objective"] <= OVER_BUDGET else f"{r['objective']:.2f}"
         scores = " | ".join(f"{r['scores'][t]:.1f}" if t in r["scores"] else "—" for t in tasks)
         kept = f"{r['kept_blocks']:,}" if r["kept_blocks"] else "—"
-        lines.append(f"| {r['trial']} | {params} | {objective_cell} | {scores} | {kept} | {r['status']} |")
+        lines.append(f"| {r['trial']} | {params} | {objective_cell} | {scores} | {kept} | {r['status']} "
+                     f"| {r['attempts']} |")
+    for r in summary["trials"]:
+        if r["error"]:
+            lines.append(f"\nTrial {r['trial']} failed after {r['attempts']} attempts: {r['error']}")
     if "best" in summary:
         lines += ["", f"Best config: `{summary['best']['config']}`; exported model: `{summary['best']['export']}`"]
     return "\n".join(lines) + "\n"
