@@ -36,7 +36,7 @@ class TuneReporter(Hook):
         import ray.train
 
         mean = sum(r["score"] for r in results.values()) / len(results)
-        ray.train.report({"objective": mean, "mean_score": mean, "step": step, "done": False,
+        ray.train.report({"objective": mean, "mean_score": mean, "step": step, "final": False,
                           **{f"score/{k}": v["score"] for k, v in results.items()}})
 
 
@@ -53,8 +53,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         resume = (run_dir / "checkpoints" / "latest").exists()  # a retried trial continues where it stopped
         results = run_training(exp, resume=resume, extra_hooks=[TuneReporter(exp.train.max_steps or 0)])
     pruning = results.get("pruning") or {}
+    # "final", never "done": Tune ends a trial that reports done=True at once, killing the TorchTrainer
+    # before it releases its placement group (the CPUs/GPUs then stay reserved until the search ends)
     ray.train.report({"objective": objective(results), "mean_score": results.get("mean_score", OVER_BUDGET),
-                      "step": results["steps"], "done": True, "within_budget": pruning.get("within_budget", True),
+                      "step": results["steps"], "final": True, "within_budget": pruning.get("within_budget", True),
                       "kept_blocks": pruning.get("kept_blocks", results["params"]["encoder_blocks"]),
                       **{f"score/{k}": v["score"] for k, v in (results.get("tasks") or {}).items()}})
 
@@ -100,14 +102,6 @@ def trial(params: dict[str, Any], tune_config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- the search
-
-
-def quiet_ray_workers() -> None:
-    """Ray worker setup: Train's placement-group cleaner polls the State API, which a Ray started without the
-    dashboard does not serve, and would warn every few seconds for the whole search."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def ray_space(cfg: TuneConfig) -> dict[str, Any]:
@@ -165,10 +159,9 @@ def run_search(cfg: TuneConfig, address: str | None = None, resume: bool = False
     trainable = tune.with_resources(tune.with_parameters(trial, tune_config=cfg.model_dump(mode="json")),
                                     {"cpu": 0, "memory": 64 * 2**20})
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+        ray.init(address=address, log_to_driver=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k in ("MTP_GLUE_DIR", "MTP_CACHE_DIR", "HF_DATASETS_OFFLINE")},
-                              "worker_process_setup_hook": "tune.search.quiet_ray_workers"})
+                                           if k in ("MTP_GLUE_DIR", "MTP_CACHE_DIR", "HF_DATASETS_OFFLINE")}})
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise ConfigError(f"--resume: no search to resume in {path}")
