@@ -199,6 +199,8 @@ def test_two_trial_search_resumes_after_interruption_and_writes_the_summary(tmp_
     assert (Path(best["export"]) / "compact" / "model.safetensors").is_file()
     md = (storage / "t" / "summary.md").read_text()
     assert "| objective |" in md and "Best config" in md
+    again = subprocess.run([*args, "--summary-only"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "| objective |" in again.stdout, again.stderr[-2000:]
     # TensorBoard: every trial has an HParams record and the trainer's own logs
     for trial in (storage / "t").glob("trial_*"):
         events = b"".join(p.read_bytes() for p in trial.glob("events.out.tfevents*"))

@@ -25,11 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         from tune.search import run_search, summarize
 
         if args.summary_only:
-            from ray import tune as ray_tune
+            from tune.search import finished_search
 
-            from tune.search import experiment_path
-
-            grid = ray_tune.Tuner.restore(str(experiment_path(cfg)), trainable=lambda c: None).get_results()
+            grid = finished_search(cfg)
         else:
             grid = run_search(cfg, address=args.address, resume=args.resume)
         summary = summarize(cfg, grid)

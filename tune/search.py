@@ -188,6 +188,16 @@ def run_search(cfg: TuneConfig, address: str | None = None, resume: bool = False
 # ---------------------------------------------------------------- the summary
 
 
+def finished_search(cfg: TuneConfig) -> Any:
+    """The ResultGrid of a search on disk, read without starting Ray."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    path = experiment_path(cfg)
+    if not (path / "tuner.pkl").is_file():
+        raise ConfigError(f"--summary-only: no search in {path}")
+    return ResultGrid(ExperimentAnalysis(str(path), default_metric="objective", default_mode="max"))
+
+
 def summarize(cfg: TuneConfig, grid: Any) -> dict[str, Any]:
     """Sorted trial table, best config as a trainer YAML, best model exported; written next to the search."""
     path = experiment_path(cfg)
@@ -206,10 +216,12 @@ def summarize(cfg: TuneConfig, grid: Any) -> dict[str, Any]:
             "kept_blocks": ((final or {}).get("pruning") or {}).get("kept_blocks"),
             "status": "error" if result.error else ("finished" if final and final.get("finished") else "stopped"),
             "attempts": _count_lines(trial_dir / ATTEMPTS),
+            "step": (final or {}).get("steps") or metrics.get("step"),
             "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
             "run_dir": str(trial_dir / RUN_SUBDIR),
         })
-    rows.sort(key=lambda r: r["objective"], reverse=True)
+    # finished trials first: an early-stopped trial's objective is an intermediate score, not one at the budget
+    rows.sort(key=lambda r: (r["finished"], r["objective"]), reverse=True)
     summary: dict[str, Any] = {"experiment": str(path), "trials": rows}
     best = next((r for r in rows if r["finished"] and r["objective"] > OVER_BUDGET), None)
     if best is not None:
@@ -244,6 +256,8 @@ def render_table(summary: dict[str, Any], cfg: TuneConfig) -> str:
     for r in summary["trials"]:
         params = " | ".join(_short(r["params"][k]) for k in keys)
         objective_cell = "over budget / none" if r["objective"] <= OVER_BUDGET else f"{r['objective']:.2f}"
+        if not r["finished"] and r["objective"] > OVER_BUDGET:
+            objective_cell = f"({objective_cell} at step {r['step']})"  # intermediate, before the budget
         scores = " | ".join(f"{r['scores'][t]:.1f}" if t in r["scores"] else "—" for t in tasks)
         kept = f"{r['kept_blocks']:,}" if r["kept_blocks"] else "—"
         lines.append(f"| {r['trial']} | {params} | {objective_cell} | {scores} | {kept} | {r['status']} "
