@@ -113,24 +113,74 @@ def topk_mask(criterion: torch.Tensor, k: int) -> torch.Tensor:
 def threshold_masks(criteria: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], float]:
     """Boolean masks over several tensors keeping exactly the k largest entries of all of them together
     (entries equal to the threshold are taken first by tensor, then by position), and that threshold."""
-    n = sum(c.numel() for c in criteria)
-    if k >= n:
-        return [torch.ones_like(c, dtype=torch.bool) for c in criteria], -math.inf
-    if k <= 0:
-        return [torch.zeros_like(c, dtype=torch.bool) for c in criteria], math.inf
-    if len(criteria) == 1:
-        threshold = kth_largest(criteria[0], k)
-    else:
-        threshold = kth_largest(torch.cat([c.detach().reshape(-1).float() for c in criteria]), k, scratch=True)
-    masks = [c > threshold for c in criteria]
-    missing = k - sum(int(m.count_nonzero()) for m in masks)
-    for c, m in zip(criteria, masks, strict=True):
-        if missing <= 0:
-            break
-        ties = torch.nonzero((c == threshold).reshape(-1)).squeeze(1)[:missing]
-        m.view(-1)[ties] = True
-        missing -= ties.numel()
-    return masks, threshold
+    masks = [torch.empty_like(c, dtype=torch.bool) for c in criteria]
+    return masks, TopK().select(criteria, k, masks)
+
+
+class TopK:
+    """Exact top-k masks, cheap when called again on values that moved a little (once per optimizer step).
+
+    The k-th largest entry is looked for first in a narrow band around the previous threshold: a count of
+    the entries above the band says whether the band holds it, and only the band's entries are selected
+    from. When the band misses (the first call, a jump in k) a full selection runs and the band widens.
+    The result is always exact, with the same tie rule as a full selection, so the selector's state is a
+    speed hint only (it is not checkpointed).
+    """
+
+    def __init__(self) -> None:
+        self.hint: float | None = None  # where the threshold is expected: the last one plus its last move
+        self.last: float | None = None
+        self.width = 0.0
+        self.full_selections = 0
+
+    def select(self, criteria: list[torch.Tensor], k: int, out: list[torch.Tensor]) -> float:
+        """Write 0/1 masks keeping exactly the k largest entries of `criteria` into `out` (any dtype) and
+        return the threshold; entries equal to it are taken first by tensor, then by position."""
+        flats = [c.detach().reshape(-1) for c in criteria]
+        n = sum(f.numel() for f in flats)
+        if k >= n or k <= 0:
+            for m in out:
+                m.fill_(1 if k >= n else 0)
+            return -math.inf if k >= n else math.inf
+        found = self._in_band(flats, k) if self.hint is not None else None
+        if found is None:
+            threshold = kth_largest(flats[0], k) if len(flats) == 1 else kth_largest(
+                torch.cat([f.float() for f in flats]), k, scratch=True)
+            kept = None
+            self.full_selections += 1
+            grown = 4 * self.width
+        else:
+            (threshold, kept), grown = found, 0.75 * self.width  # the band shrinks slowly while it hits
+        error = abs(threshold - self.hint) if self.hint is not None else 0.0
+        self.width = max(grown, 3 * error, 1e-4 * abs(threshold), 1e-12)
+        self.hint = threshold if self.last is None else 2 * threshold - self.last  # linear extrapolation
+        self.last = threshold
+        for c, m in zip(criteria, out, strict=True):
+            torch.gt(c.detach(), threshold, out=m)
+        if kept is None:
+            kept = sum(int(torch.count_nonzero(m)) for m in out)
+        missing = k - kept
+        for c, m in zip(criteria, out, strict=True):
+            if missing <= 0:
+                break
+            ties = torch.nonzero((c.detach() == threshold).reshape(-1)).squeeze(1)[:missing]
+            m.view(-1)[ties] = 1
+            missing -= ties.numel()
+        return threshold
+
+    def _in_band(self, flats: list[torch.Tensor], k: int) -> tuple[float, int] | None:
+        """(k-th largest, entries strictly above it) when it lies within hint +- width, else None."""
+        assert self.hint is not None
+        low, high = self.hint - self.width, self.hint + self.width
+        above = sum(int(torch.count_nonzero(f > high)) for f in flats)
+        if above >= k:
+            return None
+        bands = [f[(f > low) & (f <= high)] for f in flats]
+        band = bands[0] if len(bands) == 1 else torch.cat(bands)
+        if above + band.numel() < k:
+            return None
+        threshold = kth_largest(band, k - above)
+        return threshold, above + int(torch.count_nonzero(band > threshold))
 
 
 # ---------------------------------------------------------------- modules
@@ -311,6 +361,8 @@ class ElementwisePruning(PruningHook):
             m.track_sigmoid = self.cfg.method == "soft_movement"
         self.density = 1.0
         self.threshold = 0.0
+        self.topk = [TopK() for _ in self.modules]  # per-matrix selectors (their state only makes them fast)
+        self.global_topk = TopK()
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         scores = [m.scores for m in self.modules if m.scores is not None]
@@ -353,13 +405,16 @@ class ElementwisePruning(PruningHook):
                 with gathered([source]):  # under ZeRO-3 the gathered values must outlive the context
                     crit = self._criterion(m)
                     criteria.append(crit.clone() if hasattr(source, "ds_id") else crit)
-            masks, self.threshold = threshold_masks(criteria, kept_total)
-            for m, mk in zip(self.modules, masks, strict=True):
-                m.mask.copy_(mk)
+            self.threshold = self.global_topk.select(criteria, kept_total, [m.mask for m in self.modules])
             return
-        for m, k in zip(self.modules, allocate(kept_total, sizes, density), strict=True):
-            with gathered([m.weight] if m.scores is None else [m.scores]):
-                m.mask.copy_(topk_mask(self._criterion(m), k))
+        jobs = list(zip(self.modules, allocate(kept_total, sizes, density), self.topk, strict=True))
+        if any(hasattr(m.weight, "ds_id") for m in self.modules):  # ZeRO-3: gather one matrix at a time
+            for m, k, topk in jobs:
+                with gathered([m.weight] if m.scores is None else [m.scores]):
+                    topk.select([self._criterion(m)], k, [m.mask])
+            return
+        for m, k, topk in jobs:
+            topk.select([self._criterion(m)], k, [m.mask])
 
     def on_train_end(self, model: nn.Module) -> dict[str, Any]:
         assert self.budget is not None
