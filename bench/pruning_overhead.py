@@ -30,7 +30,7 @@ import torch
 from common import base_model, draw_batches, fastest, machine, time_paths
 
 from mtp.config import PruningConfig, load_config
-from mtp.train import build_ds_config, init_distributed, lr_lambda, split_param_groups
+from mtp.train import build_ds_config, init_distributed, lr_lambda, skip_single_rank_reduction, split_param_groups
 
 PEER_DEEPSPEED = "0.18.9"
 BENCH = Path(__file__).resolve().parent
@@ -46,6 +46,7 @@ def engine_step(cfg, model, hooks, ds_extra=None):
     engine, *_ = deepspeed.initialize(model=model, config=ds,
                                       model_parameters=split_param_groups(model, hooks, cfg.train.weight_decay),
                                       lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(0, 10**6)))
+    skip_single_rank_reduction(engine)  # as the trainer does
     state = {"step": 0}
 
     def step(task, batch):
@@ -131,7 +132,8 @@ def peer_in_child(args) -> dict:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                         f"deepspeed=={PEER_DEEPSPEED}"], check=True)
     out = BENCH / "results" / ".peer.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
+               TORCH_EXTENSIONS_DIR=str(BENCH / ".deps" / "torch_extensions"))  # its ops must not replace ours
     env.pop("MASTER_PORT", None)  # this process's rendezvous port is taken: the child picks its own
     cmd = [sys.executable, __file__, "--peer-out", str(out), "--config", args.config, "--budget", str(args.budget),
            "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup), *args.overrides]

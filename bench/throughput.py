@@ -19,7 +19,7 @@ import torch
 from common import base_model, draw_batches, machine, median, time_paths
 
 from mtp.config import load_config
-from mtp.train import build_ds_config, init_distributed, lr_lambda, split_param_groups
+from mtp.train import build_ds_config, init_distributed, lr_lambda, skip_single_rank_reduction, split_param_groups
 
 
 def main() -> None:
@@ -63,6 +63,7 @@ def main() -> None:
         engine, *_ = deepspeed.initialize(model=model, config=build_ds_config(cfg, 1),
                                           model_parameters=split_param_groups(model, [], cfg.train.weight_decay),
                                           lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
+        skip_single_rank_reduction(engine)  # as the trainer does
 
         def step(task, batch):
             engine.backward(engine(task, **batch)["loss"])

@@ -146,20 +146,23 @@ class TopK:
         if found is None:
             threshold = kth_largest(flats[0], k) if len(flats) == 1 else kth_largest(
                 torch.cat([f.float() for f in flats]), k, scratch=True)
-            kept = None
+            above = sum(int(torch.count_nonzero(f > threshold)) for f in flats)
+            at_least = above + sum(int(torch.count_nonzero(f == threshold)) for f in flats)
             self.full_selections += 1
             grown = 4 * self.width
         else:
-            (threshold, kept), grown = found, 0.75 * self.width  # the band shrinks slowly while it hits
+            (threshold, above, at_least), grown = found, 0.75 * self.width  # the band shrinks slowly while it hits
         error = abs(threshold - self.hint) if self.hint is not None else 0.0
         self.width = max(grown, 3 * error, 1e-4 * abs(threshold), 1e-12)
         self.hint = threshold if self.last is None else 2 * threshold - self.last  # linear extrapolation
         self.last = threshold
+        if at_least == k:  # the usual case: no other entry equals the threshold
+            for c, m in zip(criteria, out, strict=True):
+                torch.ge(c.detach(), threshold, out=m)
+            return threshold
         for c, m in zip(criteria, out, strict=True):
             torch.gt(c.detach(), threshold, out=m)
-        if kept is None:
-            kept = sum(int(torch.count_nonzero(m)) for m in out)
-        missing = k - kept
+        missing = k - above
         for c, m in zip(criteria, out, strict=True):
             if missing <= 0:
                 break
@@ -168,8 +171,8 @@ class TopK:
             missing -= ties.numel()
         return threshold
 
-    def _in_band(self, flats: list[torch.Tensor], k: int) -> tuple[float, int] | None:
-        """(k-th largest, entries strictly above it) when it lies within hint +- width, else None."""
+    def _in_band(self, flats: list[torch.Tensor], k: int) -> tuple[float, int, int] | None:
+        """(k-th largest, entries above it, entries at least it) when it lies within hint +- width, else None."""
         assert self.hint is not None
         low, high = self.hint - self.width, self.hint + self.width
         above = sum(int(torch.count_nonzero(f > high)) for f in flats)
@@ -180,7 +183,8 @@ class TopK:
         if above + band.numel() < k:
             return None
         threshold = kth_largest(band, k - above)
-        return threshold, above + int(torch.count_nonzero(band > threshold))
+        return (threshold, above + int(torch.count_nonzero(band > threshold)),
+                above + int(torch.count_nonzero(band >= threshold)))
 
 
 # ---------------------------------------------------------------- modules

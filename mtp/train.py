@@ -6,6 +6,7 @@ The loop knows nothing of pruning: algorithms plug in through `mtp.hooks.Hook`.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -103,7 +104,16 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 20000)
     # joins a process group someone else started (Ray Train) as well as starting one
     deepspeed.init_distributed(dist_init_required=not dist.is_initialized(), auto_mpi_discovery=False)
+    atexit.register(_remove_shm_buffer, dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def _remove_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (about 66 MB) and never removes it: without this, every run leaves it behind until RAM runs out."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -238,6 +248,7 @@ class Trainer:
             model=model, model_parameters=groups, config=self.ds_config,
             optimizer=None if "optimizer" in self.ds_config else _adamw(groups, cfg),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        skip_single_rank_reduction(self.engine)
         self.device = self.engine.device
         self.step = 0
         self.tokens_seen = 0
@@ -448,6 +459,13 @@ class Trainer:
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
             self.writer.close()
         return results
+
+
+def skip_single_rank_reduction(engine: Any) -> None:
+    """On one rank without ZeRO there is nothing to reduce, yet DeepSpeed's stage-0 path still flattens and
+    copies back every gradient after each backward pass (about 7% of a MiniLM step on CPU): switch it off."""
+    if engine.zero_optimization_stage() == 0 and dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False
 
 
 def _adamw(groups: list[dict[str, Any]], cfg: ExperimentConfig) -> torch.optim.Optimizer:

@@ -48,12 +48,15 @@ def free_port() -> int:
 def launch(args: list[str], nproc: int = 2, timeout: int = 600, extra_env: dict[str, str] | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
     """Run `bash launch.sh` as a user would; returns the finished process."""
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHON=sys.executable,
-               **(extra_env or {}))
+    port = free_port()
+    env = dict(os.environ, MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHON=sys.executable, **(extra_env or {}))
     proc = subprocess.run(["bash", str(ROOT / "launch.sh"), "--nproc", str(nproc), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.sh failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    if proc.returncode == 0:  # DeepSpeed's CPU shared-memory allreduce buffers are removed by the ranks at exit
+        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        assert not left, f"shared-memory buffers left behind: {[p.name for p in left]}"
     return proc
 
 
