@@ -1,10 +1,13 @@
 """Step time of each pruning method over dense training in the same DeepSpeed engine, and of the peer.
 
-    python bench/pruning_overhead.py [--config configs/default.yaml] [--budget 0.25] [--steps 20] [--rounds 3]
+    python bench/pruning_overhead.py [--config configs/default.yaml] [--budget 0.25] [--steps 10] [--rounds 4]
+                                     [--repeats 3]
 
 Every path is the trainer's step (forward, the hooks' extra loss, backward, DeepSpeed step, the hooks'
 optimizer-step event) on the same pre-drawn batches and starting weights, 1 rank, fp32 ZeRO-0 on CPU;
-rounds alternate between paths and each path's cost is its quickest round.
+rounds alternate between paths and each path's cost is its quickest round. The whole alternation runs
+`--repeats` times in a row on the same engines; the ratio of each repeat is reported too, so the spread
+of the estimate on this machine is in the JSON (`overhead_per_repeat`), beside the headline over all rounds.
 Targets: magnitude and movement at most 1.10x dense, rank at most 1.25x (over a run).
 
 The peer is DeepSpeed Compression's own `sparse_pruning` with method `topk` at the same density.
@@ -136,7 +139,8 @@ def peer_in_child(args) -> dict:
                TORCH_EXTENSIONS_DIR=str(BENCH / ".deps" / "torch_extensions"))  # its ops must not replace ours
     env.pop("MASTER_PORT", None)  # this process's rendezvous port is taken: the child picks its own
     cmd = [sys.executable, __file__, "--peer-out", str(out), "--config", args.config, "--budget", str(args.budget),
-           "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup), *args.overrides]
+           "--steps", str(args.steps), "--rounds", str(args.rounds * args.repeats), "--repeats", "1",
+           "--warmup", str(args.warmup), *args.overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -150,7 +154,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="independent repeats of the alternation")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench/results/pruning_overhead.json")
     parser.add_argument("--no-peer", action="store_true", help="skip DeepSpeed Compression")
@@ -169,7 +174,7 @@ def main() -> None:
 
     from mtp.pruning import build_pruning
 
-    total = args.warmup + args.steps * args.rounds
+    total = (args.warmup + args.steps * args.rounds) * args.repeats
     methods = {"magnitude": {}, "movement": {}, "movement_global": {"scope": "global"}, "soft_movement": {},
                "rank": {}, **{f"rank_ramp_{p}": {} for p in RAMP_POINTS[1:-1]}, "rank_at_budget": {}}
     defaults = PruningConfig(method="rank", budget=args.budget)
@@ -187,16 +192,23 @@ def main() -> None:
             end = hook.budget.target / hook.budget.dense_blocks
             close_gates_to(hook, end + (hook.start_density - end) * (1 - ramp) ** 3)
         paths[name] = engine_step(cfg, model, hooks)
-    seconds = time_paths(paths, batches, args.warmup, args.rounds)
-    dense = fastest(seconds["dense"])
-    overhead = {name: fastest(s) / dense for name, s in seconds.items() if name != "dense"}
-    along = {0.0: overhead["rank"], **{p: overhead[f"rank_ramp_{p}"] for p in RAMP_POINTS[1:-1]},
-             1.0: overhead["rank_at_budget"]}
-    overhead["rank_run_mean"] = run_mean(along, defaults.warmup_ratio, defaults.cooldown_ratio)
+    repeats = [time_paths(paths, batches, args.warmup, args.rounds) for _ in range(args.repeats)]
+    seconds = {name: [s for rep in repeats for s in rep[name]] for name in paths}
+
+    def overheads(times: dict[str, list[float]]) -> dict[str, float]:
+        dense = fastest(times["dense"])
+        ratios = {name: fastest(s) / dense for name, s in times.items() if name != "dense"}
+        along = {0.0: ratios["rank"], **{p: ratios[f"rank_ramp_{p}"] for p in RAMP_POINTS[1:-1]},
+                 1.0: ratios["rank_at_budget"]}
+        return ratios | {"rank_run_mean": run_mean(along, defaults.warmup_ratio, defaults.cooldown_ratio)}
+
+    overhead = overheads(seconds)
+    per_repeat = [overheads(rep) for rep in repeats]
     report = {"benchmark": "pruning_overhead", "config": args.config, "encoder": cfg.encoder.name,
               "budget": args.budget, "density": density_of(cfg, base, args.budget), "engine": "deepspeed fp32 ZeRO-0",
-              "steps_per_round": args.steps, "rounds": args.rounds, **machine(),
+              "steps_per_round": args.steps, "rounds": args.rounds, "repeats": args.repeats, **machine(),
               "seconds_per_round": seconds, "overhead_vs_dense": overhead,
+              "overhead_per_repeat": {name: [rep[name] for rep in per_repeat] for name in overhead},
               "targets": {"magnitude": 1.10, "movement": 1.10, "movement_global": 1.10, "rank_run_mean": 1.25},
               "notes": {"rank": "all gates open: the full-rank factorisation at the start of pruning (and during "
                                 "the dense warmup), 1.5x the dense matrices' FLOPs by construction",
@@ -211,8 +223,8 @@ def main() -> None:
         report["peer"] = peer_in_child(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps({"overhead_vs_dense": overhead, "peer": report.get("peer", {}).get("overhead_vs_dense")},
-                     indent=2))
+    print(json.dumps({"overhead_vs_dense": overhead, "overhead_per_repeat": report["overhead_per_repeat"],
+                      "peer": report.get("peer", {}).get("overhead_vs_dense")}, indent=1))
 
 
 if __name__ == "__main__":
