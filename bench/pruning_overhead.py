@@ -6,8 +6,9 @@
 Every path is the trainer's step (forward, the hooks' extra loss, backward, DeepSpeed step, the hooks'
 optimizer-step event) on the same pre-drawn batches and starting weights, 1 rank, fp32 ZeRO-0 on CPU;
 rounds alternate between paths and each path's cost is its quickest round. The whole alternation runs
-`--repeats` times in a row on the same engines; the ratio of each repeat is reported too, so the spread
-of the estimate on this machine is in the JSON (`overhead_per_repeat`), beside the headline over all rounds.
+`--repeats` times in a row on the same engines (element-wise paths go on along their schedule; rank paths
+are rewound to their gates at the start); the ratio of each repeat is reported too, so the spread of the
+estimate on this machine is in the JSON (`overhead_per_repeat`), beside the headline over all rounds.
 Targets: magnitude and movement at most 1.10x dense, rank at most 1.25x (over a run).
 
 The peer is DeepSpeed Compression's own `sparse_pruning` with method `topk` at the same density.
@@ -27,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,7 +68,26 @@ def engine_step(cfg, model, hooks, ds_extra=None):
             for hook in hooks:
                 hook.on_optimizer_step(engine.module, state["step"])
 
+    step.state = state
     return step
+
+
+def rewinder(step, hooks) -> Callable[[], None]:
+    """Puts a rank path back where its timing starts (gates, multipliers, step), so that every repeat times
+    the same point of pruning: within a repeat the gates drift little, across repeats they would close."""
+    modules = [m for hook in hooks for m in hook.modules]
+    gates = [m.log_alpha.detach().clone() for m in modules]
+    states = [copy.deepcopy(hook.state_dict()) for hook in hooks]
+
+    def rewind() -> None:
+        with torch.no_grad():
+            for m, saved in zip(modules, gates, strict=True):
+                m.log_alpha.copy_(saved)
+        for hook, saved in zip(hooks, states, strict=True):
+            hook.load_state_dict(copy.deepcopy(saved))
+        step.state["step"] = 0
+
+    return rewind
 
 
 def close_gates_to(hook, fraction: float) -> None:
@@ -179,6 +200,7 @@ def main() -> None:
                "rank": {}, **{f"rank_ramp_{p}": {} for p in RAMP_POINTS[1:-1]}, "rank_at_budget": {}}
     defaults = PruningConfig(method="rank", budget=args.budget)
     paths = {"dense": engine_step(cfg, copy.deepcopy(base), [])}
+    rewinds = []
     for name, extra in methods.items():
         method = "rank" if name.startswith("rank") else name.replace("_global", "")
         pcfg = PruningConfig(method=method, budget=args.budget, warmup_ratio=0.0, cooldown_ratio=0.0, **extra)
@@ -192,7 +214,13 @@ def main() -> None:
             end = hook.budget.target / hook.budget.dense_blocks
             close_gates_to(hook, end + (hook.start_density - end) * (1 - ramp) ** 3)
         paths[name] = engine_step(cfg, model, hooks)
-    repeats = [time_paths(paths, batches, args.warmup, args.rounds) for _ in range(args.repeats)]
+        if name.startswith("rank"):
+            rewinds.append(rewinder(paths[name], hooks))
+    repeats = []
+    for _ in range(args.repeats):
+        for rewind in rewinds:
+            rewind()
+        repeats.append(time_paths(paths, batches, args.warmup, args.rounds))
     seconds = {name: [s for rep in repeats for s in rep[name]] for name in paths}
 
     def overheads(times: dict[str, list[float]]) -> dict[str, float]:

@@ -13,6 +13,7 @@ them. Masks are recomputed once per optimizer step from the (gathered, under ZeR
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -398,9 +399,12 @@ class ElementwisePruning(PruningHook):
         assert self.budget is not None
         if self.cfg.method == "soft_movement":
             self.threshold = self.cfg.soft_threshold * self.progress()
+            # sigmoid(S) > tau  <=>  S > logit(tau): one comparison per entry, no sigmoid
+            cut = -math.inf if self.threshold <= 0 else math.inf if self.threshold >= 1 else math.log(
+                self.threshold / (1 - self.threshold))
             for m in self.modules:
                 with gathered([m.scores]):
-                    m.mask.copy_(torch.sigmoid(m.scores.detach().float()) > self.threshold)  # copy_ casts to 0/1
+                    torch.gt(m.scores.detach(), cut, out=m.mask)
             return
         self.density = cubic_schedule(step, self.total_steps, self.warmup, self.cooldown, 1.0, self.budget.density)
         self.update_masks(self.density)
@@ -423,12 +427,18 @@ class ElementwisePruning(PruningHook):
             return
         jobs = list(zip(self.modules, allocate(kept_total, sizes, density), self.topk, strict=True))
         if any(hasattr(m.weight, "ds_id") for m in self.modules):  # ZeRO-3: gather one matrix at a time
+            thresholds = []
             for m, k, topk in jobs:
                 with gathered([m.weight] if m.scores is None else [m.scores]):
-                    topk.select([self._criterion(m)], k, [m.mask])
+                    thresholds.append(topk.select([self._criterion(m)], k, [m.mask]))
+            self._record_threshold(thresholds)
             return
-        for m, k, topk in jobs:
-            topk.select([self._criterion(m)], k, [m.mask])
+        self._record_threshold([topk.select([self._criterion(m)], k, [m.mask]) for m, k, topk in jobs])
+
+    def _record_threshold(self, thresholds: list[float]) -> None:
+        """Per matrix, the reported threshold is the median of the matrices' (0 while nothing is pruned)."""
+        finite = [t for t in thresholds if math.isfinite(t)]
+        self.threshold = statistics.median(finite) if finite else 0.0
 
     def on_train_end(self, model: nn.Module) -> dict[str, Any]:
         assert self.budget is not None

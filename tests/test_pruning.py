@@ -171,7 +171,11 @@ def test_soft_movement_projects_to_the_budget_at_the_end() -> None:
     hook.setup(model)
     for _, _, m in prunable_modules(model):
         m.scores.data.normal_()
-    hook.on_optimizer_step(model, 10)
+    for step in (0, 5, 10):  # the mask is 1[sigmoid(S) > tau_t], computed as S > logit(tau_t)
+        hook.on_optimizer_step(model, step)
+        for _, _, m in prunable_modules(model):
+            assert torch.equal(m.mask.bool(), torch.sigmoid(m.scores.detach()) > hook.threshold)
+    assert 0 < hook.threshold == hook.cfg.soft_threshold
     report = hook.on_train_end(model)
     assert report["within_budget"]
     assert hook.budget.target - report["kept_blocks"] <= 1
