@@ -75,13 +75,14 @@ def reference_masks(criteria: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("tensors", [1, 3])
-def test_incremental_topk_matches_a_full_sort_as_values_drift(tensors: int) -> None:
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])  # False: the path accelerators take
+def test_incremental_topk_matches_a_full_sort_as_values_drift(tensors: int, numpy_on_cpu: bool) -> None:
     """The banded selection (previous threshold as a hint) against a full stable sort, step after step:
     small drifts (the band hits), a jump of the values and of k (it misses), ties at the threshold."""
     torch.manual_seed(0)
     criteria = [torch.randn(64, 48) for _ in range(tensors)]
     n = sum(c.numel() for c in criteria)
-    selector = TopK()
+    selector = TopK(numpy_on_cpu)
     for step in range(40):
         for c in criteria:
             c.add_(torch.randn_like(c), alpha=1e-3 if step != 20 else 1.0)
