@@ -243,3 +243,73 @@ def test_rank_factorisation_of_a_roberta_base_block() -> None:
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # starts as exactly the pretrained map
     ffn_in = next(m for kind, _, m in prunable_modules(model) if kind == "ffn_in")
     assert ffn_in.P.shape == (3072, 768) and ffn_in.Q.shape == (768, 768)
+
+
+def test_lagrangian_multiplier_restarts_when_the_size_crosses_the_target() -> None:
+    """Anti-windup: lambda1 built up while the size lagged is dropped once it is under the target (and back)."""
+    hook = RankPruning(PruningConfig(method="rank", budget=0.3, warmup_ratio=0.0, cooldown_ratio=0.0), 10)
+    hook.setup(tiny_model())
+    hook.lambda1, hook.lambda2 = 5.0, 1.0
+    hook.last_density = hook.target(4) - 0.1  # under the target while lambda1 still pushes down
+    hook.on_optimizer_step(hook.model, 4)
+    assert hook.lambda1 == pytest.approx(-0.1 * hook.cfg.lagrangian_lr)
+    assert hook.lambda2 == pytest.approx(1.0 + 0.01 * hook.cfg.lagrangian_lr)
+    hook.last_density = hook.target(5) + 0.2  # over it again: the negative lambda1 is dropped in turn
+    hook.on_optimizer_step(hook.model, 5)
+    assert hook.lambda1 == pytest.approx(0.2 * hook.cfg.lagrangian_lr)
+    hook.last_density = hook.target(6) + 0.1  # same side: plain ascent
+    hook.on_optimizer_step(hook.model, 6)
+    assert hook.lambda1 == pytest.approx(0.3 * hook.cfg.lagrangian_lr)
+
+
+def test_rank_gates_track_the_target_and_end_at_the_budget() -> None:
+    """Closed loop on a tiny model: task loss plus the Lagrangian, AdamW on gates as in training. The expected size
+    follows the cubic target without running far under it, and ends within 1% of the dense size of B."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    steps = 400
+    cfg = PruningConfig(method="rank", budget=0.3, warmup_ratio=0.1, cooldown_ratio=0.2)
+    hook = RankPruning(cfg, steps)
+    hook.setup(model)
+    groups = hook.param_groups(model)
+    gates = {id(p) for g in groups for p in g["params"]}
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in gates], "lr": 1e-3},
+                                   *groups])
+    lowest_gap = 0.0
+    for step in range(steps):
+        x = torch.randint(1, 1000, (8, 12))
+        labels = (x[:, 0] % 2).long()
+        loss = model("rte", input_ids=x, attention_mask=torch.ones_like(x), labels=labels)["loss"]
+        (loss + hook.extra_loss(model, step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        hook.on_optimizer_step(model, step + 1)
+        if step > steps * 0.3:
+            lowest_gap = min(lowest_gap, hook.last_density - hook.target(step + 1))
+    end = hook.budget.target / hook.budget.dense_blocks
+    assert abs(hook.last_density - end) < 0.01, (hook.last_density, end)
+    assert lowest_gap > -0.1, lowest_gap  # never far under it once the ramp is under way (the old ascent: -0.47)
+    report = hook.on_train_end(model)
+    assert report["within_budget"] and report["expected_fraction_at_end"] == hook.last_density
+    assert hook.budget.target - report["kept_blocks"] < max(m.rank_cost for m in hook.modules)
+
+
+def test_rank_projection_fills_the_budget_from_the_largest_log_alpha() -> None:
+    model = tiny_model()
+    hook = RankPruning(PruningConfig(method="rank", budget=0.3), total_steps=10)
+    hook.setup(model)
+    torch.manual_seed(1)
+    for m in hook.modules:
+        m.log_alpha.data = torch.randn_like(m.log_alpha) - 4.0  # most deterministic gates closed
+    open_before = sum(int((m.gates() > 0).sum()) for m in [m.eval() for m in hook.modules])
+    report = hook.on_train_end(model)
+    budget = hook.budget
+    assert report["within_budget"] and budget.target - report["kept_blocks"] < max(m.rank_cost for m in hook.modules)
+    kept = sum(int(m.keep.sum()) for m in hook.modules)
+    assert kept > open_before and report["closed_kept_ranks"] == kept - open_before
+    # every dropped rank has a log alpha no larger than every kept rank of the same cost
+    for cost in {m.rank_cost for m in hook.modules}:
+        same = [m for m in hook.modules if m.rank_cost == cost]
+        kept_min = min(float(m.log_alpha[m.keep].min()) for m in same if m.keep.any())
+        dropped = [float(m.log_alpha[~m.keep].max()) for m in same if (~m.keep).any()]
+        assert not dropped or max(dropped) <= kept_min
