@@ -43,6 +43,10 @@ class CompareConfig(_Strict):
     single_task_overrides: list[str] = Field(default_factory=list)
     low_resource_tasks: list[str] = Field(default_factory=lambda: ["rte", "mrpc", "stsb"])
     output_dir: str = "runs/compare"
+    results_dir: str | None = None
+    """A light folder apart from output_dir: the report and every finished run's results (runs/NAME.json, without
+    checkpoints or weights). A run found there counts as finished, so the comparison continues from this folder
+    alone in another checkout or on another machine: commit it. Default: the report goes to output_dir."""
     nproc: int = Field(2, gt=0)
     """DeepSpeed ranks per run (launch.sh --nproc)."""
     launcher_args: list[str] = Field(default_factory=list)
@@ -146,6 +150,40 @@ def is_finished(run_dir: Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("finished", False)
 
 
+def report_dir(cfg: CompareConfig) -> Path:
+    """Where the report (and, with results_dir, the kept results of finished runs) is written."""
+    return Path(cfg.results_dir or cfg.output_dir)
+
+
+def finished_results(cfg: CompareConfig, name: str) -> dict[str, Any] | None:
+    """A finished run's results.json: from its run dir, else from the results folder; None if not finished."""
+    run_dir = Path(cfg.output_dir) / "runs" / name
+    if is_finished(run_dir):
+        return json.loads((run_dir / "results.json").read_text())
+    kept = report_dir(cfg) / "runs" / f"{name}.json"
+    if cfg.results_dir and kept.is_file():
+        return json.loads(kept.read_text())
+    return None
+
+
+def keep_results(cfg: CompareConfig, name: str) -> None:
+    """Copy a finished run's results.json into the results folder, with this machine's data paths made portable
+    (a GLUE folder becomes $MTP_GLUE_DIR/TASK)."""
+    run_dir = Path(cfg.output_dir) / "runs" / name
+    if not cfg.results_dir or not is_finished(run_dir):
+        return
+    results = json.loads((run_dir / "results.json").read_text())
+    glue = os.environ.get("MTP_GLUE_DIR")
+    for entry in results.get("data", {}).values():
+        source = Path(str(entry.get("source", "")))
+        if source.is_absolute():
+            inside = glue and source.resolve().is_relative_to(Path(glue).resolve())
+            entry["source"] = f"$MTP_GLUE_DIR/{source.name}" if inside else f".../{source.name}"
+    target = report_dir(cfg) / "runs" / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def launch_command(spec: RunSpec, cfg: CompareConfig, base_path: Path, out_root: Path, port: int) -> list[str]:
     """The launch.sh command that trains one run (resuming it if it has checkpoints)."""
     run_dir = out_root / "runs" / spec.name
@@ -194,8 +232,8 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
     status: dict[str, str] = {}
     pending = []
     for spec in plan:
-        run_dir = out_root / "runs" / spec.name
-        if is_finished(run_dir):
+        if finished_results(cfg, spec.name) is not None:
+            keep_results(cfg, spec.name)
             status[spec.name] = "reused"
         else:
             pending.append(spec)
@@ -217,6 +255,7 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
             if proc.poll() is not None:
                 active.remove(item)
                 _finish(spec, proc.returncode, out_root / "runs" / spec.name, status, log)
+                keep_results(cfg, spec.name)
         if active:
             time.sleep(1)
     return status
@@ -279,10 +318,6 @@ def brute_force_allocation(choices: list[list[Choice]], capacity: int) -> tuple[
 # ---------------------------------------------------------------- the report
 
 
-def _load_results(run_dir: Path) -> dict[str, Any] | None:
-    return json.loads((run_dir / "results.json").read_text()) if is_finished(run_dir) else None
-
-
 def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
     """Every number of the comparison from the finished runs (missing runs are reported, not fatal)."""
     import math
@@ -291,11 +326,11 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
     tasks = [t.name for t in exp.tasks]
     out_root = Path(cfg.output_dir)
     plan = plan_runs(cfg, tasks)
-    results = {s.name: _load_results(out_root / "runs" / s.name) for s in plan}
+    results = {s.name: finished_results(cfg, s.name) for s in plan}
     missing = sorted(name for name, r in results.items() if r is None)
     any_result = next((r for r in results.values() if r), None)
     if any_result is None:
-        raise ConfigError(f"compare: no finished run under {out_root}/runs yet")
+        raise ConfigError(f"compare: no finished run under {out_root}/runs (or {report_dir(cfg)}/runs) yet")
     dense_blocks = any_result["params"]["encoder_blocks"]
     embeddings = any_result["params"]["embeddings"]
 
@@ -440,16 +475,16 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(cfg: CompareConfig, base_path: Path, command: str) -> Path:
-    """report.md, report.json, mean_vs_budget.png and a TensorBoard summary in the compare output dir."""
+    """report.md, report.json, mean_vs_budget.png and a TensorBoard summary in the report dir."""
     from torch.utils.tensorboard import SummaryWriter
 
     report = build_report(cfg, base_path)
-    out = Path(cfg.output_dir)
+    out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report, cfg, command))
     plot_report(report, out / "mean_vs_budget.png")
-    writer = SummaryWriter(str(out / "tensorboard" / "summary"))
+    writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / "summary"))
     for method, rows in report["methods"].items():
         for row in rows:
             step = int(round(row["budget"] * 1000))

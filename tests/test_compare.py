@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +51,12 @@ def test_plan_covers_equal_split_and_low_resource_sizes() -> None:
 @pytest.mark.slow
 def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
     out = tmp_path / "compare"
+    kept = tmp_path / "kept"  # the light results folder a user commits
     cmd = [sys.executable, "-m", "mtp", "compare", "--config", "configs/compare_tiny.yaml", "--parallel", "2",
-           f"output_dir={out}"]
+           f"output_dir={out}", f"results_dir={kept}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((kept / "report.json").read_text())
     assert report["missing_runs"] == []
     rows = report["methods"]["movement"]
     assert [r["budget"] for r in rows] == [0.5, 0.2]
@@ -66,13 +68,23 @@ def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
             assert row["best_ensemble"]["mean"] >= row["equal_split"]["mean"] - 1e-9
     assert report["dense"]["multitask"] and report["dense"]["single_task"]
     assert {(r["task"], r["size"]) for r in report["low_resource"]} == {("rte", 0.5), ("rte", 0.2)}
-    md = (out / "report.md").read_text()
+    md = (kept / "report.md").read_text()
     assert "| 0.5 | multitask |" in md and "best ensemble" in md and "Low-resource" in md
-    assert (out / "mean_vs_budget.png").stat().st_size > 1000
+    assert (kept / "mean_vs_budget.png").stat().st_size > 1000
     assert any((out / "runs" / "st-rte-movement-0.25" / "tensorboard").iterdir())
+    # every finished run's results are kept apart, without this machine's data paths
+    names = {p.stem for p in (kept / "runs").glob("*.json")}
+    assert names == {p.name for p in (out / "runs").iterdir()}
+    source = json.loads((kept / "runs" / "mt-dense.json").read_text())["data"]["rte"]["source"]
+    assert source == "$MTP_GLUE_DIR/RTE", source
     # a second call reuses every finished run and trains nothing
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 to train" in again.stdout
+    # the results folder alone (a fresh checkout: no run dirs, checkpoints or weights) continues the comparison
+    shutil.rmtree(out)
+    fresh = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0 and "0 to train" in fresh.stdout, fresh.stdout[-2000:] + fresh.stderr[-2000:]
+    assert json.loads((kept / "report.json").read_text())["methods"] == report["methods"]
 
 
 def test_compare_config_errors_exit_2(tmp_path: Path) -> None:
