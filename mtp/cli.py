@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from mtp.compare import load_compare_config, plan_runs, run_all, write_report
 
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as err:
+            raise ConfigError(f"--only: {args.only!r} is not a regular expression ({err})") from None
     cfg = load_compare_config(args.config, args.overrides)
     base = Path(cfg.base)
     if not base.is_file():
@@ -157,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="multitask pruning against the best single-task ensemble")
     compare.add_argument("--config", required=True, help="compare YAML (see configs/compare_minilm.yaml)")
     compare.add_argument("--parallel", type=int, default=1, help="runs trained at once on this machine")
-    compare.add_argument("--only", default=None, help="train only the runs whose name contains this")
+    compare.add_argument("--only", default=None,
+                         help="train only the runs whose name matches this regular expression (e.g. 'rank|dense')")
     compare.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
     compare.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the compare YAML")
     compare.set_defaults(func=_cmd_compare)

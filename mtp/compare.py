@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -228,7 +229,7 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
     exp = load_config(base_path, list(cfg.overrides))
     tasks = [t.name for t in exp.tasks]
     out_root = Path(cfg.output_dir)
-    plan = [s for s in plan_runs(cfg, tasks) if only is None or only in s.name]
+    plan = [s for s in plan_runs(cfg, tasks) if only is None or re.search(only, s.name)]
     status: dict[str, str] = {}
     pending = []
     for spec in plan:

@@ -107,3 +107,20 @@ def test_shipped_compare_configs_load_with_their_base(path: Path) -> None:
     cfg = load_compare_config(path)
     exp = load_config(ROOT / cfg.base, list(cfg.overrides))
     assert plan_runs(cfg, [t.name for t in exp.tasks])
+    proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--config", "configs/compare_tiny.yaml",
+                           "--only", "rank|("], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--only: 'rank|(' is not a regular expression" in proc.stderr
+
+
+def test_only_selects_runs_by_regular_expression(tmp_path: Path) -> None:
+    from mtp.compare import load_compare_config, run_all
+
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}", "methods=[movement,rank]"])
+    names = [s.name for s in plan_runs(cfg, ["rte", "stsb"])]
+    wanted = [n for n in names if "rank" in n or n.endswith("dense")]
+    assert len(wanted) < len(names) and any("movement" in n for n in names)
+    for name in wanted:  # finished, so selecting them trains nothing
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "results.json").write_text(json.dumps({"finished": True}))
+    status = run_all(cfg, ROOT / cfg.base, only="rank|dense", log=lambda _: None)
+    assert status == dict.fromkeys(wanted, "reused")
