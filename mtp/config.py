@@ -119,6 +119,9 @@ class PruningConfig(_Strict):
     """Rank pruning: learning rate of the gates' log alpha."""
     lagrangian_lr: float = Field(0.1, gt=0.0)
     """Rank pruning: step size of the gradient ascent on lambda1 and lambda2."""
+    lambda2_init: float = Field(100.0, ge=0.0)
+    """Rank pruning: initial lambda2, the weight of the quadratic penalty (s - t)^2 that keeps the expected size on
+    the target (with 0, lambda1 alone lags, winds up and overshoots; docs/pruning.md)."""
     log_alpha_init: float = 2.5
     """Rank pruning: initial log alpha; 2.5 makes every deterministic gate 1 (the pretrained map)."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)

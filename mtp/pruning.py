@@ -468,7 +468,10 @@ class RankPruning(PruningHook):
                                                               c.log_alpha_init))
         self.modules = [m for _, _, m in prunable_modules(model)]
         self.lambda1 = 0.0
-        self.lambda2 = 0.0
+        # lambda2 starts as a real quadratic penalty (method of multipliers): its pull 2 lambda2 (s - t) follows the
+        # gap at once, where lambda1 only integrates it; from 0, lambda1 alone wound up while the saturated gates
+        # lagged and then overshot (a 1,000-step MiniLM run ended at 0.40 of the blocks for B = 0.5)
+        self.lambda2 = c.lambda2_init
         self.projected = False
         self.start_density = self.expected_density().item()
         self.last_density = self.start_density
@@ -497,17 +500,9 @@ class RankPruning(PruningHook):
         return self.lambda1 * gap + self.lambda2 * gap * gap
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
-        """Gradient ascent on the multipliers: d/d(lambda1) = gap, d/d(lambda2) = gap^2.
-
-        Anti-windup: when the expected size crosses the target, the pressure lambda1 built up while it lagged is
-        spent, so lambda1 restarts from 0 on the other side. Without this, lambda1 (grown to ~5 while the gates
-        left their saturated start) keeps closing gates for hundreds of steps after the target is reached and
-        the size ends far under the budget (0.40 for B = 0.5 in a 1,000-step MiniLM run).
-        """
+        """Gradient ascent on the multipliers: d/d(lambda1) = gap, d/d(lambda2) = gap^2."""
         self.step = step
         gap = self.last_density - self.target(step)
-        if self.lambda1 * gap < 0:
-            self.lambda1 = 0.0
         self.lambda1 += self.cfg.lagrangian_lr * gap
         self.lambda2 += self.cfg.lagrangian_lr * gap * gap
 
