@@ -12,7 +12,10 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +108,35 @@ def init_distributed() -> tuple[int, int, int]:
     # joins a process group someone else started (Ray Train) as well as starting one
     deepspeed.init_distributed(dist_init_required=not dist.is_initialized(), auto_mpi_discovery=False)
     atexit.register(_remove_shm_buffer, dist.get_rank())
+    # the deepspeed launcher stops its ranks with SIGTERM, which would skip atexit (and leave the buffer behind)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+_termination = {"deferred": False, "requested": False}
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    """Turn SIGTERM into SystemExit, so that atexit handlers run; while a checkpoint is written, after it."""
+    if _termination["deferred"]:
+        _termination["requested"] = True
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's own SIGTERM follows: let the cleanup finish
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _terminate_after() -> Any:
+    """Hold a SIGTERM until the block (a checkpoint) is complete, so that `latest` never names a partial one."""
+    _termination["deferred"] = True
+    try:
+        yield
+    finally:
+        _termination["deferred"] = False
+        if _termination["requested"]:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise SystemExit(128 + signal.SIGTERM)
 
 
 def _remove_shm_buffer(rank: int) -> None:
@@ -284,6 +315,10 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
+        with _terminate_after():
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
         tag = f"step_{self.step}"
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
                  "wall_time": self.prior_wall + time.time() - self.t_start, "eval_history": self.eval_history,

@@ -108,3 +108,41 @@ def test_two_nodes_on_localhost_without_ssh(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     res = results(out)
     assert res["finished"] and res["world_size"] == 2
+
+
+def test_a_terminated_job_cleans_up_and_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    """SIGTERM to the job's process group (what a scheduler sends): the ranks exit through atexit, so DeepSpeed's
+    shared-memory buffers go, and the checkpoints written so far resume the run."""
+    import os
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "stopped"
+    port = free_port()
+    env = dict(os.environ, MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch.sh"), "--nproc", "2", "--config", TINY,
+                             "train.max_steps=100000", "train.checkpoint_every=2", "train.keep_checkpoints=1",
+                             f"output_dir={out}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+        assert (out / "checkpoints" / "latest").exists(), "no checkpoint was written"
+        os.killpg(proc.pid, signal.SIGTERM)  # the launcher, its per-node launcher and the ranks
+        proc.wait(timeout=120)
+        for _ in range(60):  # the ranks may outlive the launcher by a moment
+            if not subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout:
+                break
+            time.sleep(1)
+    finally:  # never leave a 100,000-step job behind
+        subprocess.run(["pkill", "-KILL", "-f", str(out)])
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"shared-memory buffers left behind: {[p.name for p in left]}"
+    done = (out / "checkpoints" / "latest").read_text().strip()
+    launch(["--config", TINY, "train.max_steps=100000", f"train.stop_after_steps={int(done.split('_')[-1]) + 2}",
+            f"output_dir={out}", "--resume"])
+    res = results(out)
+    assert res["steps"] == int(done.split("_")[-1]) + 2 and not res["finished"]

@@ -208,7 +208,8 @@ def test_lagrangian_ascent_raises_multipliers_when_over_target() -> None:
     model("rte", input_ids=x, attention_mask=torch.ones_like(x), labels=torch.tensor([0, 1]))
     penalty = hook.extra_loss(model, 10)
     gap = hook.last_density - hook.target(10)
-    assert gap > 0 and float(penalty.detach()) == pytest.approx(hook.cfg.lambda2_init * gap * gap)  # lambda1 starts at 0
+    # lambda1 starts at 0, lambda2 at lambda2_init
+    assert gap > 0 and float(penalty.detach()) == pytest.approx(hook.cfg.lambda2_init * gap * gap)
     hook.on_optimizer_step(model, 10)
     assert hook.lambda1 > 0 and hook.lambda2 > hook.cfg.lambda2_init  # expected size above the target: both grow
     model("rte", input_ids=x, attention_mask=torch.ones_like(x), labels=torch.tensor([0, 1]))
