@@ -376,6 +376,7 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
                 equal["mean"] = sum(equal["scores"].values()) / len(tasks)
             rows.append({
                 "budget": budget, "capacity": capacity,
+                "tasks_without_single_task_runs": [t for t, opts in zip(tasks, choices, strict=True) if not opts],
                 "multitask": None if mt is None else {"scores": {t: task_score(mt, t) for t in tasks},
                                                       "mean": mt["mean_score"], "kept_blocks": kept(mt)},
                 "best_ensemble": None if best is None else {
@@ -422,7 +423,10 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
                               ("equal split", "equal_split")):
                 entry = row[key]
                 if entry is None:
-                    note = "no allocation fits" if key == "best_ensemble" else "runs missing"
+                    note = "runs missing"
+                    if key == "best_ensemble":
+                        lacking = row["tasks_without_single_task_runs"]
+                        note = f"no finished run of {', '.join(lacking)} yet" if lacking else "no allocation fits"
                     lines.append(f"| {row['budget']:g} | {name} | " + " | ".join("—" for _ in tasks)
                                  + f" | — | | {note} |")
                     continue

@@ -61,7 +61,7 @@ def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
     rows = report["methods"]["movement"]
     assert [r["budget"] for r in rows] == [0.5, 0.2]
     for row in rows:
-        assert row["multitask"]["kept_blocks"] <= row["capacity"]
+        assert row["multitask"]["kept_blocks"] <= row["capacity"] and row["tasks_without_single_task_runs"] == []
         assert row["equal_split"] is not None
         if row["best_ensemble"] is not None:
             assert row["best_ensemble"]["kept_blocks"] <= row["capacity"]
