@@ -268,12 +268,15 @@ class FactorizedLinear(nn.Module):
     def gates(self) -> torch.Tensor:
         """Hard-concrete samples in training, deterministic gates in evaluation; dropped ranks are 0."""
         log_alpha = self.log_alpha.float()
-        if self.training:
-            u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
-        else:
-            s = torch.sigmoid(log_alpha)
+        if not self.training:
+            return self.deterministic_gates(log_alpha) * self.keep
+        u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
         return (s * (self.high - self.low) + self.low).clamp(0.0, 1.0) * self.keep
+
+    def deterministic_gates(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """The evaluation gates for these log alpha, before the keep mask: clamp(sigmoid(log alpha) (r - l) + l)."""
+        return (torch.sigmoid(log_alpha) * (self.high - self.low) + self.low).clamp(0.0, 1.0)
 
     def expected_open(self) -> torch.Tensor:
         """E[number of non-zero gates] = sum sigmoid(log alpha - beta log(-l/r)) over kept ranks."""
@@ -538,12 +541,11 @@ class RankPruning(PruningHook):
         self.projected = True
 
     def closed_kept_ranks(self) -> int:
-        """Kept ranks whose deterministic gate is 0 (sigmoid(log alpha) (r - l) + l <= 0): their room does nothing."""
+        """Kept ranks whose deterministic gate is 0: the room they take does nothing."""
         count = 0
         for m in self.modules:
             with gathered([m.log_alpha]):
-                gate = torch.sigmoid(m.log_alpha.detach().float()) * (m.high - m.low) + m.low
-                count += int(((gate <= 0) & m.keep).sum())
+                count += int(((m.deterministic_gates(m.log_alpha.detach().float()) == 0) & m.keep).sum())
         return count
 
     def on_train_end(self, model: nn.Module) -> dict[str, Any]:
