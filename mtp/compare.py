@@ -10,6 +10,7 @@ split the runs between them through claim files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -46,8 +47,9 @@ class CompareConfig(_Strict):
     output_dir: str = "runs/compare"
     results_dir: str | None = None
     """A light folder apart from output_dir: the report and every finished run's results (runs/NAME.json, without
-    checkpoints or weights). A run found there counts as finished, so the comparison continues from this folder
-    alone in another checkout or on another machine: commit it. Default: the report goes to output_dir."""
+    checkpoints or weights). A run found there with the same recipe counts as finished, so the comparison
+    continues from this folder alone in another checkout or on another machine: commit it. Default: the report
+    goes to output_dir."""
     nproc: int = Field(2, gt=0)
     """DeepSpeed ranks per run (launch.sh --nproc)."""
     launcher_args: list[str] = Field(default_factory=list)
@@ -156,31 +158,54 @@ def report_dir(cfg: CompareConfig) -> Path:
     return Path(cfg.results_dir or cfg.output_dir)
 
 
-def finished_results(cfg: CompareConfig, name: str) -> dict[str, Any] | None:
-    """A finished run's results.json: from its run dir, else from the results folder; None if not finished."""
-    run_dir = Path(cfg.output_dir) / "runs" / name
+def run_overrides(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> list[str]:
+    """The dotted overrides of the base experiment that make this run (all but its output dir)."""
+    args = [*cfg.overrides, *spec.overrides]
+    if spec.method != "none":
+        args += [f"pruning.method={spec.method}", f"pruning.budget={spec.size}"]
+    if spec.task is not None:
+        args.append(f"tasks={json.dumps([_task_entry(base_path, cfg, spec.task)])}")
+    return args
+
+
+def recipe_fingerprint(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> str:
+    """A hash of the run's whole resolved experiment config (output dir aside): a changed recipe changes it."""
+    from mtp.config import dump_config
+
+    exp = load_config(base_path, [*run_overrides(spec, cfg, base_path), "output_dir=."])
+    return hashlib.sha256(dump_config(exp).encode()).hexdigest()[:16]
+
+
+def finished_results(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> dict[str, Any] | None:
+    """A finished run's results.json: from its run dir, else from the results folder if it was made by the same
+    recipe (kept results without a fingerprint count as the same); None if not finished."""
+    run_dir = Path(cfg.output_dir) / "runs" / spec.name
     if is_finished(run_dir):
         return json.loads((run_dir / "results.json").read_text())
-    kept = report_dir(cfg) / "runs" / f"{name}.json"
+    kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
     if cfg.results_dir and kept.is_file():
-        return json.loads(kept.read_text())
+        results = json.loads(kept.read_text())
+        stored = results.get("recipe")
+        if stored is None or stored == recipe_fingerprint(spec, cfg, base_path):
+            return results
     return None
 
 
-def keep_results(cfg: CompareConfig, name: str) -> None:
-    """Copy a finished run's results.json into the results folder, with this machine's data paths made portable
-    (a GLUE folder becomes $MTP_GLUE_DIR/TASK)."""
-    run_dir = Path(cfg.output_dir) / "runs" / name
+def keep_results(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> None:
+    """Copy a finished run's results.json into the results folder, with its recipe's fingerprint and this machine's
+    data paths made portable (a GLUE folder becomes $MTP_GLUE_DIR/TASK)."""
+    run_dir = Path(cfg.output_dir) / "runs" / spec.name
     if not cfg.results_dir or not is_finished(run_dir):
         return
     results = json.loads((run_dir / "results.json").read_text())
+    results["recipe"] = recipe_fingerprint(spec, cfg, base_path)
     glue = os.environ.get("MTP_GLUE_DIR")
     for entry in results.get("data", {}).values():
         source = Path(str(entry.get("source", "")))
         if source.is_absolute():
             inside = glue and source.resolve().is_relative_to(Path(glue).resolve())
             entry["source"] = f"$MTP_GLUE_DIR/{source.name}" if inside else f".../{source.name}"
-    target = report_dir(cfg) / "runs" / f"{name}.json"
+    target = report_dir(cfg) / "runs" / f"{spec.name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -192,12 +217,7 @@ def launch_command(spec: RunSpec, cfg: CompareConfig, base_path: Path, out_root:
             *cfg.launcher_args, "--config", str(base_path)]
     if (run_dir / "checkpoints" / "latest").exists():
         args.append("--resume")
-    args += [*cfg.overrides, *spec.overrides, f"output_dir={run_dir}"]
-    if spec.method != "none":
-        args += [f"pruning.method={spec.method}", f"pruning.budget={spec.size}"]
-    if spec.task is not None:
-        args.append(f"tasks={json.dumps([_task_entry(base_path, cfg, spec.task)])}")
-    return args
+    return [*args, *run_overrides(spec, cfg, base_path), f"output_dir={run_dir}"]
 
 
 def start_run(spec: RunSpec, cfg: CompareConfig, base_path: Path, out_root: Path, port: int,
@@ -233,8 +253,8 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
     status: dict[str, str] = {}
     pending = []
     for spec in plan:
-        if finished_results(cfg, spec.name) is not None:
-            keep_results(cfg, spec.name)
+        if finished_results(cfg, spec, base_path) is not None:
+            keep_results(cfg, spec, base_path)
             status[spec.name] = "reused"
         else:
             pending.append(spec)
@@ -256,7 +276,7 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
             if proc.poll() is not None:
                 active.remove(item)
                 _finish(spec, proc.returncode, out_root / "runs" / spec.name, status, log)
-                keep_results(cfg, spec.name)
+                keep_results(cfg, spec, base_path)
         if active:
             time.sleep(1)
     return status
@@ -327,7 +347,7 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
     tasks = [t.name for t in exp.tasks]
     out_root = Path(cfg.output_dir)
     plan = plan_runs(cfg, tasks)
-    results = {s.name: finished_results(cfg, s.name) for s in plan}
+    results = {s.name: finished_results(cfg, s, base_path) for s in plan}
     missing = sorted(name for name, r in results.items() if r is None)
     any_result = next((r for r in results.values() if r), None)
     if any_result is None:

@@ -85,6 +85,15 @@ def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
     fresh = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0 and "0 to train" in fresh.stdout, fresh.stdout[-2000:] + fresh.stderr[-2000:]
     assert json.loads((kept / "report.json").read_text())["methods"] == report["methods"]
+    # kept results carry their recipe: a changed single-task recipe is trained again, the multitask runs are reused
+    from mtp.compare import finished_results, load_compare_config
+
+    changed = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={out}", f"results_dir={kept}",
+                                                                      "single_task_overrides=[train.lr=0.002]"])
+    plan = {s.name: s for s in plan_runs(changed, ["rte", "stsb"])}
+    base = ROOT / changed.base
+    assert finished_results(changed, plan["mt-movement-0.5"], base) is not None
+    assert finished_results(changed, plan["st-rte-movement-0.25"], base) is None
 
 
 def test_compare_config_errors_exit_2(tmp_path: Path) -> None:
