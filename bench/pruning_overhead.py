@@ -61,6 +61,7 @@ def engine_step(cfg, model, hooks, ds_extra=None):
             if extra is not None:
                 loss = loss + extra
         engine.backward(loss)
+        state["loss"] = loss.detach()  # no sync: read after timing
         boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
         if boundary:  # hooks advance once per optimizer step, as in the trainer

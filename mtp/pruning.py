@@ -288,6 +288,12 @@ class FactorizedLinear(nn.Module):
         if self.training:
             self.aux = self.expected_open()
         open_ranks = torch.nonzero(g > 0).squeeze(1)
+        if open_ranks.numel() == 0:
+            # every rank closed: the map is its bias. A zero-width product would break ZeRO-3's linear in the
+            # backward pass; the zero term keeps P and Q in the graph, so every data-parallel rank reduces the
+            # same gradients whichever gates it sampled
+            out = x.new_zeros(*x.shape[:-1], self.out_features) + 0 * (self.P.sum() + self.Q.sum()).to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
         if open_ranks.numel() < g.numel():
             # closed gates are exactly 0 (and pass no gradient through the clamp): leave their ranks out
             hidden = F.linear(x, self.Q.index_select(0, open_ranks)) * g.index_select(0, open_ranks).to(x.dtype)

@@ -371,7 +371,8 @@ class Trainer:
         stop_at = min(self.max_steps, cfg.train.stop_after_steps or self.max_steps)
         self.engine.train()
         self.t_start = time.time()
-        window = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # loss sums, counts, tokens
+        # loss sums, counts, tokens; on the device, so that no step waits to read its loss and NCCL can reduce it
+        window = torch.zeros(2 * len(names) + 1, dtype=torch.float64, device=self.device)
         window_start = time.time()
         bar = tqdm(total=self.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True,
                    desc="train", unit="step")
@@ -380,7 +381,9 @@ class Trainer:
         while self.step < stop_at:
             for _ in range(cfg.train.grad_accum):
                 task, rows = self.sampler.next()
-                batch = _to_device(collate(self.data[task]["train"], rows, self.tokenizer), self.device)
+                collated = collate(self.data[task]["train"], rows, self.tokenizer)
+                tokens = int(collated["attention_mask"].sum())
+                batch = _to_device(collated, self.device)
                 out = self.engine(task, **batch)
                 loss = out["loss"] * weights[task]
                 for hook in self.hooks:
@@ -390,9 +393,9 @@ class Trainer:
                 self.engine.backward(loss)
                 self.engine.step()
                 t = names.index(task)
-                window[t] += out["loss"].item()
+                window[t] += out["loss"].detach().double()
                 window[len(names) + t] += 1
-                window[-1] += int(batch["attention_mask"].sum())
+                window[-1] += tokens
             self.step += 1
             for hook in self.hooks:
                 hook.on_optimizer_step(self.engine.module, self.step)
@@ -434,7 +437,9 @@ class Trainer:
         (final / "mtp.json").write_text(json.dumps(meta, indent=2))
 
     def _log_window(self, window: torch.Tensor, names: list[str], seconds: float, bar: Any) -> None:
-        dist.all_reduce(window)
+        window = window.clone()
+        dist.all_reduce(window)  # a device tensor: NCCL reduces no CPU tensors (gloo takes both)
+        window = window.cpu()
         n = len(names)
         tokens = int(window[-1])
         self.tokens_seen += tokens

@@ -41,6 +41,29 @@ def test_svd_factorisation_reproduces_the_pretrained_layer() -> None:
     assert torch.all(layer.gates() == 1.0)  # log alpha 2.5: every deterministic gate is open
 
 
+def test_a_factorised_map_with_every_rank_closed_is_its_bias_under_zero3_linear(monkeypatch) -> None:
+    """Found on a GPU: once a ZeRO-3 engine exists, DeepSpeed routes F.linear through its own autograd function,
+    whose backward fails on a zero-width product. A map whose ranks are all closed must give its bias, and P and
+    Q must still get (zero) gradients, so that every data-parallel rank reduces the same tensors."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    import mtp.pruning as pruning
+
+    torch.manual_seed(0)
+    layer = FactorizedLinear(nn.Linear(24, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=2.5)
+    with torch.no_grad():
+        layer.log_alpha.fill_(-50.0)  # every sampled gate is 0
+    monkeypatch.setattr(pruning.F, "linear", zero3_linear_wrap)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    for training in (True, False):
+        layer.train(training)
+        out = layer(x)
+        torch.testing.assert_close(out, layer.bias.detach().expand(3, 5, 16))
+        out.sum().backward()
+    assert torch.equal(layer.P.grad, torch.zeros_like(layer.P)) and torch.equal(layer.Q.grad, torch.zeros_like(layer.Q))
+    torch.testing.assert_close(layer.bias.grad, torch.full((16,), 30.0))
+
+
 def test_hard_concrete_expected_l0_matches_sampling() -> None:
     torch.manual_seed(0)
     layer = FactorizedLinear(nn.Linear(16, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=0.0).train()
