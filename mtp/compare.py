@@ -17,7 +17,7 @@ import re
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,8 @@ class CompareConfig(_Strict):
     dense_baselines: bool = True
     multitask_overrides: list[str] = Field(default_factory=list)
     single_task_overrides: list[str] = Field(default_factory=list)
+    overrides_by_run: dict[str, list[str]] = Field(default_factory=dict)
+    """Extra overrides for the runs whose name matches a regular expression (e.g. '^st-.*-rank-'), after the others."""
     low_resource_tasks: list[str] = Field(default_factory=lambda: ["rte", "mrpc", "stsb"])
     output_dir: str = "runs/compare"
     results_dir: str | None = None
@@ -69,6 +71,11 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
         cfg = CompareConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, str(path))) from None
+    for pattern in cfg.overrides_by_run:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"{path}: {pattern!r} is not a regular expression ({err})") from None
     for b in [*cfg.budgets, *cfg.single_task_sizes]:
         if not 0 < b < 1:
             raise ConfigError(f"{path}: budgets and single_task_sizes are fractions in (0, 1), got {b}")
@@ -112,7 +119,9 @@ def plan_runs(cfg: CompareConfig, tasks: list[str]) -> list[RunSpec]:
         for method in cfg.methods:
             for s in sorted(task_sizes):
                 runs.append(RunSpec(f"st-{task}-{method}-{_fmt(s)}", method, s, task, st))
-    return runs
+    return [replace(spec, overrides=spec.overrides + tuple(
+        o for pattern, extra in cfg.overrides_by_run.items() if re.search(pattern, spec.name) for o in extra))
+        for spec in runs]
 
 
 # ---------------------------------------------------------------- running
@@ -168,19 +177,58 @@ def run_overrides(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> list[st
     return args
 
 
-def recipe_fingerprint(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> str:
-    """A hash of the run's whole resolved experiment config (output dir aside): a changed recipe changes it."""
+def _fingerprint(exp: Any) -> str:
     from mtp.config import dump_config
 
-    exp = load_config(base_path, [*run_overrides(spec, cfg, base_path), "output_dir=."])
     return hashlib.sha256(dump_config(exp).encode()).hexdigest()[:16]
 
 
-def finished_results(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> dict[str, Any] | None:
-    """A finished run's results.json: from its run dir, else from the results folder if it was made by the same
-    recipe (kept results without a fingerprint count as the same); None if not finished."""
+def recipe_fingerprint(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> str:
+    """A hash of the run's whole resolved experiment config (output dir aside): a changed recipe changes it."""
+    return _fingerprint(load_config(base_path, [*run_overrides(spec, cfg, base_path), "output_dir=."]))
+
+
+def run_dir_recipe(run_dir: Path) -> str | None:
+    """The fingerprint of the recipe a run folder was trained with: the .recipe file compare writes when it starts
+    the run, else (folders from before that file) the config saved with its final model; None if neither."""
+    from mtp.config import ExperimentConfig
+
+    marker = run_dir / ".recipe"
+    if marker.is_file():
+        return marker.read_text().strip()
+    meta = run_dir / "final" / "mtp.json"
+    if meta.is_file():
+        return _fingerprint(ExperimentConfig.model_validate({**json.loads(meta.read_text())["config"],
+                                                             "output_dir": "."}))
+    return None
+
+
+def _current(run_dir: Path, spec: RunSpec, cfg: CompareConfig, base_path: Path) -> bool:
+    """Whether a run folder holds this recipe's run (or one whose recipe it cannot tell)."""
+    stored = run_dir_recipe(run_dir)
+    return stored is None or stored == recipe_fingerprint(spec, cfg, base_path)
+
+
+def set_aside_if_stale(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> Path | None:
+    """Move a run folder trained (or started) with another recipe to NAME.stale-FINGERPRINT, so that it is neither
+    reused nor resumed; nothing is deleted. Returns the new place, or None if there was nothing to move."""
     run_dir = Path(cfg.output_dir) / "runs" / spec.name
-    if is_finished(run_dir):
+    if not run_dir.is_dir() or (run_dir / ".claim").exists() or _current(run_dir, spec, cfg, base_path):
+        return None  # a claimed folder is another process's to train (or a dead claim's, taken over below)
+    target = run_dir.with_name(f"{spec.name}.stale-{run_dir_recipe(run_dir)}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir.with_name(f"{spec.name}.stale-{run_dir_recipe(run_dir)}-{n}")
+    run_dir.rename(target)
+    return target
+
+
+def finished_results(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> dict[str, Any] | None:
+    """A finished run's results.json made by this recipe: from its run dir, else from the results folder (results
+    whose recipe is unknown count as the same); None if not finished."""
+    run_dir = Path(cfg.output_dir) / "runs" / spec.name
+    if is_finished(run_dir) and _current(run_dir, spec, cfg, base_path):
         return json.loads((run_dir / "results.json").read_text())
     kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
     if cfg.results_dir and kept.is_file():
@@ -195,7 +243,7 @@ def keep_results(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> None:
     """Copy a finished run's results.json into the results folder, with its recipe's fingerprint and this machine's
     data paths made portable (a GLUE folder becomes $MTP_GLUE_DIR/TASK)."""
     run_dir = Path(cfg.output_dir) / "runs" / spec.name
-    if not cfg.results_dir or not is_finished(run_dir):
+    if not cfg.results_dir or not is_finished(run_dir) or not _current(run_dir, spec, cfg, base_path):
         return
     results = json.loads((run_dir / "results.json").read_text())
     results["recipe"] = recipe_fingerprint(spec, cfg, base_path)
@@ -225,6 +273,7 @@ def start_run(spec: RunSpec, cfg: CompareConfig, base_path: Path, out_root: Path
     """Start one run through launch.sh; runs side by side share the cores (one OpenMP pool per rank)."""
     run_dir = out_root / "runs" / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".recipe").write_text(recipe_fingerprint(spec, cfg, base_path) + "\n")
     args = launch_command(spec, cfg, base_path, out_root, port)
     log = (run_dir / "launch.log").open("a")
     log.write(f"\n$ {' '.join(args)}\n")
@@ -253,6 +302,9 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
     status: dict[str, str] = {}
     pending = []
     for spec in plan:
+        moved = set_aside_if_stale(cfg, spec, base_path)
+        if moved is not None:
+            log(f"compare: {spec.name}: its run folder holds another recipe; moved to {moved}")
         if finished_results(cfg, spec, base_path) is not None:
             keep_results(cfg, spec, base_path)
             status[spec.name] = "reused"

@@ -133,3 +133,53 @@ def test_only_selects_runs_by_regular_expression(tmp_path: Path) -> None:
         (tmp_path / "runs" / name / "results.json").write_text(json.dumps({"finished": True}))
     status = run_all(cfg, ROOT / cfg.base, only="rank|dense", log=lambda _: None)
     assert status == dict.fromkeys(wanted, "reused")
+
+
+def test_overrides_by_run_reach_only_the_runs_they_name(tmp_path: Path) -> None:
+    from mtp.compare import load_compare_config
+    from mtp.config import ConfigError
+
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", ["methods=[movement,rank]", "overrides_by_run="
+                                                                  "{'^st-.*-rank-': [pruning.gate_lr=0.2]}"])
+    plan = plan_runs(cfg, ["rte", "stsb"])
+    touched = {s.name for s in plan if "pruning.gate_lr=0.2" in s.overrides}
+    assert touched == {s.name for s in plan if s.name.startswith("st-") and "-rank-" in s.name} and touched
+    bad = tmp_path / "c.yaml"
+    bad.write_text("base: configs/tiny.yaml\noverrides_by_run: {'st-(': [train.lr=0.1]}\n")
+    with pytest.raises(ConfigError, match="is not a regular expression"):
+        load_compare_config(bad)
+
+
+def test_a_run_folder_from_another_recipe_is_set_aside_not_reused(tmp_path: Path) -> None:
+    """Run folders are checked like kept results: one made by another recipe (its .recipe file, or the config saved
+    with its final model) is neither reused nor resumed; it is moved aside, and nothing is deleted."""
+    from mtp.compare import finished_results, load_compare_config, recipe_fingerprint, set_aside_if_stale
+    from mtp.config import load_config
+
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}"])
+    base = ROOT / cfg.base
+    spec = {s.name: s for s in plan_runs(cfg, ["rte", "stsb"])}["st-rte-movement-0.25"]
+    run_dir = tmp_path / "runs" / spec.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"finished": True, "mean_score": 50.0}))
+    (run_dir / ".recipe").write_text("0123456789abcdef\n")  # another recipe
+    assert finished_results(cfg, spec, base) is None
+    moved = set_aside_if_stale(cfg, spec, base)
+    assert moved == tmp_path / "runs" / f"{spec.name}.stale-0123456789abcdef" and not run_dir.exists()
+    assert json.loads((moved / "results.json").read_text())["mean_score"] == 50.0
+    # a folder from before .recipe files: its recipe is read from the final model's config
+    from mtp.compare import run_overrides
+
+    exp = load_config(base, [*run_overrides(spec, cfg, base), f"output_dir={run_dir}"])
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"finished": True, "mean_score": 60.0}))
+    (run_dir / "final" / "mtp.json").write_text(json.dumps({"config": exp.model_dump(mode="json")}))
+    assert finished_results(cfg, spec, base)["mean_score"] == 60.0 and set_aside_if_stale(cfg, spec, base) is None
+    (run_dir / ".recipe").write_text(recipe_fingerprint(spec, cfg, base))
+    assert finished_results(cfg, spec, base)["mean_score"] == 60.0
+    changed = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}",
+                                                                      "single_task_overrides=[train.lr=0.002]"])
+    changed_spec = {s.name: s for s in plan_runs(changed, ["rte", "stsb"])}[spec.name]
+    assert finished_results(changed, changed_spec, base) is None
+    old_recipe = recipe_fingerprint(spec, cfg, base)
+    assert set_aside_if_stale(changed, changed_spec, base).name == f"{spec.name}.stale-{old_recipe}"

@@ -310,6 +310,17 @@ def test_rank_gates_track_the_target_and_end_at_the_budget() -> None:
     assert hook.budget.target - report["kept_blocks"] < max(m.rank_cost for m in hook.modules)
 
 
+def test_a_four_times_shorter_run_tracks_the_target_with_four_times_the_rates() -> None:
+    """Gates and multipliers move about their learning rates a step, so a run a quarter as long lags the target and
+    ends above B at the default rates, and tracks it with both rates scaled by four (what the long comparison's
+    250-step single-task rank runs use beside its 1,000-step multitask ones)."""
+    slow, _, _ = rank_closed_loop(100)
+    end = slow.budget.target / slow.budget.dense_blocks
+    assert slow.last_density - end > 0.05, (slow.last_density, end)
+    scaled, _, worst_gap = rank_closed_loop(100, gate_lr=0.2, lagrangian_lr=0.4)
+    assert abs(scaled.last_density - end) < 0.01 and worst_gap < 0.25, (scaled.last_density, worst_gap)
+
+
 def test_rank_projection_fills_the_budget_from_the_largest_log_alpha() -> None:
     model = tiny_model()
     hook = RankPruning(PruningConfig(method="rank", budget=0.3), total_steps=10)
