@@ -320,6 +320,11 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
             if not _claim(out_root / "runs" / spec.name):
                 status[spec.name] = "claimed elsewhere"
                 continue
+            if finished_results(cfg, spec, base_path) is not None:  # another process finished it meanwhile
+                (out_root / "runs" / spec.name / ".claim").unlink(missing_ok=True)
+                keep_results(cfg, spec, base_path)
+                status[spec.name] = "reused"
+                continue
             log(f"compare: training {spec.name}")
             active.append((spec, start_run(spec, cfg, base_path, out_root, base_port + 10 * (slot % 50), parallel)))
             slot += 1

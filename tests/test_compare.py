@@ -183,3 +183,27 @@ def test_a_run_folder_from_another_recipe_is_set_aside_not_reused(tmp_path: Path
     assert finished_results(changed, changed_spec, base) is None
     old_recipe = recipe_fingerprint(spec, cfg, base)
     assert set_aside_if_stale(changed, changed_spec, base).name == f"{spec.name}.stale-{old_recipe}"
+
+
+def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tmp_path: Path, monkeypatch) -> None:
+    """Several processes (or machines) sharing output_dir plan every run at the start; one that another finished
+    in the meantime is reused when its turn comes, not claimed and trained again."""
+    import mtp.compare as compare
+
+    cfg = compare.load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}"])
+    claim = compare._claim
+
+    def finished_by_another_process(run_dir: Path) -> bool:
+        (run_dir.parent).mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps({"finished": True}))
+        return claim(run_dir)
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(compare, "_claim", finished_by_another_process)
+    monkeypatch.setattr(compare, "start_run", no_training)
+    status = compare.run_all(cfg, ROOT / cfg.base, only="^st-rte-", log=lambda _: None)
+    assert status and set(status.values()) == {"reused"}
+    assert not any((tmp_path / "runs").glob("*/.claim"))
