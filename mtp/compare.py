@@ -215,11 +215,11 @@ def set_aside_if_stale(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> Pa
     run_dir = Path(cfg.output_dir) / "runs" / spec.name
     if not run_dir.is_dir() or (run_dir / ".claim").exists() or _current(run_dir, spec, cfg, base_path):
         return None  # a claimed folder is another process's to train (or a dead claim's, taken over below)
-    target = run_dir.with_name(f"{spec.name}.stale-{run_dir_recipe(run_dir)}")
-    n = 1
+    stale = f"{spec.name}.stale-{run_dir_recipe(run_dir)}"
+    target, n = run_dir.with_name(stale), 1
     while target.exists():
         n += 1
-        target = run_dir.with_name(f"{spec.name}.stale-{run_dir_recipe(run_dir)}-{n}")
+        target = run_dir.with_name(f"{stale}-{n}")
     run_dir.rename(target)
     return target
 
