@@ -31,6 +31,7 @@ def check_experiment(cfg: ExperimentConfig, world_size: int, resume: bool) -> di
         raise ConfigError(f"output_dir: {cfg.output_dir} already holds checkpoints; pass --resume to continue "
                           "or choose another output_dir")
     _check_encoder(cfg)
+    _check_sources(cfg)
     tokenizer = load_tokenizer(cfg.encoder)
     tasks = load_tasks(cfg)
     _check_budget(cfg, tasks, tokenizer.pad_token_id)
@@ -54,6 +55,50 @@ def _check_encoder(cfg: ExperimentConfig) -> None:
     for key in cfg.encoder.config_overrides:
         if not hasattr(hf, key):
             raise ConfigError(f"encoder.config_overrides.{key}: not a field of {type(hf).__name__}")
+
+
+def _run_tasks(run_dir: str, key: str) -> list[str] | None:
+    """The task names of a finished mtp run folder (from its final/mtp.json), None if it is not one."""
+    meta = Path(run_dir) / "final" / "mtp.json"
+    if not (Path(run_dir) / "final" / "model.safetensors").is_file() or not meta.is_file():
+        return None
+    try:
+        return [t["name"] for t in json.loads(meta.read_text())["tasks"]]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{key}: {meta} is not an mtp run's final/mtp.json") from None
+
+
+def _check_sources(cfg: ExperimentConfig) -> None:
+    """encoder.init_from and distill.teacher name something that can give what the config asks of it."""
+    tasks = [t.name for t in cfg.tasks]
+    if cfg.encoder.init_from:
+        found = _run_tasks(cfg.encoder.init_from, "encoder.init_from")
+        if found is None:
+            raise ConfigError(f"encoder.init_from: {cfg.encoder.init_from} holds no finished mtp run "
+                              "(no final/model.safetensors)")
+        missing = [t for t in tasks if t not in found]
+        if missing:
+            raise ConfigError(f"encoder.init_from: {cfg.encoder.init_from} has no head for task {missing[0]!r}")
+    d = cfg.distill
+    if d.teacher is None:
+        return
+    found = _run_tasks(d.teacher, "distill.teacher")
+    if found is None:
+        if d.logit_weight > 0:
+            raise ConfigError(f"distill.teacher: {d.teacher} is not a finished mtp run, so it has no task heads; "
+                              "set distill.logit_weight=0 to distil hidden states only")
+        from transformers import AutoConfig
+
+        from mtp.model import resolve_encoder_path
+
+        try:
+            AutoConfig.from_pretrained(resolve_encoder_path(d.teacher))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"distill.teacher: cannot load {d.teacher!r}: {str(err).splitlines()[0]}") from None
+    elif d.logit_weight > 0 and any(t not in found for t in tasks):
+        missing = next(t for t in tasks if t not in found)
+        raise ConfigError(f"distill.teacher: {d.teacher} has no head for task {missing!r} "
+                          "(set distill.logit_weight=0 to distil hidden states only)")
 
 
 def _check_budget(cfg: ExperimentConfig, tasks: list, pad_token_id: int | None) -> None:

@@ -178,9 +178,9 @@ def run_overrides(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> list[st
 
 
 def _fingerprint(exp: Any) -> str:
-    from mtp.config import dump_config
+    from mtp.config import recipe_dump
 
-    return hashlib.sha256(dump_config(exp).encode()).hexdigest()[:16]
+    return hashlib.sha256(recipe_dump(exp).encode()).hexdigest()[:16]
 
 
 def recipe_fingerprint(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> str:

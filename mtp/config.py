@@ -36,6 +36,9 @@ class EncoderConfig(_Strict):
     """Keys set on the transformers config before the model is built (e.g. num_hidden_layers)."""
     pooling: Literal["cls", "mean"] = "cls"
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    init_from: str | None = None
+    """A finished mtp run folder: training starts from its final encoder and task heads (pruning folded in),
+    e.g. a dense fine-tuned run that pruning then starts from. Every task must have a head there."""
 
 
 class TaskConfig(_Strict):
@@ -111,31 +114,57 @@ class PruningConfig(_Strict):
     """Cool-down w1 at the final density (or Lagrangian target), as a fraction of the steps."""
     score_lr: float = Field(1e-2, gt=0.0)
     """Learning rate of movement scores."""
-    soft_threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    """Soft movement: final tau in M = 1[sigmoid(S) > tau] (ramped by the cubic schedule)."""
-    soft_lambda: float = Field(1.0, ge=0.0)
-    """Soft movement: final weight of mean(sigmoid(S)) in the loss (ramped with tau)."""
+    soft_threshold: float = Field(0.1, gt=0.0, lt=1.0)
+    """Soft movement: final tau in M = 1[sigmoid(S) > tau] (ramped from 0 by the cubic schedule; Sanh et al.: 0.1)."""
+    soft_lambda: float = Field(400.0, ge=0.0)
+    """Soft movement: final weight of mean(sigmoid(S)) in the loss (ramped with tau; Sanh et al.: 400)."""
     gate_lr: float = Field(5e-2, gt=0.0)
-    """Rank pruning: learning rate of the gates' log alpha."""
+    """Rank pruning: learning rate of the gates' log alpha, constant (it follows neither warmup nor decay)."""
     lagrangian_lr: float = Field(0.1, gt=0.0)
     """Rank pruning: step size of the gradient ascent on lambda1 and lambda2."""
     lambda2_init: float = Field(100.0, ge=0.0)
     """Rank pruning: initial lambda2, the weight of the quadratic penalty (s - t)^2 that keeps the expected size on
     the target (with 0, lambda1 alone lags, winds up and overshoots; docs/pruning.md)."""
+    finetune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """The last fraction of the steps trains the weights at fixed masks or ranks (fixed when it starts: the final
+    top-k, soft movement's projection, rank's projection to the budget); the schedule ends before it."""
     log_alpha_init: float = 2.5
-    """Rank pruning: initial log alpha; 2.5 makes every deterministic gate 1 (the pretrained map)."""
+    """Rank pruning: initial log alpha; 2.5 makes every deterministic gate 1 (the pretrained map). Gates are not
+    sampled before the pruning warmup ends (a sampled gate falls below 1 on 29% of the ranks at 2.5)."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> PruningConfig:
-        if self.warmup_ratio + self.cooldown_ratio >= 1.0:
-            raise ValueError("pruning.warmup_ratio + pruning.cooldown_ratio must be below 1")
+        if self.warmup_ratio + self.cooldown_ratio + self.finetune_ratio >= 1.0:
+            raise ValueError("pruning.warmup_ratio + pruning.cooldown_ratio + pruning.finetune_ratio must be below 1")
         if self.budget > 1.0 and self.budget != int(self.budget):
             raise ValueError(f"pruning.budget: {self.budget} is neither a fraction (<= 1) nor a parameter count")
         if self.method != "none" and self.budget == 1.0:
             raise ValueError(f"pruning.budget: method {self.method!r} needs a budget below the dense size")
+        return self
+
+
+class DistillConfig(_Strict):
+    """Knowledge distillation from a dense teacher, an option of every method (and of dense training)."""
+
+    teacher: str | None = None
+    """A finished mtp run folder (encoder and heads: logit and hidden-state distillation) or a Hugging Face encoder
+    (name or folder: hidden states only). None: no distillation."""
+    task_weight: float = Field(1.0, ge=0.0)
+    """Weight of the task loss (the labels)."""
+    logit_weight: float = Field(1.0, ge=0.0)
+    """Weight of the logit loss: KL(teacher || student) at `temperature`, times T^2; squared error for regression."""
+    temperature: float = Field(2.0, gt=0.0)
+    hidden_weight: float = Field(0.0, ge=0.0)
+    """Weight of the hidden-state loss: mean squared error between every block's output of student and teacher
+    (layer i to layer i, over real tokens), averaged over the blocks, as CoFi's layer distillation."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.teacher is not None and self.task_weight + self.logit_weight + self.hidden_weight == 0:
+            raise ValueError("distill: task_weight, logit_weight and hidden_weight are all 0")
         return self
 
 
@@ -146,6 +175,7 @@ class ExperimentConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     output_dir: str = "runs/default"
 
     @model_validator(mode="after")
@@ -275,3 +305,36 @@ def cache_dir(cfg: ExperimentConfig) -> Path:
 
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys added after recipes were first fingerprinted; at these values they change nothing, so a recipe that leaves
+# them there keeps the fingerprint it had before they existed (finished runs stay current).
+NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
+    ("encoder", "init_from"): None,
+    ("pruning", "finetune_ratio"): 0.0,
+    ("distill",): DistillConfig().model_dump(mode="json"),
+}
+
+
+# Method keys whose default changed: a run whose method does not read one is hashed with the value the key had when
+# fingerprints were first made, so that the change leaves the other methods' (and dense) recipes as they were.
+UNREAD_KEYS_HASHED_AS: dict[str, tuple[set[str], Any]] = {
+    "soft_threshold": ({"soft_movement"}, 0.5),
+    "soft_lambda": ({"soft_movement"}, 1.0),
+}
+
+
+def recipe_dump(cfg: ExperimentConfig) -> str:
+    """The config as YAML for fingerprints: `dump_config` less the keys of NEUTRAL_WHEN_UNSET at their neutral value,
+    and with the method keys the run does not read at fixed values (UNREAD_KEYS_HASHED_AS)."""
+    tree = cfg.model_dump(mode="json")
+    for keys, neutral in NEUTRAL_WHEN_UNSET.items():
+        node = tree
+        for key in keys[:-1]:
+            node = node[key]
+        if node.get(keys[-1]) == neutral:
+            del node[keys[-1]]
+    for key, (readers, hashed_as) in UNREAD_KEYS_HASHED_AS.items():
+        if cfg.pruning.method not in readers:
+            tree["pruning"][key] = hashed_as
+    return yaml.safe_dump(tree, sort_keys=False)

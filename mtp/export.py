@@ -78,6 +78,33 @@ def build_dense_model(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[s
     return model.eval()
 
 
+def load_finished_run(run_dir: str | Path, what: str) -> tuple[MultitaskModel, dict[str, Any]]:
+    """A finished run's final model (pruning folded into plain weights) and its mtp.json; `what` names the config
+    key that asked for it in errors."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "final" / "model.safetensors").is_file():
+        raise ConfigError(f"{what}: {run_dir} holds no finished mtp run (no final/model.safetensors)")
+    cfg, meta, state = read_final(run_dir)
+    return build_dense_model(cfg, meta, state), meta
+
+
+def initialise_from_run(model: MultitaskModel, run_dir: str | Path) -> None:
+    """Copy a finished run's encoder and the heads of `model`'s tasks into `model` (encoder.init_from)."""
+    source, _ = load_finished_run(run_dir, "encoder.init_from")
+    missing = [t.name for t in model.tasks if t.name not in source.heads]
+    if missing:
+        raise ConfigError(f"encoder.init_from: {run_dir} has no head for task {missing[0]!r}")
+    state = {k: v for k, v in source.state_dict().items()
+             if k.startswith("encoder.") or k.split(".")[1] in model.task_index}
+    target = model.state_dict()
+    for key, value in state.items():
+        if key not in target or target[key].shape != value.shape:
+            found = "absent" if key not in target else tuple(target[key].shape)
+            raise ConfigError(f"encoder.init_from: {run_dir}: {key} {tuple(value.shape)} does not fit this model "
+                              f"({found})")
+    model.load_state_dict(state, strict=True)
+
+
 # ---------------------------------------------------------------- (a) Hugging Face
 
 

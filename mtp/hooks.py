@@ -7,6 +7,7 @@ Order within one training run:
     param_groups(model)               optimizer groups with their own learning rates
     [resume] load_state_dict(state)   after the DeepSpeed checkpoint is loaded
     loop over optimizer steps:
+        batch_loss(task, batch, outputs, loss)  rewrites each micro-batch's task loss (distillation)
         extra_loss(model, step)       added to each micro-batch's loss (regularisers, Lagrangians)
         on_optimizer_step(model, step)  once per optimizer step, after DeepSpeed's step
         metrics()                     scalars for TensorBoard at log steps (on every rank)
@@ -33,8 +34,14 @@ class Hook:
         """Prepare the model before DeepSpeed sees it (wrap layers, add parameters)."""
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Optimizer parameter groups owned by this hook (their params leave the default groups)."""
+        """Optimizer parameter groups owned by this hook (their params leave the default groups); a group with
+        `"constant_lr": True` keeps its learning rate (no warmup, no decay)."""
         return []
+
+    def batch_loss(self, task: str, batch: dict[str, torch.Tensor], outputs: dict[str, Any],
+                   loss: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss given its task, inputs and the model's outputs (default: `loss` unchanged)."""
+        return loss
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         """A term added to the training loss of every micro-batch, or None."""

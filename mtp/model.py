@@ -108,29 +108,35 @@ class MultitaskModel(nn.Module):
         self.pooling = pooling
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({t.name: TaskHead(hidden, t.num_labels, head_dropout) for t in self.tasks})
+        self.keep_hidden_states = False  # set by distillation: outputs then hold every block's output
 
     @property
     def model_type(self) -> str:
         return self.encoder.config.model_type
 
-    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The pooled vector and, with `keep_hidden_states`, the output of every block."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and getattr(self.encoder.config, "type_vocab_size", 1) > 1:
             kwargs["token_type_ids"] = token_type_ids  # RoBERTa has a single segment type
-        hidden = self.encoder(**kwargs).last_hidden_state
+        out = self.encoder(**kwargs, output_hidden_states=self.keep_hidden_states)
+        hidden = out.last_hidden_state
+        blocks = tuple(out.hidden_states[1:]) if self.keep_hidden_states else None
         if self.pooling == "cls":
-            return hidden[:, 0]
+            return hidden[:, 0], blocks
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0), blocks
 
     def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 ) -> dict[str, torch.Tensor]:
-        pooled = self.pool(input_ids, attention_mask, token_type_ids)
+        pooled, blocks = self.encode(input_ids, attention_mask, token_type_ids)
         outputs = {name: head(pooled) for name, head in self.heads.items()}
         logits = outputs[task].float()
         result = {"logits": logits}
+        if blocks is not None:
+            result["hidden_states"] = blocks
         if labels is not None:
             info = self.tasks[self.task_index[task]]
             if info.is_regression:

@@ -259,6 +259,7 @@ class FactorizedLinear(nn.Module):
         self.log_alpha = nn.Parameter(torch.full((s.numel(),), float(log_alpha_init)))
         self.register_buffer("keep", torch.ones(s.numel(), dtype=torch.bool))
         self.beta, (self.low, self.high) = beta, stretch
+        self.sample = True  # the hook turns sampling off outside the pruning ramp (deterministic gates)
         self.aux: torch.Tensor | None = None
 
     @property
@@ -266,9 +267,9 @@ class FactorizedLinear(nn.Module):
         return self.in_features + self.out_features
 
     def gates(self) -> torch.Tensor:
-        """Hard-concrete samples in training, deterministic gates in evaluation; dropped ranks are 0."""
+        """Hard-concrete samples while training with `sample`, else deterministic gates; dropped ranks are 0."""
         log_alpha = self.log_alpha.float()
-        if not self.training:
+        if not (self.training and self.sample):
             return self.deterministic_gates(log_alpha) * self.keep
         u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
@@ -285,7 +286,7 @@ class FactorizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gates()
-        if self.training:
+        if self.training and self.sample:
             self.aux = self.expected_open()
         open_ranks = torch.nonzero(g > 0).squeeze(1)
         if open_ranks.numel() == 0:
@@ -332,7 +333,10 @@ class PruningHook(Hook):
         self.total_steps = total_steps
         self.warmup = int(round(cfg.warmup_ratio * total_steps))
         self.cooldown = int(round(cfg.cooldown_ratio * total_steps))
+        # the schedule (warmup, ramp, cool-down) ends here; the steps after it train at fixed masks or ranks
+        self.schedule_end = total_steps - int(round(cfg.finetune_ratio * total_steps))
         self.step = 0
+        self.fixed = False  # masks or ranks fixed for the final fine-tuning phase
         self.budget: Budget | None = None
 
     def setup(self, model: nn.Module) -> None:
@@ -367,11 +371,19 @@ class PruningHook(Hook):
         out |= {f"pruning/kept_per_type/{k}": v for k, v in report["kept_prunable_per_type"].items()}
         return out
 
+    def schedule(self, step: int, start: float, end: float) -> float:
+        """The cubic schedule from `start` to `end` over this run's warmup, ramp and cool-down."""
+        return cubic_schedule(step, self.schedule_end, self.warmup, self.cooldown, start, end)
+
+    def in_fixed_phase(self, step: int) -> bool:
+        return step > self.schedule_end
+
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {"step": self.step, "fixed": self.fixed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state.get("step", 0)
+        self.fixed = state.get("fixed", False)
 
 
 class ElementwisePruning(PruningHook):
@@ -395,10 +407,10 @@ class ElementwisePruning(PruningHook):
 
     def progress(self) -> float:
         """0 before pruning starts, 1 from the cool-down on."""
-        return 1.0 - cubic_schedule(self.step, self.total_steps, self.warmup, self.cooldown, 1.0, 0.0)
+        return 1.0 - self.schedule(self.step, 1.0, 0.0)
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
-        if self.cfg.method != "soft_movement" or self.cfg.soft_lambda == 0:
+        if self.cfg.method != "soft_movement" or self.cfg.soft_lambda == 0 or self.fixed:
             return None
         total = sum(m.aux for m in self.modules if m.aux is not None)
         assert self.budget is not None
@@ -407,6 +419,12 @@ class ElementwisePruning(PruningHook):
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         self.step = step
         assert self.budget is not None
+        if self.fixed:
+            return
+        if self.in_fixed_phase(step):  # the final masks, kept from here on
+            self.final_masks()
+            self.fixed = True
+            return
         if self.cfg.method == "soft_movement":
             self.threshold = self.cfg.soft_threshold * self.progress()
             # sigmoid(S) > tau  <=>  S > logit(tau): one comparison per entry, no sigmoid
@@ -416,7 +434,7 @@ class ElementwisePruning(PruningHook):
                 with gathered([m.scores]):
                     torch.gt(m.scores.detach(), cut, out=m.mask)
             return
-        self.density = cubic_schedule(step, self.total_steps, self.warmup, self.cooldown, 1.0, self.budget.density)
+        self.density = self.schedule(step, 1.0, self.budget.density)
         self.update_masks(self.density)
 
     def _criterion(self, m: MaskedLinear) -> torch.Tensor:
@@ -450,14 +468,23 @@ class ElementwisePruning(PruningHook):
         finite = [t for t in thresholds if math.isfinite(t)]
         self.threshold = statistics.median(finite) if finite else 0.0
 
-    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+    def final_masks(self) -> None:
+        """The masks at the budget: the final top-k; soft movement, which does not hit the budget by itself, is
+        projected to it (global top-k of its scores)."""
         assert self.budget is not None
-        if self.cfg.method == "soft_movement":  # soft movement does not hit the budget by itself: project
+        self.density = self.budget.density
+        if self.cfg.method == "soft_movement":
             scope = self.cfg.scope
             self.cfg.scope = "global"
             self.update_masks(self.budget.density)
             self.cfg.scope = scope
-        return self.kept_report(model)
+        else:
+            self.update_masks(self.budget.density)
+
+    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+        if self.cfg.method == "soft_movement" and not self.fixed:
+            self.final_masks()
+        return {**self.kept_report(model), "fixed_masks_from_step": self.schedule_end + 1 if self.fixed else None}
 
     def kept_in(self, module: nn.Module) -> int:
         return int(module.mask.count_nonzero())
@@ -484,6 +511,13 @@ class RankPruning(PruningHook):
         self.projected = False
         self.start_density = self.expected_density().item()
         self.last_density = self.start_density
+        self._set_sampling()
+
+    def _set_sampling(self) -> None:
+        """Gates are sampled only on the ramp: before it the model is the dense one, after it the ranks are fixed."""
+        sample = self.warmup < self.step + 1 and not self.fixed
+        for m in self.modules:
+            m.sample = sample
 
     def expected_density(self) -> torch.Tensor:
         """Expected encoder-block size over the dense size (differentiable in log alpha)."""
@@ -494,14 +528,16 @@ class RankPruning(PruningHook):
     def target(self, step: int) -> float:
         assert self.budget is not None
         end = self.budget.target / self.budget.dense_blocks
-        return cubic_schedule(step, self.total_steps, self.warmup, self.cooldown, self.start_density, end)
+        return self.schedule(step, self.start_density, end)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return [{"params": [m.log_alpha for m in self.modules], "lr": self.cfg.gate_lr, "weight_decay": 0.0,
-                 "name": "gates"}]
+                 "name": "gates", "constant_lr": True}]
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         assert self.budget is not None
+        if not self.modules[0].sample:  # no sampled gates: nothing to hold to the target
+            return None
         size = sum(m.rank_cost * m.aux for m in self.modules if m.aux is not None)
         density = (size + self.budget.non_prunable) / self.budget.dense_blocks
         gap = density - self.target(step)
@@ -509,21 +545,30 @@ class RankPruning(PruningHook):
         return self.lambda1 * gap + self.lambda2 * gap * gap
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
-        """Gradient ascent on the multipliers: d/d(lambda1) = gap, d/d(lambda2) = gap^2."""
+        """Gradient ascent on the multipliers: d/d(lambda1) = gap, d/d(lambda2) = gap^2; at the end of the schedule
+        the ranks are projected to the budget and fixed for the fine-tuning phase."""
+        sampled = self.modules[0].sample
         self.step = step
-        gap = self.last_density - self.target(step)
-        self.lambda1 += self.cfg.lagrangian_lr * gap
-        self.lambda2 += self.cfg.lagrangian_lr * gap * gap
+        if not self.fixed and self.in_fixed_phase(step):
+            self.project()
+            self.fixed = True
+        elif sampled:
+            gap = self.last_density - self.target(step)
+            self.lambda1 += self.cfg.lagrangian_lr * gap
+            self.lambda2 += self.cfg.lagrangian_lr * gap * gap
+        self._set_sampling()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "lambda1": self.lambda1, "lambda2": self.lambda2,
+        return {"step": self.step, "fixed": self.fixed, "lambda1": self.lambda1, "lambda2": self.lambda2,
                 "start_density": self.start_density, "last_density": self.last_density}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = state.get("step", 0)
+        super().load_state_dict(state)
         self.lambda1, self.lambda2 = state.get("lambda1", 0.0), state.get("lambda2", 0.0)
         self.start_density = state.get("start_density", self.start_density)
         self.last_density = state.get("last_density", self.last_density)
+        self.projected = self.fixed  # the keep masks themselves come back with the checkpoint's buffers
+        self._set_sampling()
 
     def project(self) -> None:
         """Keep the ranks with the largest log alpha (the largest gates first), over all matrices, while the size
@@ -555,10 +600,12 @@ class RankPruning(PruningHook):
         return count
 
     def on_train_end(self, model: nn.Module) -> dict[str, Any]:
-        self.project()
+        if not self.fixed:
+            self.project()
         report = self.kept_report(model)
         report.update({"lambda1": self.lambda1, "lambda2": self.lambda2, "closed_kept_ranks": self.closed_kept_ranks(),
                        "expected_fraction_at_end": self.last_density,
+                       "fixed_ranks_from_step": self.schedule_end + 1 if self.fixed else None,
                        "kept_ranks": {f"{kind}.{idx}": int(m.keep.sum()) for kind, idx, m in prunable_modules(model)}})
         return report
 

@@ -26,6 +26,8 @@ import torch.distributed as dist
 
 from mtp.config import ConfigError, ExperimentConfig, cache_dir, dump_config, resolve_path
 from mtp.data import MultitaskSampler, TaskData, eval_shard, load_tasks, task_probabilities, tokenize_task
+from mtp.distill import build_distillation
+from mtp.export import initialise_from_run
 from mtp.hooks import Hook
 from mtp.metrics import compute_metrics, task_score
 from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder, load_tokenizer, parameter_counts
@@ -88,6 +90,10 @@ def precision_of(ds: dict[str, Any]) -> str:
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
     return "fp32"
+
+
+def torch_dtype(ds: dict[str, Any]) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds)]
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -167,6 +173,18 @@ def lr_lambda(warmup: int, total: int):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
+
+
+def _constant(_step: int) -> float:
+    return 1.0
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then linear decay for every group, except groups marked `constant_lr` (gates: FLOP and CoFi train
+    them at a constant rate)."""
+    decay = lr_lambda(warmup, total)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [_constant if g.get("constant_lr") else decay for g in optimizer.param_groups])
 
 
 def split_param_groups(model: torch.nn.Module, hooks: list[Hook], weight_decay: float) -> list[dict[str, Any]]:
@@ -266,19 +284,21 @@ class Trainer:
         encoder = load_encoder(cfg.encoder, pad_token_id=self.tokenizer.pad_token_id)
         model = MultitaskModel(encoder, [TaskInfo(t.name, t.num_labels) for t in self.tasks],
                                pooling=cfg.encoder.pooling, head_dropout=cfg.encoder.head_dropout)
+        if cfg.encoder.init_from and not resume:  # on resume the checkpoint holds the weights
+            initialise_from_run(model, cfg.encoder.init_from)
         self.param_counts = parameter_counts(model)
         if self.hooks is None:
-            self.hooks = build_pruning(cfg.pruning, self.max_steps)
+            self.hooks = [*build_pruning(cfg.pruning, self.max_steps),
+                          *build_distillation(cfg.distill, [t.name for t in self.tasks], torch_dtype(self.ds_config))]
         self.hooks = [*self.hooks, *self.extra_hooks]
         for hook in self.hooks:
             hook.setup(model)
         groups = split_param_groups(model, self.hooks, cfg.train.weight_decay)
         warmup = int(cfg.train.warmup_ratio * self.max_steps)
-        schedule = lr_lambda(warmup, self.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, config=self.ds_config,
             optimizer=None if "optimizer" in self.ds_config else _adamw(groups, cfg),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+            lr_scheduler=lambda opt: lr_schedule(opt, warmup, self.max_steps))
         skip_single_rank_reduction(self.engine)
         self.device = self.engine.device
         self.step = 0
@@ -385,7 +405,10 @@ class Trainer:
                 tokens = int(collated["attention_mask"].sum())
                 batch = _to_device(collated, self.device)
                 out = self.engine(task, **batch)
-                loss = out["loss"] * weights[task]
+                loss = out["loss"]
+                for hook in self.hooks:
+                    loss = hook.batch_loss(task, batch, out, loss)
+                loss = loss * weights[task]
                 for hook in self.hooks:
                     extra = hook.extra_loss(self.engine.module, self.step)
                     if extra is not None:

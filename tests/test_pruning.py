@@ -287,7 +287,8 @@ def rank_closed_loop(steps: int, **overrides: float) -> tuple[RankPruning, nn.Mo
         x = torch.randint(1, 1000, (8, 12))
         labels = (x[:, 0] % 2).long()
         loss = model("rte", input_ids=x, attention_mask=torch.ones_like(x), labels=labels)["loss"]
-        (loss + hook.extra_loss(model, step)).backward()
+        extra = hook.extra_loss(model, step)
+        (loss if extra is None else loss + extra).backward()
         optimizer.step()
         optimizer.zero_grad()
         hook.on_optimizer_step(model, step + 1)

@@ -1,0 +1,144 @@
+"""Knowledge distillation from a dense teacher, as a hook: an option of every pruning method and of dense training.
+
+The teacher is a finished mtp run (encoder and task heads, pruning folded in) or a Hugging Face encoder. For
+each micro-batch it runs on the same inputs, without gradients, and the loss becomes
+
+    task_weight * L_task + logit_weight * L_logit + hidden_weight * L_hidden
+
+where L_logit is KL(teacher || student) of the task's logits at temperature T, times T^2 (Hinton et al.; Sanh
+et al. distil their pruned models this way), or the squared error for a regression task, and L_hidden is the mean
+squared error between the outputs of block i of student and teacher over real tokens, averaged over the blocks
+(CoFi's layer distillation with the identity layer map: pruning keeps every block and the hidden size).
+The teacher is an ordinary module on every rank, outside the DeepSpeed engine, so it works under ZeRO 0-3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp.config import ConfigError, DistillConfig
+from mtp.hooks import Hook
+
+
+class HiddenStateTeacher(nn.Module):
+    """A Hugging Face encoder as a teacher: block outputs only (it has no task heads)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and getattr(self.encoder.config, "type_vocab_size", 1) > 1:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.encoder(**kwargs, output_hidden_states=True)
+        return {"hidden_states": tuple(out.hidden_states[1:])}
+
+
+def is_run_folder(path: str) -> bool:
+    return (Path(path) / "final" / "model.safetensors").is_file()
+
+
+def load_teacher(cfg: DistillConfig, tasks: list[str]) -> nn.Module:
+    """The teacher named by distill.teacher, in evaluation mode without gradients; refuses one that cannot give
+    what the weights ask for (logits of every task, or block outputs)."""
+    assert cfg.teacher is not None
+    if is_run_folder(cfg.teacher):
+        from mtp.export import load_finished_run
+
+        teacher, _ = load_finished_run(cfg.teacher, "distill.teacher")
+        missing = [t for t in tasks if t not in teacher.heads]
+        if cfg.logit_weight > 0 and missing:
+            raise ConfigError(f"distill.teacher: {cfg.teacher} has no head for task {missing[0]!r} "
+                              "(set distill.logit_weight=0 to distil hidden states only)")
+        teacher.keep_hidden_states = cfg.hidden_weight > 0
+    else:
+        if cfg.logit_weight > 0:
+            raise ConfigError(f"distill.teacher: {cfg.teacher} is not a finished mtp run, so it has no task heads; "
+                              "set distill.logit_weight=0 to distil hidden states only")
+        from transformers import AutoModel
+
+        from mtp.model import resolve_encoder_path
+
+        try:
+            encoder = AutoModel.from_pretrained(resolve_encoder_path(cfg.teacher), add_pooling_layer=False)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"distill.teacher: cannot load {cfg.teacher!r}: {str(err).splitlines()[0]}") from None
+        teacher = HiddenStateTeacher(encoder)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def logit_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) T^2 per example for classification; squared error for regression."""
+    if student.shape[-1] == 1:
+        return F.mse_loss(student.float(), teacher.float())
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over blocks of the squared error per real token and feature."""
+    if len(student) != len(teacher):
+        raise ValueError(f"distill: the student has {len(student)} blocks, the teacher {len(teacher)}")
+    mask = attention_mask.unsqueeze(-1).float()
+    count = mask.sum() * student[0].shape[-1]
+    total = sum(((s.float() - t.float()) ** 2 * mask).sum() / count for s, t in zip(student, teacher, strict=True))
+    return total / len(student)
+
+
+class Distillation(Hook):
+    """The distillation hook: loads the teacher, asks the student for block outputs, rewrites each loss."""
+
+    name = "distill"
+
+    def __init__(self, cfg: DistillConfig, tasks: list[str], dtype: torch.dtype = torch.float32):
+        self.cfg = cfg
+        self.teacher = load_teacher(cfg, tasks).to(dtype)
+        self.last: dict[str, torch.Tensor] = {}
+
+    def setup(self, model: nn.Module) -> None:
+        if self.cfg.hidden_weight > 0:
+            model.keep_hidden_states = True
+            width = self.teacher.encoder.config.hidden_size
+            if width != model.encoder.config.hidden_size:
+                raise ConfigError(f"distill.teacher: hidden size {width} differs from the student's "
+                                  f"{model.encoder.config.hidden_size}; hidden-state distillation needs the same")
+
+    def batch_loss(self, task: str, batch: dict[str, torch.Tensor], outputs: dict[str, Any],
+                   loss: torch.Tensor) -> torch.Tensor:
+        device = batch["input_ids"].device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            target = self.teacher(task, **inputs)
+        total = self.cfg.task_weight * loss
+        self.last = {"task": loss.detach()}
+        if self.cfg.logit_weight > 0:
+            term = logit_loss(outputs["logits"], target["logits"], self.cfg.temperature)
+            total = total + self.cfg.logit_weight * term
+            self.last["logit"] = term.detach()
+        if self.cfg.hidden_weight > 0:
+            term = hidden_loss(outputs["hidden_states"], target["hidden_states"], batch["attention_mask"])
+            total = total + self.cfg.hidden_weight * term
+            self.last["hidden"] = term.detach()
+        return total
+
+    def metrics(self) -> dict[str, float]:
+        return {f"distill/{k}_loss": float(v) for k, v in self.last.items()}
+
+
+def build_distillation(cfg: DistillConfig, tasks: list[str], dtype: torch.dtype) -> list[Hook]:
+    """The distillation hook when distill.teacher is set (none otherwise)."""
+    return [] if cfg.teacher is None else [Distillation(cfg, tasks, dtype)]

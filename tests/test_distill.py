@@ -1,0 +1,201 @@
+"""Distillation and starting from a finished run: losses against references, the hook against an identical
+teacher, init_from, fixed masks and ranks for the final fine-tuning, and fingerprints of unchanged recipes."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from scipy.special import log_softmax, softmax
+
+from mtp.config import ConfigError, DistillConfig, EncoderConfig, ExperimentConfig, PruningConfig
+from mtp.distill import Distillation, hidden_loss, logit_loss
+from mtp.export import initialise_from_run
+from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder
+from mtp.pruning import ElementwisePruning, RankPruning
+from tests.conftest import ROOT
+
+
+def tiny_model(seed: int = 0, tasks: tuple[tuple[str, int], ...] = (("rte", 2), ("stsb", 1))) -> MultitaskModel:
+    torch.manual_seed(seed)
+    encoder = load_encoder(EncoderConfig(name="configs/arch/tiny-bert", random_init=True))
+    return MultitaskModel(encoder, [TaskInfo(n, k) for n, k in tasks])
+
+
+def save_as_finished_run(model: MultitaskModel, run_dir: Path, labels: dict[str, list[str] | None]) -> Path:
+    """The files a finished run leaves (final/model.safetensors, final/mtp.json), for a model built here."""
+    cfg = ExperimentConfig(encoder=EncoderConfig(name="configs/arch/tiny-bert", random_init=True),
+                           tasks=[{"name": t.name} for t in model.tasks])
+    (run_dir / "final").mkdir(parents=True)
+    save_file(full_state_dict(model), str(run_dir / "final" / "model.safetensors"))
+    meta = {"config": cfg.model_dump(mode="json"), "steps": 1, "pruning": None, "dev_scores": {},
+            "tasks": [{"name": t.name, "labels": labels[t.name], "metric": "accuracy"} for t in model.tasks]}
+    (run_dir / "final" / "mtp.json").write_text(json.dumps(meta))
+    return run_dir
+
+
+def test_logit_loss_matches_the_kl_divergence_and_squared_error() -> None:
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    temperature = 2.0
+    p = softmax(t / temperature, axis=1)
+    reference = (p * (np.log(p) - log_softmax(s / temperature, axis=1))).sum(1).mean() * temperature**2
+    got = logit_loss(torch.tensor(s), torch.tensor(t), temperature)
+    assert abs(float(got) - reference) < 1e-6
+    assert float(logit_loss(torch.tensor(t), torch.tensor(t), temperature)) == pytest.approx(0.0, abs=1e-7)
+    r_s, r_t = rng.normal(size=(5, 1)), rng.normal(size=(5, 1))
+    assert float(logit_loss(torch.tensor(r_s), torch.tensor(r_t), temperature)) == pytest.approx(
+        float(((r_s - r_t) ** 2).mean()))
+
+
+def test_hidden_loss_counts_real_tokens_only() -> None:
+    torch.manual_seed(0)
+    student = tuple(torch.randn(2, 4, 3) for _ in range(2))
+    teacher = tuple(torch.randn(2, 4, 3) for _ in range(2))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    reference = np.mean([((s - t)[mask.bool()] ** 2).mean().item() for s, t in zip(student, teacher, strict=True)])
+    assert float(hidden_loss(student, teacher, mask)) == pytest.approx(reference, rel=1e-6)
+    padded = tuple(s.clone() for s in student)
+    for s in padded:
+        s[0, 3] += 100.0  # a padding position: no effect
+    assert float(hidden_loss(padded, teacher, mask)) == pytest.approx(reference, rel=1e-6)
+
+
+def test_a_student_identical_to_its_teacher_has_only_its_task_loss(tmp_path: Path) -> None:
+    model = tiny_model().eval()
+    run = save_as_finished_run(model, tmp_path / "teacher", {"rte": ["a", "b"], "stsb": None})
+    cfg = DistillConfig(teacher=str(run), task_weight=0.5, logit_weight=1.0, hidden_weight=1.0)
+    hook = Distillation(cfg, ["rte", "stsb"])
+    student = copy.deepcopy(model)
+    hook.setup(student)
+    x = torch.randint(5, 1000, (3, 9))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.tensor([0, 1, 1])}
+    out = student("rte", **batch)
+    assert len(out["hidden_states"]) == 2
+    total = hook.batch_loss("rte", batch, out, out["loss"])
+    assert float(total.detach()) == pytest.approx(0.5 * float(out["loss"].detach()), rel=1e-5)
+    assert hook.metrics()["distill/logit_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert hook.metrics()["distill/hidden_loss"] == pytest.approx(0.0, abs=1e-8)
+    other = tiny_model(seed=1)  # a different student: both terms positive, and gradients reach it
+    hook.setup(other)
+    out = other("stsb", **{**batch, "labels": torch.tensor([0.1, 2.0, 3.0])})
+    total = hook.batch_loss("stsb", batch, out, out["loss"])
+    total.backward()
+    assert hook.metrics()["distill/logit_loss"] > 0 and hook.metrics()["distill/hidden_loss"] > 0
+    assert other.encoder.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in hook.teacher.parameters())
+
+
+def test_a_teacher_without_heads_is_refused_for_logit_distillation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="distill.teacher: .* no task heads; set distill.logit_weight=0"):
+        Distillation(DistillConfig(teacher="configs/arch/tiny-bert"), ["rte"])
+    run = save_as_finished_run(tiny_model(tasks=(("rte", 2),)), tmp_path / "t", {"rte": ["a", "b"]})
+    with pytest.raises(ConfigError, match="no head for task 'stsb'"):
+        Distillation(DistillConfig(teacher=str(run)), ["rte", "stsb"])
+
+
+def test_init_from_copies_the_encoder_and_heads(tmp_path: Path) -> None:
+    source = tiny_model(seed=3, tasks=(("rte", 2), ("stsb", 1), ("cola", 2)))
+    run = save_as_finished_run(source, tmp_path / "run", {"rte": ["a", "b"], "stsb": None, "cola": ["x", "y"]})
+    target = tiny_model(seed=4, tasks=(("rte", 2),))  # a single-task model from a multitask run
+    initialise_from_run(target, run)
+    expected = source.state_dict()
+    for key, value in target.state_dict().items():
+        torch.testing.assert_close(value, expected[key])
+    with pytest.raises(ConfigError, match="no head for task 'mnli'"):
+        initialise_from_run(tiny_model(tasks=(("mnli", 3),)), run)
+    with pytest.raises(ConfigError, match="encoder.init_from: .* holds no finished mtp run"):
+        initialise_from_run(tiny_model(), tmp_path / "nothing")
+
+
+def test_element_wise_masks_are_fixed_for_the_final_fine_tuning() -> None:
+    model = tiny_model()
+    cfg = PruningConfig(method="magnitude", budget=0.4, warmup_ratio=0.1, cooldown_ratio=0.1, finetune_ratio=0.3)
+    hook = ElementwisePruning(cfg, total_steps=20)
+    hook.setup(model)
+    assert hook.schedule_end == 14
+    for step in range(1, 15):
+        hook.on_optimizer_step(model, step)
+    assert not hook.fixed and hook.density == pytest.approx(hook.budget.density)
+    hook.on_optimizer_step(model, 15)
+    assert hook.fixed
+    before = [m.mask.clone() for m in hook.modules]
+    with torch.no_grad():
+        for m in hook.modules:  # the weights move on: magnitude would pick other entries
+            m.weight.copy_(torch.randn_like(m.weight))
+    for step in range(16, 21):
+        hook.on_optimizer_step(model, step)
+    assert all(torch.equal(a, m.mask) for a, m in zip(before, hook.modules, strict=True))
+    report = hook.on_train_end(model)
+    assert report["within_budget"] and report["fixed_masks_from_step"] == 15
+    resumed = ElementwisePruning(cfg, total_steps=20)
+    resumed.load_state_dict(hook.state_dict())
+    assert resumed.fixed and resumed.step == 20
+
+
+def test_rank_gates_are_deterministic_off_the_ramp_and_ranks_fixed_for_the_fine_tuning() -> None:
+    model = tiny_model().train()
+    cfg = PruningConfig(method="rank", budget=0.4, warmup_ratio=0.2, cooldown_ratio=0.1, finetune_ratio=0.2)
+    hook = RankPruning(cfg, total_steps=20)
+    hook.setup(model)
+    x = torch.randint(5, 1000, (2, 7))
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(5)  # the same dropout: only sampled gates could make the two passes differ
+        outputs.append(model("rte", input_ids=x, attention_mask=torch.ones_like(x))["logits"])
+    torch.testing.assert_close(outputs[0], outputs[1])  # the dense phase: no sampled gates, the dense map
+    assert hook.extra_loss(model, 0) is None
+    for step in range(1, 5):
+        hook.on_optimizer_step(model, step)
+    assert all(m.sample for m in hook.modules)  # the ramp: sampled gates
+    for step in range(5, 18):
+        hook.on_optimizer_step(model, step)
+    assert hook.fixed and hook.projected and not any(m.sample for m in hook.modules)
+    keep = [m.keep.clone() for m in hook.modules]
+    with torch.no_grad():
+        for m in hook.modules:
+            m.log_alpha.add_(torch.randn_like(m.log_alpha))
+    for step in range(18, 21):
+        hook.on_optimizer_step(model, step)
+    report = hook.on_train_end(model)
+    assert all(torch.equal(a, m.keep) for a, m in zip(keep, hook.modules, strict=True))
+    assert report["within_budget"] and report["fixed_ranks_from_step"] == 17
+
+
+def test_gate_groups_keep_a_constant_learning_rate() -> None:
+    from mtp.train import lr_schedule
+
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.SGD([{"params": [params[0]]}, {"params": [params[1]], "constant_lr": True}], lr=1.0)
+    schedule = lr_schedule(opt, warmup=2, total=10)
+    seen = []
+    for _ in range(9):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        schedule.step()
+    assert [s[1] for s in seen] == [1.0] * 9
+    assert [round(s[0], 3) for s in seen[:4]] == [0.5, 1.0, 1.0, 0.875]
+
+
+def test_recipes_that_leave_the_new_keys_alone_keep_their_fingerprints() -> None:
+    """The committed results of the long comparison carry the fingerprints of their recipes: the dense and movement
+    runs still match after distillation, init_from, finetune_ratio and the soft-movement defaults were added."""
+    from mtp.compare import load_compare_config, plan_runs, recipe_fingerprint
+
+    cfg = load_compare_config(ROOT / "configs/compare_minilm_long.yaml")
+    kept = ROOT / cfg.results_dir / "runs"
+    checked = 0
+    for spec in plan_runs(cfg, ["rte", "mrpc", "stsb", "cola", "sst2"]):
+        if spec.method in ("none", "movement"):
+            stored = json.loads((kept / f"{spec.name}.json").read_text())["recipe"]
+            assert recipe_fingerprint(spec, cfg, ROOT / cfg.base) == stored, spec.name
+            checked += 1
+    assert checked == 30
+    spec = plan_runs(cfg, ["rte"])[0]
+    with_teacher = cfg.model_copy(update={"overrides": [*cfg.overrides, "distill.teacher=runs/x"]})
+    assert recipe_fingerprint(spec, with_teacher, ROOT / cfg.base) != recipe_fingerprint(spec, cfg, ROOT / cfg.base)
