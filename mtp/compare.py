@@ -43,6 +43,12 @@ class CompareConfig(_Strict):
     dense_baselines: bool = True
     multitask_overrides: list[str] = Field(default_factory=list)
     single_task_overrides: list[str] = Field(default_factory=list)
+    pruned_overrides: list[str] = Field(default_factory=list)
+    """Extra overrides for every pruned run (schedule, distillation weights), after the two above; dense runs keep
+    their recipe."""
+    teachers: bool = False
+    """Every pruned run starts from the dense run of its task set (mt-dense for the multitask model, st-TASK-dense for
+    TASK alone: encoder.init_from) and distils from it (distill.teacher); dense runs are trained first."""
     overrides_by_run: dict[str, list[str]] = Field(default_factory=dict)
     """Extra overrides for the runs whose name matches a regular expression (e.g. '^st-.*-rank-'), after the others."""
     low_resource_tasks: list[str] = Field(default_factory=lambda: ["rte", "mrpc", "stsb"])
@@ -79,6 +85,8 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     for b in [*cfg.budgets, *cfg.single_task_sizes]:
         if not 0 < b < 1:
             raise ConfigError(f"{path}: budgets and single_task_sizes are fractions in (0, 1), got {b}")
+    if cfg.teachers and not cfg.dense_baselines:
+        raise ConfigError(f"{path}: teachers: true needs dense_baselines: true (the dense runs are the teachers)")
     return cfg
 
 
@@ -92,6 +100,7 @@ class RunSpec:
     size: float  # fraction of one encoder's blocks; 1.0 dense
     task: str | None  # None: multitask
     overrides: tuple[str, ...] = field(default=())
+    teacher: str | None = None  # the dense run this one starts from and distils from
 
 
 def _fmt(size: float) -> str:
@@ -119,9 +128,23 @@ def plan_runs(cfg: CompareConfig, tasks: list[str]) -> list[RunSpec]:
         for method in cfg.methods:
             for s in sorted(task_sizes):
                 runs.append(RunSpec(f"st-{task}-{method}-{_fmt(s)}", method, s, task, st))
-    return [replace(spec, overrides=spec.overrides + tuple(
-        o for pattern, extra in cfg.overrides_by_run.items() if re.search(pattern, spec.name) for o in extra))
-        for spec in runs]
+    planned = []
+    for spec in runs:
+        teacher = None
+        if spec.method != "none":
+            teacher = ("mt-dense" if spec.task is None else f"st-{spec.task}-dense") if cfg.teachers else None
+            source = [] if teacher is None else [f"encoder.init_from={Path(cfg.output_dir) / 'runs' / teacher}",
+                                                 f"distill.teacher={Path(cfg.output_dir) / 'runs' / teacher}"]
+            spec = replace(spec, overrides=spec.overrides + tuple(cfg.pruned_overrides) + tuple(source))
+        by_run = tuple(o for pattern, extra in cfg.overrides_by_run.items() if re.search(pattern, spec.name)
+                       for o in extra)
+        planned.append(replace(spec, overrides=spec.overrides + by_run, teacher=teacher))
+    return planned
+
+
+def has_weights(run_dir: Path) -> bool:
+    """Whether a run folder holds a finished model that other runs can start from and distil from."""
+    return is_finished(run_dir) and (run_dir / "final" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- running
@@ -310,13 +333,31 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
             status[spec.name] = "reused"
         else:
             pending.append(spec)
+    by_name = {s.name: s for s in plan_runs(cfg, tasks)}
+    for spec in list(pending):  # a teacher whose weights are gone (results kept, folder not) is trained again
+        teacher = by_name.get(spec.teacher or "")
+        if teacher and teacher not in pending and not has_weights(out_root / "runs" / teacher.name):
+            log(f"compare: {teacher.name} is trained again: {spec.name} starts from its weights")
+            pending.insert(0, teacher)
+            status.pop(teacher.name, None)
     log(f"compare: {len(plan)} runs, {len(plan) - len(pending)} already finished, {len(pending)} to train")
     active: list[tuple[RunSpec, subprocess.Popen]] = []
     base_port = 29600 + os.getpid() % 1000
     slot = 0
     while pending or active:
         while pending and len(active) < parallel:
-            spec = pending.pop(0)
+            ready = [s for s in pending if s.teacher is None or has_weights(out_root / "runs" / s.teacher)]
+            waiting_on = {s.teacher for s in pending} - {s.name for s in ready}
+            if not ready:
+                if active or any((out_root / "runs" / str(t) / ".claim").exists() for t in waiting_on):
+                    break  # a teacher is being trained here or elsewhere
+                for spec in pending:
+                    status[spec.name] = f"not trained: its teacher {spec.teacher} did not finish"
+                    log(f"compare: {spec.name}: {status[spec.name]}")
+                pending.clear()
+                break
+            spec = ready[0]
+            pending.remove(spec)
             if not _claim(out_root / "runs" / spec.name):
                 status[spec.name] = "claimed elsewhere"
                 continue
@@ -334,7 +375,7 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
                 active.remove(item)
                 _finish(spec, proc.returncode, out_root / "runs" / spec.name, status, log)
                 keep_results(cfg, spec, base_path)
-        if active:
+        if active or pending:
             time.sleep(1)
     return status
 

@@ -190,7 +190,7 @@ def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tmp_path: 
     in the meantime is reused when its turn comes, not claimed and trained again."""
     import mtp.compare as compare
 
-    cfg = compare.load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}"])
+    cfg = compare.load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}", "teachers=false"])
     claim = compare._claim
 
     def finished_by_another_process(run_dir: Path) -> bool:
@@ -207,3 +207,49 @@ def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tmp_path: 
     status = compare.run_all(cfg, ROOT / cfg.base, only="^st-rte-", log=lambda _: None)
     assert status and set(status.values()) == {"reused"}
     assert not any((tmp_path / "runs").glob("*/.claim"))
+
+
+def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Path, monkeypatch) -> None:
+    """With teachers, each pruned run names its dense run as init_from and distill.teacher and is started only once
+    that run's weights exist; a teacher that fails leaves its students untrained, with the reason."""
+    import mtp.compare as compare
+
+    cfg = compare.load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}"])
+    plan = {s.name: s for s in plan_runs(cfg, ["rte", "stsb"])}
+    assert plan["mt-dense"].teacher is None and not any("distill" in o for o in plan["mt-dense"].overrides)
+    assert plan["mt-movement-0.5"].teacher == "mt-dense"
+    assert f"distill.teacher={tmp_path / 'runs' / 'mt-dense'}" in plan["mt-movement-0.5"].overrides
+    assert f"encoder.init_from={tmp_path / 'runs' / 'st-rte-dense'}" in plan["st-rte-movement-0.25"].overrides
+    started: list[str] = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, spec) -> None:
+            run_dir = tmp_path / "runs" / spec.name
+            (run_dir / "final").mkdir(parents=True, exist_ok=True)
+            fails = spec.name == "st-stsb-dense"
+            (run_dir / "results.json").write_text(json.dumps({"finished": not fails}))
+            if not fails:
+                (run_dir / "final" / "model.safetensors").write_bytes(b"weights")
+
+        def poll(self) -> int:
+            return 0
+
+    def fake_start(spec, *_args, **_kwargs):
+        started.append(spec.name)
+        return Finished(spec)
+
+    monkeypatch.setattr(compare, "start_run", fake_start)
+    status = compare.run_all(cfg, ROOT / cfg.base, parallel=2, log=lambda _: None)
+    for name, spec in plan.items():
+        if spec.teacher and spec.teacher != "st-stsb-dense":
+            assert started.index(spec.teacher) < started.index(name)
+    assert not any(n.startswith("st-stsb-movement") for n in started)
+    assert status["st-stsb-movement-0.25"] == "not trained: its teacher st-stsb-dense did not finish"
+    # a student whose teacher's folder is gone (its results kept elsewhere) trains the teacher again first
+    shutil.rmtree(tmp_path / "runs" / "mt-dense")
+    shutil.rmtree(tmp_path / "runs" / "mt-movement-0.2")
+    started.clear()
+    compare.run_all(cfg, ROOT / cfg.base, only="^mt-", log=lambda _: None)
+    assert started == ["mt-dense", "mt-movement-0.2"]

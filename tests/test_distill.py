@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,66 @@ def test_recipes_that_leave_the_new_keys_alone_keep_their_fingerprints() -> None
     spec = plan_runs(cfg, ["rte"])[0]
     with_teacher = cfg.model_copy(update={"overrides": [*cfg.overrides, "distill.teacher=runs/x"]})
     assert recipe_fingerprint(spec, with_teacher, ROOT / cfg.base) != recipe_fingerprint(spec, cfg, ROOT / cfg.base)
+
+
+def test_a_hugging_face_encoder_teaches_hidden_states(tmp_path: Path) -> None:
+    encoder = tiny_model(seed=2).encoder
+    encoder.save_pretrained(tmp_path / "hf")
+    hook = Distillation(DistillConfig(teacher=str(tmp_path / "hf"), logit_weight=0.0, hidden_weight=1.0), ["rte"])
+    student = tiny_model(seed=2).eval()
+    hook.setup(student)
+    x = torch.randint(5, 1000, (2, 6))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.tensor([0, 1])}
+    out = student("rte", **batch)
+    hook.batch_loss("rte", batch, out, out["loss"])
+    assert hook.metrics()["distill/hidden_loss"] == pytest.approx(0.0, abs=1e-8)  # the same encoder
+
+
+# ---------------------------------------------------------------- real 2-rank runs
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import launch
+
+    out = tmp_path_factory.mktemp("teacher")
+    launch(["--config", "configs/tiny.yaml", f"output_dir={out}"])
+    return out
+
+
+STUDENT = ["pruning.budget=0.3", "pruning.warmup_ratio=0.25", "pruning.cooldown_ratio=0.125",
+           "pruning.finetune_ratio=0.25", "distill.hidden_weight=1.0", "distill.task_weight=0.5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "stage"), [("rank", 3), ("magnitude", 2), ("movement", 0)])
+def test_a_pruned_run_starts_from_and_distils_from_a_finished_run(teacher_run: Path, tmp_path: Path, method: str,
+                                                                  stage: int) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import launch, results
+
+    launch(["--config", "configs/tiny.yaml", f"pruning.method={method}", *STUDENT,
+            f"train.deepspeed_config=ds_configs/cpu_zero{stage}.json", f"encoder.init_from={teacher_run}",
+            f"distill.teacher={teacher_run}", f"output_dir={tmp_path}"])
+    res = results(tmp_path)
+    report = res["pruning"]
+    assert report["within_budget"]
+    assert report["fixed_ranks_from_step" if method == "rank" else "fixed_masks_from_step"] == 7  # 8 steps, last 2
+    tags = set(EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
+    assert {"distill/task_loss", "distill/logit_loss", "distill/hidden_loss"} <= tags
+
+
+@pytest.mark.slow
+def test_bad_teacher_and_init_sources_exit_2_before_anything_starts(teacher_run: Path, tmp_path: Path) -> None:
+    from tests.conftest import launch
+
+    cases = {f"encoder.init_from={tmp_path}": "encoder.init_from: .* holds no finished mtp run",
+             "distill.teacher=configs/arch/tiny-bert": "distill.teacher: .* has no task heads",
+             f"distill.teacher={teacher_run}": "distill.teacher: .* has no head for task 'cola'"}
+    for override, message in cases.items():  # the teacher knows rte and stsb, not cola
+        args = ["--config", "configs/tiny.yaml", override, f"output_dir={tmp_path / 'out'}",
+                "tasks=[{name: rte, max_train_examples: 8}, {name: cola, max_train_examples: 8}]"]
+        proc = launch(args, check=False, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert re.search(message, proc.stderr.strip().splitlines()[-1]), proc.stderr[-500:]
