@@ -31,7 +31,7 @@ def check_experiment(cfg: ExperimentConfig, world_size: int, resume: bool) -> di
         raise ConfigError(f"output_dir: {cfg.output_dir} already holds checkpoints; pass --resume to continue "
                           "or choose another output_dir")
     _check_encoder(cfg)
-    _check_sources(cfg)
+    check_sources(cfg)
     tokenizer = load_tokenizer(cfg.encoder)
     tasks = load_tasks(cfg)
     _check_budget(cfg, tasks, tokenizer.pad_token_id)
@@ -68,7 +68,7 @@ def _run_tasks(run_dir: str, key: str) -> list[str] | None:
         raise ConfigError(f"{key}: {meta} is not an mtp run's final/mtp.json") from None
 
 
-def _check_sources(cfg: ExperimentConfig) -> None:
+def check_sources(cfg: ExperimentConfig) -> None:
     """encoder.init_from and distill.teacher name something that can give what the config asks of it."""
     tasks = [t.name for t in cfg.tasks]
     if cfg.encoder.init_from:

@@ -227,3 +227,13 @@ def test_a_crashing_trial_is_retried_reported_and_does_not_stop_the_search(tmp_p
     assert "dropout probability" in (tmp_path / "tune" / "crash" / bad["run_dir"].split("/")[-2] / "error.txt"
                                      ).read_text()
     assert f"Trial {bad['trial']} failed after 2 attempts" in (tmp_path / "tune" / "crash" / "summary.md").read_text()
+
+
+def test_a_search_whose_teacher_is_missing_exits_2_before_ray_starts(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BASE, "overrides": [*BASE["overrides"], f"distill.teacher={tmp_path / 'no-run'}",
+                                                  "distill.logit_weight=0.0"],
+                            "space": {"train.lr": {"uniform": [0.001, 0.002]}}})
+    proc = subprocess.run([sys.executable, "-m", "tune", "--config", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("tune: error: distill.teacher: cannot load")

@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         from tune.space import check_space, load_tune_config
 
         cfg = load_tune_config(args.config, args.overrides)
-        check_space(cfg)  # every searched key is a valid override of the trainer config
+        base = check_space(cfg)  # every searched key is a valid override of the trainer config
+        if not args.summary_only:
+            from mtp.cli import check_sources
+
+            check_sources(base)  # the teacher and init_from runs exist and know every task
         from tune.search import run_search, summarize
 
         if args.summary_only:
