@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,10 @@ class CompareConfig(_Strict):
     TASK alone: encoder.init_from) and distils from it (distill.teacher); dense runs are trained first."""
     overrides_by_run: dict[str, list[str]] = Field(default_factory=dict)
     """Extra overrides for the runs whose name matches a regular expression (e.g. '^st-.*-rank-'), after the others."""
+    spread_seeds: list[int] = Field(default_factory=list)
+    """Extra seeds (train.seed) of the multitask model at `spread_budgets`, for every method: the run-to-run spread
+    that tells a difference between the multitask model and the ensembles from noise."""
+    spread_budgets: list[float] = Field(default_factory=list)
     low_resource_tasks: list[str] = Field(default_factory=lambda: ["rte", "mrpc", "stsb"])
     output_dir: str = "runs/compare"
     results_dir: str | None = None
@@ -85,6 +90,9 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     for b in [*cfg.budgets, *cfg.single_task_sizes]:
         if not 0 < b < 1:
             raise ConfigError(f"{path}: budgets and single_task_sizes are fractions in (0, 1), got {b}")
+    stray = [b for b in cfg.spread_budgets if b not in cfg.budgets]
+    if stray:
+        raise ConfigError(f"{path}: spread_budgets: {stray[0]} is not one of budgets {cfg.budgets}")
     if cfg.teachers and not cfg.dense_baselines:
         raise ConfigError(f"{path}: teachers: true needs dense_baselines: true (the dense runs are the teachers)")
     return cfg
@@ -117,6 +125,10 @@ def plan_runs(cfg: CompareConfig, tasks: list[str]) -> list[RunSpec]:
     for method in cfg.methods:
         for b in cfg.budgets:
             runs.append(RunSpec(f"mt-{method}-{_fmt(b)}", method, b, None, mt))
+    for method in cfg.methods:
+        for b in cfg.spread_budgets:
+            for seed in cfg.spread_seeds:
+                runs.append(RunSpec(f"mt-{method}-{_fmt(b)}-seed{seed}", method, b, None, (*mt, f"train.seed={seed}")))
     st = tuple(cfg.single_task_overrides)
     sizes = sorted({round(s, 6) for s in cfg.single_task_sizes} | {round(b / t, 6) for b in cfg.budgets})
     for task in tasks:
@@ -460,7 +472,8 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
         return None if r is None else r["tasks"][task]["score"]
 
     report: dict[str, Any] = {"tasks": tasks, "dense_blocks": dense_blocks, "embeddings_per_encoder": embeddings,
-                              "methods": {}, "missing_runs": missing, "dense": {}, "low_resource": []}
+                              "methods": {}, "missing_runs": missing, "dense": {}, "low_resource": [], "spread": []}
+    dense_mt = results.get("mt-dense")
     if cfg.dense_baselines:
         mt = results.get("mt-dense")
         st = [results.get(f"st-{t}-dense") for t in tasks]
@@ -495,8 +508,9 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
             rows.append({
                 "budget": budget, "capacity": capacity,
                 "tasks_without_single_task_runs": [t for t, opts in zip(tasks, choices, strict=True) if not opts],
-                "multitask": None if mt is None else {"scores": {t: task_score(mt, t) for t in tasks},
-                                                      "mean": mt["mean_score"], "kept_blocks": kept(mt)},
+                "multitask": None if mt is None else {
+                    "scores": {t: task_score(mt, t) for t in tasks}, "mean": mt["mean_score"], "kept_blocks": kept(mt),
+                    "retained": None if dense_mt is None else mt["mean_score"] / dense_mt["mean_score"]},
                 "best_ensemble": None if best is None else {
                     "allocation": {t: c.label for t, c in zip(tasks, best[0], strict=True)},
                     "scores": {t: c.score for t, c in zip(tasks, best[0], strict=True)},
@@ -510,6 +524,14 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
                 report["low_resource"].append({"task": t, "method": method, "size": budget,
                                                "alone": task_score(alone, t), "multitask": task_score(mt, t)})
         report["methods"][method] = rows
+        for budget in cfg.spread_budgets:
+            names = [f"mt-{method}-{_fmt(budget)}", *(f"mt-{method}-{_fmt(budget)}-seed{s}" for s in cfg.spread_seeds)]
+            means = [results[n]["mean_score"] for n in names if results.get(n) is not None]
+            report["spread"].append({
+                "method": method, "budget": budget, "runs": len(means), "means": means,
+                "mean": statistics.fmean(means) if means else None,
+                "stdev": statistics.stdev(means) if len(means) > 1 else None,
+                "range": max(means) - min(means) if means else None})
     return report
 
 
@@ -551,6 +573,8 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
                 alloc = ", ".join(f"{t} {b}" for t, b in entry.get("allocation", {}).items())
                 if key == "equal_split":
                     alloc = f"{entry['size_each']:.3g} each"
+                if entry.get("retained") is not None:
+                    alloc = f"{entry['retained']:.3f} of the dense multitask mean"
                 lines.append(f"| {row['budget']:g} | {name} | " + " | ".join(_cell(entry["scores"][t]) for t in tasks)
                              + f" | **{entry['mean']:.2f}** | {entry['kept_blocks']:,} | {alloc} |")
         lines.append("")
@@ -561,6 +585,14 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
             diff = None if r["alone"] is None or r["multitask"] is None else r["multitask"] - r["alone"]
             lines.append(f"| {r['task']} | {r['method']} | {r['size']:g} | {_cell(r['alone'])} | "
                          f"{_cell(r['multitask'])} | {'—' if diff is None else f'{diff:+.1f}'} |")
+        lines.append("")
+    if report.get("spread"):
+        lines += ["## Run-to-run spread of the multitask model (seeds)", "",
+                  "| method | budget | runs | mean scores | mean | stdev | range |", "|---|---|---|---|---|---|---|"]
+        for r in report["spread"]:
+            lines.append(f"| {r['method']} | {r['budget']:g} | {r['runs']} | "
+                         + ", ".join(f"{m:.2f}" for m in r["means"])
+                         + f" | {_cell(r['mean'])} | {_cell(r['stdev'])} | {_cell(r['range'])} |")
         lines.append("")
     if report["missing_runs"]:
         lines += [f"Runs not finished yet: {', '.join(report['missing_runs'])}", ""]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mtp.compare import Choice, CompareConfig, best_allocation, brute_force_allocation, plan_runs
+from mtp.config import ConfigError
 from tests.conftest import ROOT
 
 
@@ -253,3 +254,30 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
     started.clear()
     compare.run_all(cfg, ROOT / cfg.base, only="^mt-", log=lambda _: None)
     assert started == ["mt-dense", "mt-movement-0.2"]
+
+
+def test_extra_seeds_give_the_multitask_spread_and_the_report_the_retained_fraction(tmp_path: Path) -> None:
+    from mtp.compare import build_report, load_compare_config, render_markdown
+
+    kept = tmp_path / "kept"
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [
+        f"output_dir={tmp_path / 'out'}", f"results_dir={kept}", "spread_seeds=[7, 8]", "spread_budgets=[0.5]"])
+    plan = {s.name: s for s in plan_runs(cfg, ["rte", "stsb"])}
+    assert "train.seed=7" in plan["mt-movement-0.5-seed7"].overrides and plan["mt-movement-0.5-seed7"].teacher
+    assert "mt-movement-0.2-seed7" not in plan
+    (kept / "runs").mkdir(parents=True)
+    for name, mean in {"mt-dense": 80.0, "mt-movement-0.5": 70.0, "mt-movement-0.5-seed7": 72.0,
+                       "mt-movement-0.5-seed8": 74.0}.items():
+        (kept / "runs" / f"{name}.json").write_text(json.dumps({
+            "finished": True, "mean_score": mean, "params": {"encoder_blocks": 1000, "embeddings": 10},
+            "tasks": {"rte": {"score": mean}, "stsb": {"score": mean}},
+            "pruning": None if name == "mt-dense" else {"kept_blocks": 500}}))
+    report = build_report(cfg, ROOT / cfg.base)
+    assert report["spread"] == [{"method": "movement", "budget": 0.5, "runs": 3, "means": [70.0, 72.0, 74.0],
+                                 "mean": 72.0, "stdev": 2.0, "range": 4.0}]
+    assert report["methods"]["movement"][0]["multitask"]["retained"] == pytest.approx(70.0 / 80.0)
+    md = render_markdown(report, cfg, "mtp compare")
+    assert "| movement | 0.5 | 3 | 70.00, 72.00, 74.00 | 72.0 | 2.0 | 4.0 |" in md
+    assert "0.875 of the dense multitask mean" in md
+    with pytest.raises(ConfigError, match="spread_budgets: 0.3 is not one of budgets"):
+        load_compare_config(ROOT / "configs/compare_tiny.yaml", ["spread_seeds=[7]", "spread_budgets=[0.3]"])
