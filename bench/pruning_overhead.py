@@ -55,7 +55,10 @@ def engine_step(cfg, model, hooks, ds_extra=None):
     state = {"step": 0}
 
     def step(task, batch):
-        loss = engine(task, **batch)["loss"]
+        out = engine(task, **batch)
+        loss = out["loss"]
+        for hook in hooks:
+            loss = hook.batch_loss(task, batch, out, loss)
         for hook in hooks:
             extra = hook.extra_loss(engine.module, state["step"])
             if extra is not None:

@@ -57,7 +57,6 @@ def load_teacher(cfg: DistillConfig, tasks: list[str]) -> nn.Module:
         if cfg.logit_weight > 0 and missing:
             raise ConfigError(f"distill.teacher: {cfg.teacher} has no head for task {missing[0]!r} "
                               "(set distill.logit_weight=0 to distil hidden states only)")
-        teacher.keep_hidden_states = cfg.hidden_weight > 0
     else:
         if cfg.logit_weight > 0:
             raise ConfigError(f"distill.teacher: {cfg.teacher} is not a finished mtp run, so it has no task heads; "
@@ -102,9 +101,13 @@ class Distillation(Hook):
 
     name = "distill"
 
-    def __init__(self, cfg: DistillConfig, tasks: list[str], dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: DistillConfig, tasks: list[str], dtype: torch.dtype = torch.float32,
+                 teacher: nn.Module | None = None):
+        """`teacher` (a model in evaluation mode) stands in for the one distill.teacher names (benchmarks)."""
         self.cfg = cfg
-        self.teacher = load_teacher(cfg, tasks).to(dtype)
+        self.teacher = (teacher if teacher is not None else load_teacher(cfg, tasks)).to(dtype)
+        if not isinstance(self.teacher, HiddenStateTeacher):
+            self.teacher.keep_hidden_states = cfg.hidden_weight > 0
         self.last: dict[str, torch.Tensor] = {}
 
     def setup(self, model: nn.Module) -> None:
