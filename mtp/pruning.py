@@ -440,11 +440,12 @@ class ElementwisePruning(PruningHook):
     def _criterion(self, m: MaskedLinear) -> torch.Tensor:
         return m.weight.detach().abs() if m.scores is None else m.scores.detach()
 
-    def update_masks(self, density: float) -> None:
-        """Keep the top `density` of the prunable entries: per matrix, or over all matrices at once."""
+    def update_masks(self, density: float, scope: str | None = None) -> None:
+        """Keep the top `density` of the prunable entries: per matrix, or over all matrices at once (`scope`, by
+        default pruning.scope)."""
         sizes = [m.mask.numel() for m in self.modules]
         kept_total = int(math.floor(density * sum(sizes))) if density < 1.0 else sum(sizes)
-        if density < 1.0 and self.cfg.scope == "global":
+        if density < 1.0 and (scope or self.cfg.scope) == "global":
             criteria = []
             for m in self.modules:
                 source = m.weight if m.scores is None else m.scores
@@ -473,13 +474,7 @@ class ElementwisePruning(PruningHook):
         projected to it (global top-k of its scores)."""
         assert self.budget is not None
         self.density = self.budget.density
-        if self.cfg.method == "soft_movement":
-            scope = self.cfg.scope
-            self.cfg.scope = "global"
-            self.update_masks(self.budget.density)
-            self.cfg.scope = scope
-        else:
-            self.update_masks(self.budget.density)
+        self.update_masks(self.density, scope="global" if self.cfg.method == "soft_movement" else None)
 
     def on_train_end(self, model: nn.Module) -> dict[str, Any]:
         if self.cfg.method == "soft_movement" and not self.fixed:
