@@ -49,6 +49,18 @@ fi
 # World size: processes per node times nodes (a hostfile's slots when --nproc is not given).
 if [[ -n "$hostfile" ]]; then
   [[ -f "$hostfile" ]] || { echo "launch.sh: error: hostfile not found: $hostfile" >&2; exit 2; }
+  # every line is 'host slots=N' (DeepSpeed's format), a comment or blank: anything else is named here, not in a
+  # DeepSpeed traceback after the launcher has started
+  lineno=0
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    lineno=$((lineno + 1))
+    line="${line%%#*}"
+    [[ -z "${line//[[:space:]]/}" ]] && continue
+    if ! [[ "$line" =~ ^[[:space:]]*[^[:space:]]+[[:space:]]+slots=[1-9][0-9]*[[:space:]]*$ ]]; then
+      echo "launch.sh: error: $hostfile line $lineno: expected 'HOST slots=N', got '${line%"${line##*[![:space:]]}"}'" >&2
+      exit 2
+    fi
+  done < "$hostfile"
   nodes=$(grep -cE '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$hostfile" || true)
   [[ "$nodes" -gt 0 ]] || { echo "launch.sh: error: $hostfile: no 'host slots=N' lines" >&2; exit 2; }
   world=$(( nodes * nproc ))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mtp.config import ExperimentConfig, cache_dir  # noqa: E402
 from mtp.data import MultitaskSampler, load_tasks, task_probabilities, tokenize_task  # noqa: E402
 from mtp.model import MultitaskModel, TaskInfo, load_encoder, load_tokenizer  # noqa: E402
-from mtp.train import collate  # noqa: E402
+from mtp.training import collate  # noqa: E402
 
 Step = Callable[[str, dict[str, torch.Tensor]], None]
 

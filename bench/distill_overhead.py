@@ -22,10 +22,10 @@ from pathlib import Path
 from common import base_model, draw_batches, fastest, machine, time_paths
 from pruning_overhead import engine_step
 
-from mtp.config import DistillConfig, PruningConfig, load_config
+from mtp.config import DistillConfig, load_config
 from mtp.distill import Distillation
-from mtp.pruning import build_pruning
-from mtp.train import init_distributed
+from mtp.pruning import build_pruning, pruning_settings
+from mtp.training.distributed import init_distributed
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     logits = DistillConfig(teacher="<the starting model>", task_weight=0.5)
     both = logits.model_copy(update={"hidden_weight": 1.0})
     total = (args.warmup + args.steps * args.rounds) * args.repeats
-    pruning = PruningConfig(method="magnitude", budget=args.budget, warmup_ratio=0.0, cooldown_ratio=0.0)
+    pruning = pruning_settings(method="magnitude", budget=args.budget, warmup_ratio=0.0, cooldown_ratio=0.0)
 
     def path(distill: DistillConfig | None, prune: bool):
         model = copy.deepcopy(base)

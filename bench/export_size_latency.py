@@ -25,22 +25,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mtp.config import ExperimentConfig, PruningConfig, load_config  # noqa: E402
+from mtp.config import ExperimentConfig, load_config  # noqa: E402
 from mtp.export import compact_tensors, load_compact  # noqa: E402
 from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder  # noqa: E402
-from mtp.pruning import ElementwisePruning, RankPruning, prunable_modules  # noqa: E402
+from mtp.pruning import build_pruning, prunable_modules, pruning_settings  # noqa: E402
 
 
 def one_shot(base: MultitaskModel, method: str, budget: float) -> MultitaskModel:
     model = copy.deepcopy(base)
-    pcfg = PruningConfig(method=method, budget=budget, warmup_ratio=0.0, cooldown_ratio=0.0)
+    pcfg = pruning_settings(method=method, budget=budget, warmup_ratio=0.0, cooldown_ratio=0.0)
+    hook = build_pruning(pcfg, 1)[0]
+    hook.setup(model)
     if method == "magnitude":
-        hook = ElementwisePruning(pcfg, total_steps=1)
-        hook.setup(model)
         hook.on_optimizer_step(model, 1)
     else:
-        hook = RankPruning(pcfg, total_steps=1)
-        hook.setup(model)
         with torch.no_grad():  # rank by singular value: gate logits ordered like log sigma
             for _, _, m in prunable_modules(model):
                 sigma = (m.P.float().norm(dim=0) * m.Q.float().norm(dim=1)).clamp_min(1e-12)
@@ -59,7 +57,7 @@ def block_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def save_compact(cfg: ExperimentConfig, model: MultitaskModel, folder: Path, meta: dict) -> tuple[int, int]:
     from safetensors.torch import save_file
 
-    tensors, formats = compact_tensors(cfg, full_state_dict(model), model.model_type)
+    tensors, formats = compact_tensors(cfg.pruning, full_state_dict(model), model.model_type)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "compact.json").write_text(json.dumps({"format": "mtp-compact-v1", "formats": formats, "meta": meta}))

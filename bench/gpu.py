@@ -32,8 +32,9 @@ import torch
 from common import base_model, draw_batches, fastest, machine
 from pruning_overhead import close_gates_to, engine_step
 
-from mtp.config import PruningConfig, load_config
-from mtp.train import init_distributed
+from mtp.config import load_config
+from mtp.pruning import pruning_settings
+from mtp.training.distributed import init_distributed
 
 PRECISIONS = {"bf16_zero2": "ds_configs/gpu_bf16_zero2.json", "fp16_zero2": "ds_configs/gpu_fp16_zero2.json",
               "bf16_zero3": "ds_configs/gpu_bf16_zero3.json"}
@@ -159,7 +160,7 @@ def pruning_paths(cfg, tasks, batches, args, ds_path: str, methods: list[str]) -
     hooks_of: dict[str, list] = {}
     for name in methods:
         method = "rank" if name.startswith("rank") else name
-        pcfg = PruningConfig(method=method, budget=args.budget, warmup_ratio=0.0, cooldown_ratio=0.0)
+        pcfg = pruning_settings(method=method, budget=args.budget, warmup_ratio=0.0, cooldown_ratio=0.0)
         model = copy.deepcopy(base)
         hooks = build_pruning(pcfg, total)
         for hook in hooks:

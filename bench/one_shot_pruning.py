@@ -27,7 +27,7 @@ from mtp.data import load_tasks, tokenize_task
 from mtp.export import build_dense_model, read_final
 from mtp.model import load_tokenizer
 from mtp.pruning import prunable_modules
-from mtp.train import evaluate_tasks
+from mtp.training import evaluate_tasks
 
 
 def prune_(weights: list[torch.Tensor], originals: list[torch.Tensor], how: str, fraction: float, seed: int,

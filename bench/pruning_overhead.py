@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 from common import base_model, draw_batches, fastest, machine, time_paths
 
-from mtp.config import PruningConfig, load_config
-from mtp.train import build_ds_config, init_distributed, lr_lambda, skip_single_rank_reduction, split_param_groups
+from mtp.config import load_config
+from mtp.pruning import pruning_settings
+from mtp.training.distributed import init_distributed
+from mtp.training.optim import build_ds_config, lr_lambda, skip_single_rank_reduction, split_param_groups
 
 PEER_DEEPSPEED = "0.18.9"
 BENCH = Path(__file__).resolve().parent
@@ -202,12 +204,12 @@ def main() -> None:
     total = (args.warmup + args.steps * args.rounds) * args.repeats
     methods = {"magnitude": {}, "movement": {}, "movement_global": {"scope": "global"}, "soft_movement": {},
                "rank": {}, **{f"rank_ramp_{p}": {} for p in RAMP_POINTS[1:-1]}, "rank_at_budget": {}}
-    defaults = PruningConfig(method="rank", budget=args.budget)
+    defaults = pruning_settings(method="rank", budget=args.budget)
     paths = {"dense": engine_step(cfg, copy.deepcopy(base), [])}
     rewinds = []
     for name, extra in methods.items():
         method = "rank" if name.startswith("rank") else name.replace("_global", "")
-        pcfg = PruningConfig(method=method, budget=args.budget, warmup_ratio=0.0, cooldown_ratio=0.0, **extra)
+        pcfg = pruning_settings(method=method, budget=args.budget, warmup_ratio=0.0, cooldown_ratio=0.0, **extra)
         model = copy.deepcopy(base)
         hooks = build_pruning(pcfg, total)
         for hook in hooks:

@@ -19,7 +19,8 @@ import torch
 from common import base_model, draw_batches, machine, median, time_paths
 
 from mtp.config import load_config
-from mtp.train import build_ds_config, init_distributed, lr_lambda, skip_single_rank_reduction, split_param_groups
+from mtp.training.distributed import init_distributed
+from mtp.training.optim import build_ds_config, lr_lambda, skip_single_rank_reduction, split_param_groups
 
 
 def main() -> None:

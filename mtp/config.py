@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, PlainValidator, SerializeAsAny, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+from mtp.model import DEFAULT_ENCODER
+from mtp.pruning import NoPruning, PruningSettings, parse_settings
+from mtp.schema import PROJECT_ROOT, ConfigError, Strict, load_yaml, resolve_path
 
+__all__ = ["PROJECT_ROOT", "ConfigError", "DataConfig", "DistillConfig", "EncoderConfig", "ExperimentConfig",
+           "PruningSettings", "SamplingConfig", "TaskConfig", "TrainConfig", "cache_dir", "dump_config", "glue_dir",
+           "load_config", "recipe_dump", "resolve_path", "saved_config"]
 
-class ConfigError(ValueError):
-    """A user error in the config or its inputs; the message is one line naming the culprit."""
+# the pruning section: the settings of the method it names (mtp.pruning's registry), dumped with all their keys
+PruningSection = Annotated[SerializeAsAny[PruningSettings], PlainValidator(parse_settings)]
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class EncoderConfig(_Strict):
+class EncoderConfig(Strict):
     name: str = DEFAULT_ENCODER
     """Hugging Face name or local folder. With random_init, a folder (or name) holding config.json."""
     tokenizer: str | None = None
@@ -41,7 +40,7 @@ class EncoderConfig(_Strict):
     e.g. a dense fine-tuned run that pruning then starts from. Every task must have a head there."""
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     name: str
     """A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or any name for a custom task."""
     train_file: str | None = None
@@ -65,7 +64,7 @@ class TaskConfig(_Strict):
         return self.train_file is not None
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     glue_dir: str | None = None
     """Folder with the canonical GLUE files; else $MTP_GLUE_DIR; else the hub (nyu-mll/glue)."""
     max_seq_len: int = Field(128, ge=8, le=4096)
@@ -73,13 +72,13 @@ class DataConfig(_Strict):
     """Tokenized datasets cache; defaults to $MTP_CACHE_DIR or ~/.cache/mtp."""
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(Strict):
     strategy: Literal["proportional", "temperature", "uniform", "given"] = "temperature"
     temperature: float = Field(2.0, gt=0.0)
     probabilities: dict[str, float] | None = None
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     deepspeed_config: str = "ds_configs/cpu_zero2.json"
     micro_batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
@@ -102,51 +101,7 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(64, gt=0)
 
 
-class PruningConfig(_Strict):
-    method: Literal["none", "magnitude", "movement", "soft_movement", "rank"] = "none"
-    budget: float = Field(1.0, gt=0.0)
-    """Encoder budget B: a fraction of the dense encoder-block parameters (<= 1) or a parameter count (> 1)."""
-    scope: Literal["per_matrix", "global"] = "per_matrix"
-    """Element-wise top-k per matrix or over all prunable matrices at once."""
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    """Dense warmup w0, as a fraction of the optimizer steps."""
-    cooldown_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    """Cool-down w1 at the final density (or Lagrangian target), as a fraction of the steps."""
-    score_lr: float = Field(1e-2, gt=0.0)
-    """Learning rate of movement scores."""
-    soft_threshold: float = Field(0.1, gt=0.0, lt=1.0)
-    """Soft movement: final tau in M = 1[sigmoid(S) > tau] (ramped from 0 by the cubic schedule; Sanh et al.: 0.1)."""
-    soft_lambda: float = Field(400.0, ge=0.0)
-    """Soft movement: final weight of mean(sigmoid(S)) in the loss (ramped with tau; Sanh et al.: 400)."""
-    gate_lr: float = Field(5e-2, gt=0.0)
-    """Rank pruning: learning rate of the gates' log alpha, constant (it follows neither warmup nor decay)."""
-    lagrangian_lr: float = Field(0.1, gt=0.0)
-    """Rank pruning: step size of the gradient ascent on lambda1 and lambda2."""
-    lambda2_init: float = Field(100.0, ge=0.0)
-    """Rank pruning: initial lambda2, the weight of the quadratic penalty (s - t)^2 that keeps the expected size on
-    the target (with 0, lambda1 alone lags, winds up and overshoots; docs/pruning.md)."""
-    finetune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    """The last fraction of the steps trains the weights at fixed masks or ranks (fixed when it starts: the final
-    top-k, soft movement's projection, rank's projection to the budget); the schedule ends before it."""
-    log_alpha_init: float = 2.5
-    """Rank pruning: initial log alpha; 2.5 makes every deterministic gate 1 (the pretrained map). Gates are not
-    sampled before the pruning warmup ends (a sampled gate falls below 1 on 29% of the ranks at 2.5)."""
-    gate_beta: float = Field(2.0 / 3.0, gt=0.0)
-    gate_low: float = Field(-0.1, lt=0.0)
-    gate_high: float = Field(1.1, gt=1.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> PruningConfig:
-        if self.warmup_ratio + self.cooldown_ratio + self.finetune_ratio >= 1.0:
-            raise ValueError("pruning.warmup_ratio + pruning.cooldown_ratio + pruning.finetune_ratio must be below 1")
-        if self.budget > 1.0 and self.budget != int(self.budget):
-            raise ValueError(f"pruning.budget: {self.budget} is neither a fraction (<= 1) nor a parameter count")
-        if self.method != "none" and self.budget == 1.0:
-            raise ValueError(f"pruning.budget: method {self.method!r} needs a budget below the dense size")
-        return self
-
-
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     """Knowledge distillation from a dense teacher, an option of every method (and of dense training)."""
 
     teacher: str | None = None
@@ -168,13 +123,14 @@ class DistillConfig(_Strict):
         return self
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Strict):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     tasks: list[TaskConfig]
     data: DataConfig = Field(default_factory=DataConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    pruning: PruningSection = Field(default_factory=NoPruning)
+    """The pruning method and its keys (mtp.pruning's registry: each method reads its own)."""
     distill: DistillConfig = Field(default_factory=DistillConfig)
     output_dir: str = "runs/default"
 
@@ -198,92 +154,19 @@ class ExperimentConfig(_Strict):
         return self
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c=value` in a nested dict; list items are addressed by index or by task name."""
-    keys = dotted.split(".")
-    node: Any = tree
-    for i, key in enumerate(keys):
-        last = i == len(keys) - 1
-        if isinstance(node, list):
-            idx = _list_index(node, key, dotted)
-            if last:
-                node[idx] = value
-                return
-            node = node[idx]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {'.'.join(keys[:i])} is not a section")
-        if last:
-            node[key] = value
-            return
-        node = node.setdefault(key, {})
-
-
-def _list_index(items: list[Any], key: str, dotted: str) -> int:
-    if key.isdigit() and int(key) < len(items):
-        return int(key)
-    for idx, item in enumerate(items):
-        if isinstance(item, dict) and item.get("name") == key:
-            return idx
-    raise ConfigError(f"override {dotted}: no list item {key!r}")
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Turn `key.sub=value` strings into (key, YAML-typed value) pairs."""
-    pairs = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip().lstrip("-")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        pairs.append((key, value))
-    return pairs
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    # tasks.2.name -> tasks[2].name reads better
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    got = first.get("input")
-    detail = f" (got {got!r})" if first["type"] not in ("extra_forbidden", "missing") and got is not None else ""
-    where = f"{loc}: " if loc else ""
-    return f"{source}: {where}{msg}{detail}"
-
-
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment, apply `dotted.key=value` overrides, validate it against the schema."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    try:
-        return ExperimentConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, str(path))) from None
+    return load_yaml(path, ExperimentConfig, overrides)
 
 
-def resolve_path(path: str, what: str) -> Path:
-    """Find a file named in the config: as given, else relative to the project root."""
-    candidate = Path(path).expanduser()
-    if candidate.exists():
-        return candidate.resolve()
-    if not candidate.is_absolute() and (PROJECT_ROOT / candidate).exists():
-        return (PROJECT_ROOT / candidate).resolve()
-    raise ConfigError(f"{what}: file not found: {path}")
+def saved_config(tree: dict[str, Any]) -> ExperimentConfig:
+    """The config a finished run saved (final/mtp.json). Runs saved before each method had its own keys hold every
+    method's keys in `pruning:`; those the run's method does not read are dropped."""
+    from mtp.pruning import get_method
+
+    pruning = dict(tree.get("pruning") or {})
+    fields = get_method(pruning.get("method", "none")).settings.model_fields
+    return ExperimentConfig.model_validate({**tree, "pruning": {k: v for k, v in pruning.items() if k in fields}})
 
 
 def glue_dir(cfg: ExperimentConfig) -> Path | None:
@@ -316,25 +199,29 @@ NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
 }
 
 
-# Method keys whose default changed: a run whose method does not read one is hashed with the value the key had when
-# fingerprints were first made, so that the change leaves the other methods' (and dense) recipes as they were.
-UNREAD_KEYS_HASHED_AS: dict[str, tuple[set[str], Any]] = {
-    "soft_threshold": ({"soft_movement"}, 0.5),
-    "soft_lambda": ({"soft_movement"}, 1.0),
+# Fingerprints were first made when one flat `pruning:` section held every method's keys. A recipe is still hashed
+# that way, so that finished runs stay current: the section lists these keys in this order, and a key the run's method
+# does not read takes the value given here (the defaults then; soft movement's two keys at their values before
+# their defaults changed).
+FINGERPRINT_PRUNING_KEYS: dict[str, Any] = {
+    "method": None, "budget": None, "scope": "per_matrix", "warmup_ratio": None, "cooldown_ratio": None,
+    "score_lr": 1e-2, "soft_threshold": 0.5, "soft_lambda": 1.0, "gate_lr": 5e-2, "lagrangian_lr": 0.1,
+    "lambda2_init": 100.0, "finetune_ratio": None, "log_alpha_init": 2.5, "gate_beta": 2.0 / 3.0, "gate_low": -0.1,
+    "gate_high": 1.1,
 }
 
 
 def recipe_dump(cfg: ExperimentConfig) -> str:
-    """The config as YAML for fingerprints: `dump_config` less the keys of NEUTRAL_WHEN_UNSET at their neutral value,
-    and with the method keys the run does not read at fixed values (UNREAD_KEYS_HASHED_AS)."""
+    """The config as YAML for fingerprints: `dump_config` with the pruning section in its first, flat form
+    (FINGERPRINT_PRUNING_KEYS), less the keys of NEUTRAL_WHEN_UNSET at their neutral value."""
     tree = cfg.model_dump(mode="json")
+    own = tree["pruning"]  # keys of methods added since then follow, as they are
+    tree["pruning"] = {key: own.get(key, fixed) for key, fixed in FINGERPRINT_PRUNING_KEYS.items()} | {
+        key: value for key, value in own.items() if key not in FINGERPRINT_PRUNING_KEYS}
     for keys, neutral in NEUTRAL_WHEN_UNSET.items():
         node = tree
         for key in keys[:-1]:
             node = node[key]
         if node.get(keys[-1]) == neutral:
             del node[keys[-1]]
-    for key, (readers, hashed_as) in UNREAD_KEYS_HASHED_AS.items():
-        if cfg.pruning.method not in readers:
-            tree["pruning"][key] = hashed_as
     return yaml.safe_dump(tree, sort_keys=False)

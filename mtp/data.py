@@ -60,7 +60,6 @@ GLUE: dict[str, GlueSpec] = {
                      ("0", "1"), "accuracy", {"dev": "dev"}),
 }
 GLUE_ALIASES = {"sst-2": "sst2", "sts-b": "stsb"}
-SMALL_GLUE_TASKS = ("rte", "mrpc", "stsb", "wnli", "cola")
 
 
 @dataclass

@@ -63,10 +63,11 @@ def load_teacher(cfg: DistillConfig, tasks: list[str]) -> nn.Module:
                               "set distill.logit_weight=0 to distil hidden states only")
         from transformers import AutoModel
 
-        from mtp.model import resolve_encoder_path
+        from mtp.model import from_pretrained_quietly, resolve_encoder_path
 
         try:
-            encoder = AutoModel.from_pretrained(resolve_encoder_path(cfg.teacher), add_pooling_layer=False)
+            encoder = from_pretrained_quietly(AutoModel, resolve_encoder_path(cfg.teacher), "distill.teacher",
+                                              add_pooling_layer=False)
         except (OSError, ValueError) as err:
             raise ConfigError(f"distill.teacher: cannot load {cfg.teacher!r}: {str(err).splitlines()[0]}") from None
         teacher = HiddenStateTeacher(encoder)

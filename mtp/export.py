@@ -1,11 +1,12 @@
 """`mtp export RUN_DIR`: the pruned model as (a) a plain Hugging Face checkpoint and (b) a compact form.
 
 (a) `hf/encoder/`: masked weights as zeros and rank factors multiplied back, loadable with
-    `transformers.AutoModel` alone; `hf/heads.safetensors` + `hf/heads.json` hold the task heads;
+    `transformers.AutoModel` alone (`from_pretrained(path, add_pooling_layer=False)`: the encoder has no pooler,
+    the task heads pool); `hf/heads.safetensors` + `hf/heads.json` hold the task heads;
     with `cls` pooling each task also gets `hf/<task>/`, an `AutoModelForSequenceClassification` folder.
-(b) `compact/`: element-wise layers stored as a packed bit mask plus their kept values, rank-pruned layers
-    as two thin matrices P (d_out x r) and Q (r x d_in) with the gates folded in; everything else dense.
-    `load_compact` runs it with CSR sparse and low-rank layers.
+(b) `compact/`: each prunable layer in its method layer's compact form (element-wise: a packed bit mask plus the
+    kept values; rank: two thin matrices P (d_out x r) and Q (r x d_in) with the gates folded in); everything else
+    dense. `load_compact` runs it with the layers' inference modules (CSR sparse, low-rank).
 Safetensors and JSON only: nothing is loaded through pickle.
 """
 
@@ -16,14 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from mtp.config import ConfigError, ExperimentConfig
+from mtp.config import ConfigError, ExperimentConfig, saved_config
 from mtp.model import PRUNABLE_BY_ARCH, MultitaskModel, TaskInfo, load_encoder, resolve_encoder_path
+from mtp.pruning import PruningSettings, compact_layers, get_method
 
 COMPACT_FORMAT = "mtp-compact-v1"
 
@@ -36,10 +35,11 @@ def read_final(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Any], dict[st
     if not (final / "model.safetensors").is_file():
         raise ConfigError(f"{run_dir}: no final/model.safetensors (has the run finished?)")
     meta = json.loads((final / "mtp.json").read_text())
-    return ExperimentConfig.model_validate(meta["config"]), meta, load_file(str(final / "model.safetensors"))
+    return saved_config(meta["config"]), meta, load_file(str(final / "model.safetensors"))
 
 
-def _prunable_paths(state: dict[str, torch.Tensor], model_type: str) -> list[str]:
+def prunable_paths(state: dict[str, torch.Tensor], model_type: str) -> list[str]:
+    """The module paths of the prunable maps in a saved multitask model's state."""
     paths = []
     layer_ids = sorted({int(k.split(".")[3]) for k in state if k.startswith("encoder.encoder.layer.")})
     for idx in layer_ids:
@@ -48,24 +48,17 @@ def _prunable_paths(state: dict[str, torch.Tensor], model_type: str) -> list[str
     return paths
 
 
-def _gate_values(state: dict[str, torch.Tensor], path: str, stretch: tuple[float, float]) -> torch.Tensor:
-    """Deterministic gates (as in evaluation) times the final keep mask."""
-    low, high = stretch
-    s = torch.sigmoid(state[f"{path}.log_alpha"].float())
-    return (s * (high - low) + low).clamp(0, 1) * state[f"{path}.keep"].float()
-
-
-def dense_state(cfg: ExperimentConfig, state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
-    """The run's state with every prunable layer as one dense weight (zeros where masked, P diag(g) Q for ranks)."""
-    out = {k: v for k, v in state.items() if not k.endswith((".mask", ".scores", ".keep", ".log_alpha", ".P", ".Q"))}
-    stretch = (cfg.pruning.gate_low, cfg.pruning.gate_high)
-    for path in _prunable_paths(state, model_type):
-        if f"{path}.mask" in state:
-            out[f"{path}.weight"] = state[f"{path}.weight"] * state[f"{path}.mask"].to(state[f"{path}.weight"].dtype)
-        elif f"{path}.P" in state:
-            g = _gate_values(state, path, stretch)
-            weight = state[f"{path}.P"].float() @ (g[:, None] * state[f"{path}.Q"].float())
-            out[f"{path}.weight"] = weight.to(state[f"{path}.P"].dtype)
+def dense_state(pruning: PruningSettings, state: dict[str, torch.Tensor], model_type: str,
+                ) -> dict[str, torch.Tensor]:
+    """A saved model's state with every prunable layer folded into one dense weight by its method's layer."""
+    layer = get_method(pruning.method).layer
+    if layer is None:
+        return dict(state)
+    paths = prunable_paths(state, model_type)
+    own = {f"{path}.{suffix}" for path in paths for suffix in layer.state_suffixes}
+    out = {k: v for k, v in state.items() if k not in own}
+    for path in paths:
+        out[f"{path}.weight"] = layer.fold(state, path, pruning)
     return out
 
 
@@ -74,7 +67,7 @@ def build_dense_model(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[s
     encoder = load_encoder(cfg.encoder.model_copy(update={"random_init": True}))
     tasks = [TaskInfo(t["name"], 1 if t["labels"] is None else len(t["labels"])) for t in meta["tasks"]]
     model = MultitaskModel(encoder, tasks, cfg.encoder.pooling, cfg.encoder.head_dropout)
-    model.load_state_dict(dense_state(cfg, state, model.model_type), strict=True)
+    model.load_state_dict(dense_state(cfg.pruning, state, model.model_type), strict=True)
     return model.eval()
 
 
@@ -150,59 +143,17 @@ def export_hf(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str, torc
 # ---------------------------------------------------------------- (b) compact
 
 
-class SparseLinear(nn.Module):
-    """y = x W^T + b with W held as a CSR sparse matrix."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight_csr", weight.to_sparse_csr())
-        self.bias = nn.Parameter(bias) if bias is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = (self.weight_csr @ flat.T).T
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
-class LowRankLinear(nn.Module):
-    """y = P (Q x) + b with P (d_out x r), Q (r x d_in)."""
-
-    def __init__(self, p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.P, self.Q = nn.Parameter(p), nn.Parameter(q)
-        self.bias = nn.Parameter(bias) if bias is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.Q), self.P, self.bias)
-
-
-def compact_tensors(cfg: ExperimentConfig, state: dict[str, torch.Tensor], model_type: str,
+def compact_tensors(pruning: PruningSettings, state: dict[str, torch.Tensor], model_type: str,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The compact tensors and each prunable layer's storage format ("bitmask", "lowrank" or "dense")."""
-    dense = dense_state(cfg, state, model_type)
+    """The compact tensors and each prunable layer's storage format (its layer's `compact_format`, or "dense")."""
+    dense = dense_state(pruning, state, model_type)
+    layer = get_method(pruning.method).layer
+    paths = prunable_paths(state, model_type)
     tensors: dict[str, torch.Tensor] = {}
-    formats: dict[str, str] = {}
-    stretch = (cfg.pruning.gate_low, cfg.pruning.gate_high)
-    paths = _prunable_paths(state, model_type)
-    for path in paths:
-        if f"{path}.mask" in state:
-            mask = state[f"{path}.mask"].bool()
-            bits = np.packbits(mask.numpy().reshape(-1))
-            tensors[f"{path}.bitmask"] = torch.from_numpy(bits)
-            tensors[f"{path}.values"] = state[f"{path}.weight"][mask].contiguous()
-            tensors[f"{path}.shape"] = torch.tensor(list(mask.shape), dtype=torch.int64)
-            formats[path] = "bitmask"
-        elif f"{path}.P" in state:
-            g = _gate_values(state, path, stretch)
-            kept = g > 0
-            tensors[f"{path}.P"] = (state[f"{path}.P"].float()[:, kept] * g[kept]).to(state[f"{path}.P"].dtype)
-            tensors[f"{path}.Q"] = state[f"{path}.Q"][kept].contiguous()
-            formats[path] = "lowrank"
-        else:
-            formats[path] = "dense"
+    formats = {path: "dense" if layer is None else layer.compact_format for path in paths}
+    if layer is not None:
+        for path in paths:
+            tensors.update(layer.compact(state, path, pruning))
     prunable_weights = {f"{p}.weight" for p in paths if formats[p] != "dense"}
     for key, value in dense.items():
         if key not in prunable_weights:
@@ -214,7 +165,7 @@ def export_compact(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str,
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(resolve_encoder_path(cfg.encoder.name)).model_type
-    tensors, formats = compact_tensors(cfg, state, model_type)
+    tensors, formats = compact_tensors(cfg.pruning, state, model_type)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"))
     (out / "compact.json").write_text(json.dumps({"format": COMPACT_FORMAT, "formats": formats, "meta": meta},
@@ -232,39 +183,34 @@ def load_compact(folder: str | Path, sparse_compute: bool = True) -> MultitaskMo
     if info.get("format") != COMPACT_FORMAT:
         raise ConfigError(f"{folder}/compact.json: not an {COMPACT_FORMAT} export")
     meta = info["meta"]
-    cfg = ExperimentConfig.model_validate(meta["config"])
+    cfg = saved_config(meta["config"])
     tensors = load_file(str(folder / "model.safetensors"))
     # built on CPU, not on the meta device: HF encoders hold non-persistent buffers (position ids) that
     # a meta build would leave uninitialised
     encoder = load_encoder(cfg.encoder.model_copy(update={"random_init": True}))
     tasks = [TaskInfo(t["name"], 1 if t["labels"] is None else len(t["labels"])) for t in meta["tasks"]]
     model = MultitaskModel(encoder, tasks, cfg.encoder.pooling, cfg.encoder.head_dropout)
-    for path, fmt in info["formats"].items():
+    return install_compact(model, tensors, info["formats"], sparse_compute, f"{folder}/compact.json")
+
+
+def install_compact(model: MultitaskModel, tensors: dict[str, torch.Tensor], formats: dict[str, str],
+                    sparse_compute: bool = True, source: str = "compact") -> MultitaskModel:
+    """Swap each prunable layer of `model` for the inference module of its compact form and load the rest."""
+    tensors = dict(tensors)
+    layers = compact_layers()
+    for path, fmt in formats.items():
         if fmt == "dense":
             continue
+        if fmt not in layers:
+            raise ConfigError(f"{source}: {path}: unknown format {fmt!r} (known: {', '.join(layers)})")
         parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
         bias = tensors.pop(f"{path}.bias", None)
-        if fmt == "bitmask":
-            shape = tuple(tensors.pop(f"{path}.shape").tolist())
-            bits = np.unpackbits(tensors.pop(f"{path}.bitmask").numpy(), count=int(np.prod(shape)))
-            mask = torch.from_numpy(bits.astype(bool)).reshape(shape)
-            values = tensors.pop(f"{path}.values")
-            weight = torch.zeros(shape, dtype=values.dtype)
-            weight[mask] = values
-            if sparse_compute:
-                setattr(parent, child, SparseLinear(weight, bias))
-            else:
-                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-                linear.load_state_dict({"weight": weight} | ({"bias": bias} if bias is not None else {}))
-                setattr(parent, child, linear)
-        else:
-            setattr(parent, child, LowRankLinear(tensors.pop(f"{path}.P"), tensors.pop(f"{path}.Q"), bias))
+        setattr(model.get_submodule(parent_path), child, layers[fmt].from_compact(tensors, path, bias, sparse_compute))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    replaced = {p for p, f in info["formats"].items() if f != "dense"}
+    replaced = {p for p, f in formats.items() if f != "dense"}
     leftovers = [k for k in missing if k.rpartition(".")[0] not in replaced]
     if leftovers or unexpected:
-        raise ConfigError(f"{folder}: compact export does not match its model ({(leftovers + unexpected)[:3]})")
+        raise ConfigError(f"{source}: compact export does not match its model ({(leftovers + unexpected)[:3]})")
     return model.eval()
 
 
@@ -287,7 +233,7 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     from mtp.config import cache_dir
     from mtp.data import load_tasks, tokenize_task
     from mtp.model import load_tokenizer
-    from mtp.train import collate, evaluate_tasks
+    from mtp.training import collate, evaluate_tasks
 
     run_dir, out = Path(run_dir), Path(out)
     cfg, meta, state = read_final(run_dir)
@@ -300,7 +246,7 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
             for t in tasks}
     scores = evaluate_tasks(compact, tasks, data, tokenizer, cfg.train.eval_batch_size)
     compact_scores = {k: v["score"] for k, v in scores.items()}
-    hf_encoder = AutoModel.from_pretrained(out / "hf" / "encoder").eval()
+    hf_encoder = AutoModel.from_pretrained(out / "hf" / "encoder", add_pooling_layer=False).eval()
     max_logit_diff = 0.0
     max_hidden_diff = 0.0
     with torch.no_grad():

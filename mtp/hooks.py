@@ -6,15 +6,20 @@ Order within one training run:
     setup(model)                      before DeepSpeed wraps the model: may replace modules
     param_groups(model)               optimizer groups with their own learning rates
     [resume] load_state_dict(state)   after the DeepSpeed checkpoint is loaded
+    on_train_start(step)              the loop starts (at 0, or at the resumed step)
     loop over optimizer steps:
         batch_loss(task, batch, outputs, loss)  rewrites each micro-batch's task loss (distillation)
         extra_loss(model, step)       added to each micro-batch's loss (regularisers, Lagrangians)
         on_optimizer_step(model, step)  once per optimizer step, after DeepSpeed's step
         metrics()                     scalars for TensorBoard at log steps (on every rank)
+        on_log(step, scalars)         every scalar of the log step: the trainer's and every hook's metrics()
         on_evaluate(step, results)    after every evaluation on the dev sets
         state_dict()                  into every checkpoint
     on_train_end(model) -> dict       final projection / report, merged into results.json
     (then the final evaluation, which calls on_evaluate once more)
+    on_results(results)               the run's results (results.json), finished or stopped
+
+Logging (TensorBoard, results.json, the progress bar) runs on the same events: mtp.training.loggers.
 """
 
 from __future__ import annotations
@@ -54,8 +59,17 @@ class Hook:
         """Scalars to log (TensorBoard tag -> value); called on every rank (it may gather ZeRO-3 partitions)."""
         return {}
 
+    def on_train_start(self, step: int) -> None:
+        """The training loop starts at `step` (0, or the step a resumed run continues from)."""
+
+    def on_log(self, step: int, scalars: dict[str, float]) -> None:
+        """Every scalar of a log step (tag -> value), the same on all ranks."""
+
     def on_evaluate(self, step: int, results: dict[str, Any]) -> None:
         """Dev results of every task (the same on all ranks), after each evaluation."""
+
+    def on_results(self, results: dict[str, Any]) -> None:
+        """The run's results (what results.json holds) when the loop ends, finished or stopped early."""
 
     def state_dict(self) -> dict[str, Any]:
         """Picklable state saved in every checkpoint (parameters already live in the DeepSpeed state)."""

@@ -5,13 +5,18 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp.config import DEFAULT_ENCODER, ConfigError, EncoderConfig
+from mtp.schema import PROJECT_ROOT, ConfigError
+
+if TYPE_CHECKING:
+    from mtp.config import EncoderConfig
+
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
 # The six prunable linear maps of a block, by architecture (module paths inside one layer).
 PRUNABLE_BY_ARCH: dict[str, dict[str, str]] = {
@@ -34,8 +39,6 @@ def resolve_encoder_path(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve())
-    from mtp.config import PROJECT_ROOT
-
     if (PROJECT_ROOT / name).exists():
         return str(PROJECT_ROOT / name)
     return name
@@ -71,7 +74,31 @@ def load_encoder(cfg: EncoderConfig, pad_token_id: int | None = None) -> nn.Modu
         if pad_token_id is not None:
             hf_config.pad_token_id = pad_token_id
         return AutoModel.from_config(hf_config, add_pooling_layer=False)
-    return AutoModel.from_pretrained(source, config=hf_config, add_pooling_layer=False)
+    return from_pretrained_quietly(AutoModel, source, "encoder.name", config=hf_config, add_pooling_layer=False)
+
+
+def from_pretrained_quietly(auto_class: Any, source: str, what: str, **kwargs: Any) -> nn.Module:
+    """`auto_class.from_pretrained` without transformers' per-process load report and progress bar (every rank
+    printed them, and the checkpoint's pooler, which mtp leaves out, is always reported). What matters is said in one
+    line: weights the checkpoint lacks (initialised at random) and weights it holds that are not used, pooler aside."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    unused = [k for k in info.get("unexpected_keys", []) if not k.startswith("pooler.")]
+    for kind, keys in (("not in the checkpoint (random)", info.get("missing_keys", [])), ("unused", unused)):
+        if keys:
+            logging.getLogger("mtp").warning("%s: %d weights %s, e.g. %s", what, len(keys), kind, sorted(keys)[0])
+    return model
 
 
 class TaskHead(nn.Sequential):

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_tune_config(args.config, args.overrides)
         base = check_space(cfg)  # every searched key is a valid override of the trainer config
         if not args.summary_only:
-            from mtp.cli import check_sources
+            from mtp.checks import check_sources
 
             check_sources(base)  # the teacher and init_from runs exist and know every task
         from tune.search import run_search, summarize

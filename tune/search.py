@@ -44,7 +44,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     """One DeepSpeed rank: Ray Train has started the process group; mtp's trainer joins it."""
     import ray.train
 
-    from mtp.train import run_training
+    from mtp.training import run_training
 
     exp = ExperimentConfig.model_validate(loop_config["experiment"])
     run_dir = Path(exp.output_dir)

@@ -7,30 +7,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from mtp.config import ConfigError, ExperimentConfig, _format_validation_error, _Strict, load_config
+from mtp.config import ConfigError, ExperimentConfig, load_config
+from mtp.schema import Strict, load_yaml, resolve_path
 
 # what a trial that ends over its budget (or fails to report) scores: it can never win
 OVER_BUDGET = -1.0e9
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     algorithm: Literal["random", "grid", "optuna", "hyperopt"] = "random"
     num_samples: int = Field(4, gt=0)
     """Trials to draw (random/optuna/hyperopt); with grid, each grid point is repeated this many times."""
     seed: int = 0
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(Strict):
     name: Literal["fifo", "asha"] = "asha"
     grace_period: int = Field(1, gt=0)
     """ASHA: evaluations a trial gets before it can be stopped."""
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
-class TuneConfig(_Strict):
+class TuneConfig(Strict):
     base: str
     """The trainer YAML every trial starts from (the same file `launch.sh --config` takes)."""
     overrides: list[str] = Field(default_factory=list)
@@ -76,23 +77,10 @@ class TuneConfig(_Strict):
 
 
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> TuneConfig:
-    from mtp.config import _set_dotted, parse_overrides
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    try:
-        return TuneConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, str(path))) from None
+    return load_yaml(path, TuneConfig, overrides)
 
 
 def base_path(cfg: TuneConfig) -> Path:
-    from mtp.config import resolve_path
-
     return resolve_path(cfg.base, "base")
 
 

@@ -57,7 +57,7 @@ def test_every_head_gets_a_gradient_whatever_the_task() -> None:
 
 
 def test_warmup_then_linear_decay() -> None:
-    from mtp.train import lr_lambda
+    from mtp.training import lr_lambda
 
     factor = lr_lambda(warmup=4, total=20)
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

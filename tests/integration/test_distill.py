@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 from scipy.special import log_softmax, softmax
 
-from mtp.config import ConfigError, DistillConfig, EncoderConfig, ExperimentConfig, PruningConfig
+from mtp.config import ConfigError, DistillConfig, EncoderConfig, ExperimentConfig
 from mtp.distill import Distillation, hidden_loss, logit_loss
 from mtp.export import initialise_from_run
 from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder
-from mtp.pruning import ElementwisePruning, RankPruning
+from mtp.pruning import build_pruning, pruning_settings
 from tests.conftest import ROOT
 
 
@@ -116,8 +116,8 @@ def test_init_from_copies_the_encoder_and_heads(tmp_path: Path) -> None:
 
 def test_element_wise_masks_are_fixed_for_the_final_fine_tuning() -> None:
     model = tiny_model()
-    cfg = PruningConfig(method="magnitude", budget=0.4, warmup_ratio=0.1, cooldown_ratio=0.1, finetune_ratio=0.3)
-    hook = ElementwisePruning(cfg, total_steps=20)
+    cfg = pruning_settings(method="magnitude", budget=0.4, warmup_ratio=0.1, cooldown_ratio=0.1, finetune_ratio=0.3)
+    hook = build_pruning(cfg, 20)[0]
     hook.setup(model)
     assert hook.schedule_end == 14
     for step in range(1, 15):
@@ -134,15 +134,15 @@ def test_element_wise_masks_are_fixed_for_the_final_fine_tuning() -> None:
     assert all(torch.equal(a, m.mask) for a, m in zip(before, hook.modules, strict=True))
     report = hook.on_train_end(model)
     assert report["within_budget"] and report["fixed_masks_from_step"] == 15
-    resumed = ElementwisePruning(cfg, total_steps=20)
+    resumed = build_pruning(cfg, 20)[0]
     resumed.load_state_dict(hook.state_dict())
     assert resumed.fixed and resumed.step == 20
 
 
 def test_rank_gates_are_deterministic_off_the_ramp_and_ranks_fixed_for_the_fine_tuning() -> None:
     model = tiny_model().train()
-    cfg = PruningConfig(method="rank", budget=0.4, warmup_ratio=0.2, cooldown_ratio=0.1, finetune_ratio=0.2)
-    hook = RankPruning(cfg, total_steps=20)
+    cfg = pruning_settings(method="rank", budget=0.4, warmup_ratio=0.2, cooldown_ratio=0.1, finetune_ratio=0.2)
+    hook = build_pruning(cfg, 20)[0]
     hook.setup(model)
     x = torch.randint(5, 1000, (2, 7))
     outputs = []
@@ -169,7 +169,7 @@ def test_rank_gates_are_deterministic_off_the_ramp_and_ranks_fixed_for_the_fine_
 
 
 def test_gate_groups_keep_a_constant_learning_rate() -> None:
-    from mtp.train import lr_schedule
+    from mtp.training import lr_schedule
 
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
     opt = torch.optim.SGD([{"params": [params[0]]}, {"params": [params[1]], "constant_lr": True}], lr=1.0)

@@ -8,18 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from mtp.config import ConfigError, EncoderConfig, PruningConfig
+from mtp.config import ConfigError, EncoderConfig
 from mtp.model import MultitaskModel, TaskInfo, load_encoder, parameter_counts
 from mtp.pruning import (
-    ElementwisePruning,
     FactorizedLinear,
     MaskedLinear,
     RankPruning,
     TopK,
     allocate,
+    build_pruning,
     cubic_schedule,
     make_budget,
     prunable_modules,
+    pruning_settings,
     topk_mask,
 )
 
@@ -47,7 +48,7 @@ def test_a_factorised_map_with_every_rank_closed_is_its_bias_under_zero3_linear(
     Q must still get (zero) gradients, so that every data-parallel rank reduces the same tensors."""
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
-    import mtp.pruning as pruning
+    import mtp.pruning.rank as pruning
 
     torch.manual_seed(0)
     layer = FactorizedLinear(nn.Linear(24, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=2.5)
@@ -157,7 +158,7 @@ def test_budget_arithmetic_for_bert_base_by_hand() -> None:
 @pytest.mark.parametrize("method", ["magnitude", "movement"])
 def test_elementwise_masks_hit_the_budget_exactly(method: str, scope: str) -> None:
     model = tiny_model()
-    hook = ElementwisePruning(PruningConfig(method=method, budget=0.3, scope=scope), total_steps=10)
+    hook = build_pruning(pruning_settings(method=method, budget=0.3, scope=scope), 10)[0]
     hook.setup(model)
     modules = [m for _, _, m in prunable_modules(model)]
     assert all(isinstance(m, MaskedLinear) for m in modules)
@@ -191,7 +192,7 @@ def test_masks_act_in_the_forward_pass_with_straight_through_scores() -> None:
 
 def test_soft_movement_projects_to_the_budget_at_the_end() -> None:
     model = tiny_model()
-    hook = ElementwisePruning(PruningConfig(method="soft_movement", budget=0.25), total_steps=10)
+    hook = build_pruning(pruning_settings(method="soft_movement", budget=0.25), 10)[0]
     hook.setup(model)
     for _, _, m in prunable_modules(model):
         m.scores.data.normal_()
@@ -207,7 +208,7 @@ def test_soft_movement_projects_to_the_budget_at_the_end() -> None:
 
 def test_rank_pruning_projects_within_budget_and_counts_rank_cost() -> None:
     model = tiny_model("tiny-roberta")
-    hook = RankPruning(PruningConfig(method="rank", budget=0.3), total_steps=10)
+    hook = build_pruning(pruning_settings(method="rank", budget=0.3), 10)[0]
     hook.setup(model)
     modules = [m for _, _, m in prunable_modules(model)]
     assert all(isinstance(m, FactorizedLinear) for m in modules)
@@ -225,7 +226,7 @@ def test_rank_pruning_projects_within_budget_and_counts_rank_cost() -> None:
 
 def test_lagrangian_ascent_raises_multipliers_when_over_target() -> None:
     model = tiny_model()
-    hook = RankPruning(PruningConfig(method="rank", budget=0.3, warmup_ratio=0.0, cooldown_ratio=0.0), 10)
+    hook = build_pruning(pruning_settings(method="rank", budget=0.3, warmup_ratio=0.0, cooldown_ratio=0.0), 10)[0]
     hook.setup(model.train())
     x = torch.randint(1, 100, (2, 5))
     model("rte", input_ids=x, attention_mask=torch.ones_like(x), labels=torch.tensor([0, 1]))
@@ -247,7 +248,7 @@ def test_large_architectures_are_pruned_by_architecture_map(arch: str) -> None:
     with torch.device("meta"):
         model = MultitaskModel(load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True)),
                                [TaskInfo("rte", 2)])
-    hook = ElementwisePruning(PruningConfig(method="movement", budget=0.1), total_steps=100)
+    hook = build_pruning(pruning_settings(method="movement", budget=0.1), 100)[0]
     hook.setup(model)
     kinds = [(kind, idx) for kind, idx, m in prunable_modules(model) if isinstance(m, MaskedLinear)]
     assert len(kinds) == 24 * 6
@@ -261,7 +262,7 @@ def test_rank_factorisation_of_a_roberta_base_block() -> None:
     model = MultitaskModel(encoder, [TaskInfo("rte", 2)]).eval()
     x = torch.randint(5, 1000, (2, 11))
     before = model("rte", input_ids=x, attention_mask=torch.ones_like(x))["logits"]
-    hook = RankPruning(PruningConfig(method="rank", budget=0.5), total_steps=10)
+    hook = build_pruning(pruning_settings(method="rank", budget=0.5), 10)[0]
     hook.setup(model)
     model.eval()  # the new factorised layers are built in training mode
     after = model("rte", input_ids=x, attention_mask=torch.ones_like(x))["logits"]
@@ -275,8 +276,8 @@ def rank_closed_loop(steps: int, **overrides: float) -> tuple[RankPruning, nn.Mo
     and the largest |expected size - target| once the ramp is under way (after 30% of the steps)."""
     torch.manual_seed(0)
     model = tiny_model().train()
-    cfg = PruningConfig(method="rank", budget=0.3, warmup_ratio=0.1, cooldown_ratio=0.2, **overrides)
-    hook = RankPruning(cfg, steps)
+    cfg = pruning_settings(method="rank", budget=0.3, warmup_ratio=0.1, cooldown_ratio=0.2, **overrides)
+    hook = build_pruning(cfg, steps)[0]
     hook.setup(model)
     groups = hook.param_groups(model)
     gates = {id(p) for g in groups for p in g["params"]}
@@ -324,7 +325,7 @@ def test_a_four_times_shorter_run_tracks_the_target_with_four_times_the_rates() 
 
 def test_rank_projection_fills_the_budget_from_the_largest_log_alpha() -> None:
     model = tiny_model()
-    hook = RankPruning(PruningConfig(method="rank", budget=0.3), total_steps=10)
+    hook = build_pruning(pruning_settings(method="rank", budget=0.3), 10)[0]
     hook.setup(model)
     torch.manual_seed(1)
     for m in hook.modules:

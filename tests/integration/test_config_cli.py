@@ -1,4 +1,4 @@
-"""Config schema, overrides and the one-line errors (exit code 2) before anything starts."""
+"""`mtp check` and launch.sh: the one-line errors (exit code 2) before anything starts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from mtp.config import ConfigError, load_config
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -16,35 +15,6 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 def check(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mtp", "check", *args], cwd=cwd, capture_output=True, text=True)
-
-
-def test_overrides_reach_nested_keys_and_tasks_by_name() -> None:
-    cfg = load_config(TINY, ["train.lr=3e-4", "tasks.stsb.weight=2.5", "sampling.strategy=uniform",
-                             "encoder.config_overrides.num_hidden_layers=1"])
-    assert cfg.train.lr == 3e-4
-    assert [t.weight for t in cfg.tasks] == [1.0, 2.5]
-    assert cfg.sampling.strategy == "uniform"
-    assert cfg.encoder.config_overrides == {"num_hidden_layers": 1}
-
-
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("train.lrr=1", "train.lrr: unknown key"),
-        ("train.lr=fast", "train.lr: Input should be a valid number"),
-        ("train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than 0"),
-        ("sampling.strategy=random", "sampling.strategy: Input should be"),
-        ("tasks.nope.weight=1", "override tasks.nope.weight: no list item 'nope'"),
-    ],
-)
-def test_schema_errors_name_the_key(override: str, expected: str) -> None:
-    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
-        load_config(TINY, [override])
-
-
-def test_given_probabilities_must_match_tasks() -> None:
-    with pytest.raises(ConfigError, match="sampling.probabilities: 'stsb' must match"):
-        load_config(TINY, ["sampling.strategy=given", "sampling.probabilities={rte: 1.0}"])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,76 @@
+"""The comparison's config (the compare YAML), loaded by the one config loader."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field
+
+from mtp.config import ConfigError
+from mtp.pruning import pruned_methods
+from mtp.schema import Strict, load_yaml
+
+
+class CompareConfig(Strict):
+    base: str
+    """The experiment YAML every run starts from (encoder, tasks, data, training recipe)."""
+    overrides: list[str] = Field(default_factory=list)
+    """Dotted overrides for every run."""
+    methods: list[str] = Field(default_factory=lambda: ["movement", "rank"])
+    """Pruning methods (names in mtp.pruning's registry)."""
+    budgets: list[float] = Field(default_factory=lambda: [0.5, 0.25, 0.1])
+    """Encoder budgets B, as fractions of one dense encoder's block parameters."""
+    single_task_sizes: list[float] = Field(default_factory=list)
+    """Grid of single-task sizes b; B/T for every B (and B itself for low-resource tasks) are always added."""
+    dense_baselines: bool = True
+    multitask_overrides: list[str] = Field(default_factory=list)
+    single_task_overrides: list[str] = Field(default_factory=list)
+    pruned_overrides: list[str] = Field(default_factory=list)
+    """Extra overrides for every pruned run (schedule, distillation weights), after the two above; dense runs keep
+    their recipe."""
+    teachers: bool = False
+    """Every pruned run starts from the dense run of its task set (mt-dense for the multitask model, st-TASK-dense for
+    TASK alone: encoder.init_from) and distils from it (distill.teacher); dense runs are trained first."""
+    overrides_by_run: dict[str, list[str]] = Field(default_factory=dict)
+    """Extra overrides for the runs whose name matches a regular expression (e.g. '^st-.*-rank-'), after the others."""
+    spread_seeds: list[int] = Field(default_factory=list)
+    """Extra seeds (train.seed) of the multitask model at `spread_budgets`, for every method: the run-to-run spread
+    that tells a difference between the multitask model and the ensembles from noise."""
+    spread_budgets: list[float] = Field(default_factory=list)
+    low_resource_tasks: list[str] = Field(default_factory=lambda: ["rte", "mrpc", "stsb"])
+    output_dir: str = "runs/compare"
+    results_dir: str | None = None
+    """A light folder apart from output_dir: the report and every finished run's results (runs/NAME.json, without
+    checkpoints or weights). A run found there with the same recipe counts as finished, so the comparison
+    continues from this folder alone in another checkout or on another machine: commit it. Default: the report
+    goes to output_dir."""
+    nproc: int = Field(2, gt=0)
+    """DeepSpeed ranks per run (launch.sh --nproc)."""
+    launcher_args: list[str] = Field(default_factory=list)
+    """Extra launch.sh arguments for every run (e.g. --hostfile FILE)."""
+
+    def run_folder(self, name: str) -> Path:
+        """The folder of one run: output_dir/runs/NAME (the one place this path is made)."""
+        return Path(self.output_dir) / "runs" / name
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    cfg = load_yaml(path, CompareConfig, overrides)
+    unknown = [m for m in cfg.methods if m not in pruned_methods()]
+    if unknown:
+        raise ConfigError(f"{path}: methods: {unknown[0]!r} is not a pruning method ({', '.join(pruned_methods())})")
+    for pattern in cfg.overrides_by_run:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"{path}: {pattern!r} is not a regular expression ({err})") from None
+    for b in [*cfg.budgets, *cfg.single_task_sizes]:
+        if not 0 < b < 1:
+            raise ConfigError(f"{path}: budgets and single_task_sizes are fractions in (0, 1), got {b}")
+    stray = [b for b in cfg.spread_budgets if b not in cfg.budgets]
+    if stray:
+        raise ConfigError(f"{path}: spread_budgets: {stray[0]} is not one of budgets {cfg.budgets}")
+    if cfg.teachers and not cfg.dense_baselines:
+        raise ConfigError(f"{path}: teachers: true needs dense_baselines: true (the dense runs are the teachers)")
+    return cfg

@@ -1,0 +1,91 @@
+"""The plan: every run the comparison needs, and the overrides of the base experiment that make each one."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mtp.compare.config import CompareConfig
+from mtp.config import ConfigError, load_config
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    method: str  # "none" for dense
+    size: float  # fraction of one encoder's blocks; 1.0 dense
+    task: str | None  # None: multitask
+    overrides: tuple[str, ...] = field(default=())
+    teacher: str | None = None  # the dense run this one starts from and distils from
+    seed: int | None = None  # an extra seed of the multitask model (spread_seeds); None: the recipe's seed
+
+    @property
+    def key(self) -> tuple[str | None, str, float, int | None]:
+        """What the run is: (task or None, method, size, extra seed); the report looks runs up by it."""
+        return self.task, self.method, round(self.size, 6), self.seed
+
+
+def _fmt(size: float) -> str:
+    return f"{size:g}"
+
+
+def plan_runs(cfg: CompareConfig, tasks: list[str]) -> list[RunSpec]:
+    """Every run the comparison needs, multitask first."""
+    runs: list[RunSpec] = []
+    t = len(tasks)
+    mt = tuple(cfg.multitask_overrides)
+    if cfg.dense_baselines:
+        runs.append(RunSpec("mt-dense", "none", 1.0, None, mt))
+    for method in cfg.methods:
+        for b in cfg.budgets:
+            runs.append(RunSpec(f"mt-{method}-{_fmt(b)}", method, b, None, mt))
+    for method in cfg.methods:
+        for b in cfg.spread_budgets:
+            for seed in cfg.spread_seeds:
+                runs.append(RunSpec(f"mt-{method}-{_fmt(b)}-seed{seed}", method, b, None, (*mt, f"train.seed={seed}"),
+                                    seed=seed))
+    st = tuple(cfg.single_task_overrides)
+    sizes = sorted({round(s, 6) for s in cfg.single_task_sizes} | {round(b / t, 6) for b in cfg.budgets})
+    for task in tasks:
+        if cfg.dense_baselines:
+            runs.append(RunSpec(f"st-{task}-dense", "none", 1.0, task, st))
+        task_sizes = set(sizes)
+        if task in cfg.low_resource_tasks:
+            task_sizes |= {round(b, 6) for b in cfg.budgets}
+        for method in cfg.methods:
+            for s in sorted(task_sizes):
+                runs.append(RunSpec(f"st-{task}-{method}-{_fmt(s)}", method, s, task, st))
+    planned = []
+    for spec in runs:
+        teacher = None
+        if spec.method != "none":
+            teacher = ("mt-dense" if spec.task is None else f"st-{spec.task}-dense") if cfg.teachers else None
+            source = [] if teacher is None else [f"encoder.init_from={cfg.run_folder(teacher)}",
+                                                 f"distill.teacher={cfg.run_folder(teacher)}"]
+            spec = replace(spec, overrides=spec.overrides + tuple(cfg.pruned_overrides) + tuple(source))
+        by_run = tuple(o for pattern, extra in cfg.overrides_by_run.items() if re.search(pattern, spec.name)
+                       for o in extra)
+        planned.append(replace(spec, overrides=spec.overrides + by_run, teacher=teacher))
+    return planned
+
+
+def run_overrides(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> list[str]:
+    """The dotted overrides of the base experiment that make this run (all but its output dir)."""
+    args = [*cfg.overrides, *spec.overrides]
+    if spec.method != "none":
+        args += [f"pruning.method={spec.method}", f"pruning.budget={spec.size}"]
+    if spec.task is not None:
+        args.append(f"tasks={json.dumps([_task_entry(base_path, cfg, spec.task)])}")
+    return args
+
+
+def _task_entry(base_path: Path, cfg: CompareConfig, task: str) -> dict[str, Any]:
+    """The base experiment's entry for `task` (keeps its subsampling, weight and custom-file settings)."""
+    exp = load_config(base_path, list(cfg.overrides))
+    for entry in exp.tasks:
+        if entry.name == task:
+            return entry.model_dump(exclude_defaults=True)
+    raise ConfigError(f"compare: task {task!r} is not in {base_path}")

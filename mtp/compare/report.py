@@ -1,0 +1,220 @@
+"""The report: every number of the comparison from the finished runs, as JSON, markdown, a plot and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mtp.compare.allocation import Choice, best_allocation
+from mtp.compare.config import CompareConfig
+from mtp.compare.plan import _fmt, plan_runs
+from mtp.compare.store import finished_results, report_dir
+from mtp.config import ConfigError, load_config
+
+
+def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
+    """Every number of the comparison from the finished runs (missing runs are reported, not fatal)."""
+    import math
+
+    exp = load_config(base_path, list(cfg.overrides))
+    tasks = [t.name for t in exp.tasks]
+    plan = plan_runs(cfg, tasks)
+    by_key = {s.key: finished_results(cfg, s, base_path) for s in plan}
+    missing = sorted(s.name for s in plan if by_key[s.key] is None)
+    any_result = next((r for r in by_key.values() if r), None)
+    if any_result is None:
+        raise ConfigError(f"compare: no finished run under {cfg.run_folder('')} (or {report_dir(cfg)}/runs) yet")
+
+    def find(task: str | None, method: str, size: float, seed: int | None = None) -> dict[str, Any] | None:
+        """The finished results of the run (task or None for multitask, method, size, extra seed)."""
+        return by_key.get((task, method, round(size, 6), seed))
+
+    dense_blocks = any_result["params"]["encoder_blocks"]
+    embeddings = any_result["params"]["embeddings"]
+
+    def kept(r: dict[str, Any]) -> int:
+        return r["pruning"]["kept_blocks"] if r.get("pruning") else r["params"]["encoder_blocks"]
+
+    def task_score(r: dict[str, Any] | None, task: str) -> float | None:
+        return None if r is None else r["tasks"][task]["score"]
+
+    report: dict[str, Any] = {"tasks": tasks, "dense_blocks": dense_blocks, "embeddings_per_encoder": embeddings,
+                              "methods": {}, "missing_runs": missing, "dense": {}, "low_resource": [], "spread": []}
+    dense_mt = find(None, "none", 1.0)
+    if cfg.dense_baselines:
+        mt = dense_mt
+        st = [find(t, "none", 1.0) for t in tasks]
+        report["dense"] = {
+            "multitask": None if mt is None else {"scores": {t: task_score(mt, t) for t in tasks},
+                                                  "mean": mt["mean_score"], "kept_blocks": kept(mt)},
+            "single_task": None if any(r is None for r in st) else {
+                "scores": {t: task_score(r, t) for t, r in zip(tasks, st, strict=True)},
+                "mean": sum(task_score(r, t) for t, r in zip(tasks, st, strict=True)) / len(tasks),
+                "kept_blocks": sum(kept(r) for r in st)}}
+    for method in cfg.methods:
+        rows = []
+        for budget in cfg.budgets:
+            capacity = int(math.floor(budget * dense_blocks))
+            mt = find(None, method, budget)
+            choices = []
+            for t in tasks:
+                opts = []
+                for spec in plan:
+                    r = by_key[spec.key]
+                    if spec.task == t and spec.method == method and r is not None:
+                        opts.append(Choice(kept(r), task_score(r, t), _fmt(spec.size)))
+                choices.append(opts)
+            best = best_allocation(choices, capacity)
+            equal_runs = [find(t, method, budget / len(tasks)) for t in tasks]
+            equal = None if any(r is None for r in equal_runs) else {
+                "size_each": budget / len(tasks),
+                "scores": {t: task_score(r, t) for t, r in zip(tasks, equal_runs, strict=True)},
+                "kept_blocks": sum(kept(r) for r in equal_runs)}
+            if equal:
+                equal["mean"] = sum(equal["scores"].values()) / len(tasks)
+            rows.append({
+                "budget": budget, "capacity": capacity,
+                "tasks_without_single_task_runs": [t for t, opts in zip(tasks, choices, strict=True) if not opts],
+                "multitask": None if mt is None else {
+                    "scores": {t: task_score(mt, t) for t in tasks}, "mean": mt["mean_score"], "kept_blocks": kept(mt),
+                    "retained": None if dense_mt is None else mt["mean_score"] / dense_mt["mean_score"]},
+                "best_ensemble": None if best is None else {
+                    "allocation": {t: c.label for t, c in zip(tasks, best[0], strict=True)},
+                    "scores": {t: c.score for t, c in zip(tasks, best[0], strict=True)},
+                    "mean": best[1], "kept_blocks": sum(c.size for c in best[0])},
+                "equal_split": equal,
+            })
+            for t in cfg.low_resource_tasks:
+                if t not in tasks:
+                    continue
+                alone = find(t, method, budget)
+                report["low_resource"].append({"task": t, "method": method, "size": budget,
+                                               "alone": task_score(alone, t), "multitask": task_score(mt, t)})
+        report["methods"][method] = rows
+        for budget in cfg.spread_budgets:
+            runs = [find(None, method, budget), *(find(None, method, budget, seed) for seed in cfg.spread_seeds)]
+            means = [r["mean_score"] for r in runs if r is not None]
+            report["spread"].append({
+                "method": method, "budget": budget, "runs": len(means), "means": means,
+                "mean": statistics.fmean(means) if means else None,
+                "stdev": statistics.stdev(means) if len(means) > 1 else None,
+                "range": max(means) - min(means) if means else None})
+    return report
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) -> str:
+    tasks = report["tasks"]
+    lines = ["# Multitask pruning vs the best single-task ensemble", "",
+             f"Reproduce: `{command}`", "",
+             f"Encoder blocks (dense): {report['dense_blocks']:,} parameters; "
+             f"embeddings {report['embeddings_per_encoder']:,} per encoder (the multitask model carries one table, "
+             "an ensemble of T models carries T).", ""]
+    header = "| budget | model | " + " | ".join(tasks) + " | mean | kept blocks | allocation |"
+    sep = "|" + "---|" * (len(tasks) + 5)
+    dense = report.get("dense") or {}
+    if dense:
+        lines += ["## Dense baselines", "", header, sep]
+        for name, entry in (("multitask", dense.get("multitask")), ("single-task models", dense.get("single_task"))):
+            if entry:
+                lines.append(f"| 1.0 | {name} | " + " | ".join(_cell(entry["scores"][t]) for t in tasks)
+                             + f" | **{entry['mean']:.2f}** | {entry['kept_blocks']:,} | |")
+        lines.append("")
+    for method, rows in report["methods"].items():
+        lines += [f"## {method}", "", header, sep]
+        for row in rows:
+            for name, key in (("multitask", "multitask"), ("best ensemble", "best_ensemble"),
+                              ("equal split", "equal_split")):
+                entry = row[key]
+                if entry is None:
+                    note = "runs missing"
+                    if key == "best_ensemble":
+                        lacking = row["tasks_without_single_task_runs"]
+                        note = f"no finished run of {', '.join(lacking)} yet" if lacking else "no allocation fits"
+                    lines.append(f"| {row['budget']:g} | {name} | " + " | ".join("—" for _ in tasks)
+                                 + f" | — | | {note} |")
+                    continue
+                alloc = ", ".join(f"{t} {b}" for t, b in entry.get("allocation", {}).items())
+                if key == "equal_split":
+                    alloc = f"{entry['size_each']:.3g} each"
+                if entry.get("retained") is not None:
+                    alloc = f"{entry['retained']:.3f} of the dense multitask mean"
+                lines.append(f"| {row['budget']:g} | {name} | " + " | ".join(_cell(entry["scores"][t]) for t in tasks)
+                             + f" | **{entry['mean']:.2f}** | {entry['kept_blocks']:,} | {alloc} |")
+        lines.append("")
+    if report["low_resource"]:
+        lines += ["## Low-resource tasks: pruned alone vs pruned jointly, same size", "",
+                  "| task | method | size | alone | in the multitask model | difference |", "|---|---|---|---|---|---|"]
+        for r in report["low_resource"]:
+            diff = None if r["alone"] is None or r["multitask"] is None else r["multitask"] - r["alone"]
+            lines.append(f"| {r['task']} | {r['method']} | {r['size']:g} | {_cell(r['alone'])} | "
+                         f"{_cell(r['multitask'])} | {'—' if diff is None else f'{diff:+.1f}'} |")
+        lines.append("")
+    if report.get("spread"):
+        lines += ["## Run-to-run spread of the multitask model (seeds)", "",
+                  "| method | budget | runs | mean scores | mean | stdev | range |", "|---|---|---|---|---|---|---|"]
+        for r in report["spread"]:
+            lines.append(f"| {r['method']} | {r['budget']:g} | {r['runs']} | "
+                         + ", ".join(f"{m:.2f}" for m in r["means"])
+                         + f" | {_cell(r['mean'])} | {_cell(r['stdev'])} | {_cell(r['range'])} |")
+        lines.append("")
+    if report["missing_runs"]:
+        lines += [f"Runs not finished yet: {', '.join(report['missing_runs'])}", ""]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(report["methods"])
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        rows = report["methods"][method]
+        for key, label, style in (("multitask", "multitask", "o-"), ("best_ensemble", "best ensemble", "s--"),
+                                  ("equal_split", "equal split", "^:")):
+            pts = [(r["budget"], r[key]["mean"]) for r in rows if r[key] is not None]
+            if pts:
+                xs, ys = zip(*sorted(pts), strict=True)
+                ax.plot(xs, ys, style, label=label)
+        dense = (report.get("dense") or {}).get("multitask")
+        if dense:
+            ax.axhline(dense["mean"], color="grey", lw=0.8, ls="-.", label="dense multitask")
+        ax.set_xscale("log")
+        ax.set_xlabel("encoder budget B (fraction of dense blocks)")
+        ax.set_ylabel("mean dev score")
+        ax.set_title(method)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(cfg: CompareConfig, base_path: Path, command: str) -> Path:
+    """report.md, report.json, mean_vs_budget.png and a TensorBoard summary in the report dir."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    report = build_report(cfg, base_path)
+    out = report_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(render_markdown(report, cfg, command))
+    plot_report(report, out / "mean_vs_budget.png")
+    writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / "summary"))
+    for method, rows in report["methods"].items():
+        for row in rows:
+            step = int(round(row["budget"] * 1000))
+            for key in ("multitask", "best_ensemble", "equal_split"):
+                if row[key] is not None:
+                    writer.add_scalar(f"compare/{method}/{key}_mean", row[key]["mean"], step)
+    writer.add_text("report", (out / "report.md").read_text())
+    writer.close()
+    return out / "report.md"

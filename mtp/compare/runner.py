@@ -1,0 +1,118 @@
+"""Training the planned runs: each an ordinary launch.sh job, claimed one by one, teachers first."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mtp.compare.config import CompareConfig
+from mtp.compare.plan import RunSpec, plan_runs, run_overrides
+from mtp.compare.store import (
+    _claim,
+    finished_results,
+    has_weights,
+    is_finished,
+    keep_results,
+    recipe_fingerprint,
+    set_aside_if_stale,
+)
+from mtp.config import load_config
+from mtp.schema import PROJECT_ROOT
+
+
+def launch_command(spec: RunSpec, cfg: CompareConfig, base_path: Path, port: int) -> list[str]:
+    """The launch.sh command that trains one run (resuming it if it has checkpoints)."""
+    run_dir = cfg.run_folder(spec.name)
+    args = ["bash", str(PROJECT_ROOT / "launch.sh"), "--nproc", str(cfg.nproc), "--master_port", str(port),
+            *cfg.launcher_args, "--config", str(base_path)]
+    if (run_dir / "checkpoints" / "latest").exists():
+        args.append("--resume")
+    return [*args, *run_overrides(spec, cfg, base_path), f"output_dir={run_dir}"]
+
+
+def start_run(spec: RunSpec, cfg: CompareConfig, base_path: Path, port: int, parallel: int = 1) -> subprocess.Popen:
+    """Start one run through launch.sh; runs side by side share the cores (one OpenMP pool per rank)."""
+    run_dir = cfg.run_folder(spec.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".recipe").write_text(recipe_fingerprint(spec, cfg, base_path) + "\n")
+    args = launch_command(spec, cfg, base_path, port)
+    log = (run_dir / "launch.log").open("a")
+    log.write(f"\n$ {' '.join(args)}\n")
+    log.flush()
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (parallel * cfg.nproc))))
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
+
+
+def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | None = None,
+            log: Any = print) -> dict[str, str]:
+    """Run every planned run not yet finished (claimed one by one); returns name -> status."""
+    exp = load_config(base_path, list(cfg.overrides))
+    tasks = [t.name for t in exp.tasks]
+    plan = [s for s in plan_runs(cfg, tasks) if only is None or re.search(only, s.name)]
+    status: dict[str, str] = {}
+    pending = []
+    for spec in plan:
+        moved = set_aside_if_stale(cfg, spec, base_path)
+        if moved is not None:
+            log(f"compare: {spec.name}: its run folder holds another recipe; moved to {moved}")
+        if finished_results(cfg, spec, base_path) is not None:
+            keep_results(cfg, spec, base_path)
+            status[spec.name] = "reused"
+        else:
+            pending.append(spec)
+    by_name = {s.name: s for s in plan_runs(cfg, tasks)}
+    for spec in list(pending):  # a teacher whose weights are gone (results kept, folder not) is trained again
+        teacher = by_name.get(spec.teacher or "")
+        if teacher and teacher not in pending and not has_weights(cfg.run_folder(teacher.name)):
+            log(f"compare: {teacher.name} is trained again: {spec.name} starts from its weights")
+            pending.insert(0, teacher)
+            status.pop(teacher.name, None)
+    log(f"compare: {len(plan)} runs, {len(plan) - len(pending)} already finished, {len(pending)} to train")
+    active: list[tuple[RunSpec, subprocess.Popen]] = []
+    base_port = 29600 + os.getpid() % 1000
+    slot = 0
+    while pending or active:
+        while pending and len(active) < parallel:
+            ready = [s for s in pending if s.teacher is None or has_weights(cfg.run_folder(s.teacher))]
+            waiting_on = {s.teacher for s in pending} - {s.name for s in ready}
+            if not ready:
+                if active or any((cfg.run_folder(str(t)) / ".claim").exists() for t in waiting_on):
+                    break  # a teacher is being trained here or elsewhere
+                for spec in pending:
+                    status[spec.name] = f"not trained: its teacher {spec.teacher} did not finish"
+                    log(f"compare: {spec.name}: {status[spec.name]}")
+                pending.clear()
+                break
+            spec = ready[0]
+            pending.remove(spec)
+            if not _claim(cfg.run_folder(spec.name)):
+                status[spec.name] = "claimed elsewhere"
+                continue
+            if finished_results(cfg, spec, base_path) is not None:  # another process finished it meanwhile
+                (cfg.run_folder(spec.name) / ".claim").unlink(missing_ok=True)
+                keep_results(cfg, spec, base_path)
+                status[spec.name] = "reused"
+                continue
+            log(f"compare: training {spec.name}")
+            active.append((spec, start_run(spec, cfg, base_path, base_port + 10 * (slot % 50), parallel)))
+            slot += 1
+        for item in list(active):
+            spec, proc = item
+            if proc.poll() is not None:
+                active.remove(item)
+                _finish(spec, proc.returncode, cfg.run_folder(spec.name), status, log)
+                keep_results(cfg, spec, base_path)
+        if active or pending:
+            time.sleep(1)
+    return status
+
+
+def _finish(spec: RunSpec, code: int, run_dir: Path, status: dict[str, str], log: Any) -> None:
+    (run_dir / ".claim").unlink(missing_ok=True)
+    status[spec.name] = "trained" if code == 0 and is_finished(run_dir) else f"failed (exit {code})"
+    log(f"compare: {spec.name}: {status[spec.name]}")

@@ -1,0 +1,210 @@
+"""Element-wise pruning: the masked layer (its dense fold and bit-mask compact form beside it) and the hook that
+magnitude, movement and soft movement share. A method module says what ranks the entries and how masks move."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mtp.model import gathered
+from mtp.pruning.base import PrunableLayer, PruningHook, PruningSettings, prunable_modules, replace_prunable
+from mtp.pruning.topk import TopK, allocate
+
+Scope = Literal["per_matrix", "global"]
+
+
+class ScoredSettings(PruningSettings):
+    """Methods that learn scores S for every weight."""
+
+    score_lr: float = Field(1e-2, gt=0.0)
+    """Learning rate of movement scores."""
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    """W * M in the forward pass; dL/dW = g * M and dL/dS = dL/dM = g * W in the backward pass (fused)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        weight, mask = ctx.saved_tensors
+        return grad * mask, grad * weight, None
+
+
+class MaskedLinear(PrunableLayer):
+    """y = (W * M) x + b; with scores, M's gradient flows straight through to S.
+
+    The mask is a 0/1 buffer in the weight's dtype (no conversion in the forward pass); count kept
+    entries with `count_nonzero`, never by summing it in low precision.
+    """
+
+    compact_format = "bitmask"
+    state_suffixes = ("mask", "scores")
+
+    def __init__(self, linear: nn.Linear, with_scores: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("mask", torch.ones_like(linear.weight))
+        self.scores = nn.Parameter(torch.zeros_like(linear.weight)) if with_scores else None
+        self.track_sigmoid = False
+        self.aux: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scores is not None and self.training:
+            if self.track_sigmoid:
+                self.aux = torch.sigmoid(self.scores.float()).sum()
+            weight = _StraightThroughMask.apply(self.weight, self.scores, self.mask.to(self.weight.dtype))
+        else:
+            weight = self.weight * self.mask.to(self.weight.dtype)
+        return F.linear(x, weight, self.bias)
+
+    @classmethod
+    def fold(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> torch.Tensor:
+        """Zeros where masked."""
+        return state[f"{path}.weight"] * state[f"{path}.mask"].to(state[f"{path}.weight"].dtype)
+
+    @classmethod
+    def compact(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> dict[str, torch.Tensor]:
+        """A packed bit mask, the kept values in row-major order, and the shape."""
+        mask = state[f"{path}.mask"].bool()
+        return {f"{path}.bitmask": torch.from_numpy(np.packbits(mask.numpy().reshape(-1))),
+                f"{path}.values": state[f"{path}.weight"][mask].contiguous(),
+                f"{path}.shape": torch.tensor(list(mask.shape), dtype=torch.int64)}
+
+    @classmethod
+    def from_compact(cls, tensors: dict[str, torch.Tensor], path: str, bias: torch.Tensor | None,
+                     sparse_compute: bool) -> nn.Module:
+        """A CSR sparse layer, or with `sparse_compute=False` a dense nn.Linear holding the zeros."""
+        shape = tuple(tensors.pop(f"{path}.shape").tolist())
+        bits = np.unpackbits(tensors.pop(f"{path}.bitmask").numpy(), count=int(np.prod(shape)))
+        mask = torch.from_numpy(bits.astype(bool)).reshape(shape)
+        values = tensors.pop(f"{path}.values")
+        weight = torch.zeros(shape, dtype=values.dtype)
+        weight[mask] = values
+        if sparse_compute:
+            return SparseLinear(weight, bias)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        linear.load_state_dict({"weight": weight} | ({"bias": bias} if bias is not None else {}))
+        return linear
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W held as a CSR sparse matrix (the compact form's inference layer)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_csr", weight.to_sparse_csr())
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = (self.weight_csr @ flat.T).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class ElementwisePruning(PruningHook):
+    """Masks over the entries of every prunable matrix, kept at the top-k of a criterion (|W| or scores S) along the
+    cubic schedule, per matrix or globally; subclasses choose the criterion and may move masks another way."""
+
+    with_scores: ClassVar[bool] = False
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        replace_prunable(model, lambda linear, _idx: MaskedLinear(linear, self.with_scores))
+        self.modules = [m for _, _, m in prunable_modules(model)]
+        self.density = 1.0
+        self.threshold = 0.0
+        self.topk = [TopK() for _ in self.modules]  # per-matrix selectors (their state only makes them fast)
+        self.global_topk = TopK()
+
+    @property
+    def scope(self) -> Scope:
+        """Where the top-k is taken: per matrix or over all matrices at once."""
+        return self.cfg.scope
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        scores = [m.scores for m in self.modules if m.scores is not None]
+        return [{"params": scores, "lr": self.cfg.score_lr, "weight_decay": 0.0, "name": "scores"}] if scores else []
+
+    def progress(self) -> float:
+        """0 before pruning starts, 1 from the cool-down on."""
+        return 1.0 - self.schedule(self.step, 1.0, 0.0)
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        self.step = step
+        assert self.budget is not None
+        if self.fixed:
+            return
+        if self.in_fixed_phase(step):  # the final masks, kept from here on
+            self.final_masks()
+            self.fixed = True
+            return
+        self.move_masks(step)
+
+    def move_masks(self, step: int) -> None:
+        """The masks of this step: the top `density` of the criterion, the density on the cubic schedule."""
+        assert self.budget is not None
+        self.density = self.schedule(step, 1.0, self.budget.density)
+        self.update_masks(self.density)
+
+    def _criterion(self, m: MaskedLinear) -> torch.Tensor:
+        return m.weight.detach().abs() if m.scores is None else m.scores.detach()
+
+    def update_masks(self, density: float) -> None:
+        """Keep the top `density` of the prunable entries, per matrix or over all matrices at once (`scope`)."""
+        sizes = [m.mask.numel() for m in self.modules]
+        kept_total = int(math.floor(density * sum(sizes))) if density < 1.0 else sum(sizes)
+        if density < 1.0 and self.scope == "global":
+            criteria = []
+            for m in self.modules:
+                source = m.weight if m.scores is None else m.scores
+                with gathered([source]):  # under ZeRO-3 the gathered values must outlive the context
+                    crit = self._criterion(m)
+                    criteria.append(crit.clone() if hasattr(source, "ds_id") else crit)
+            self.threshold = self.global_topk.select(criteria, kept_total, [m.mask for m in self.modules])
+            return
+        jobs = list(zip(self.modules, allocate(kept_total, sizes, density), self.topk, strict=True))
+        if any(hasattr(m.weight, "ds_id") for m in self.modules):  # ZeRO-3: gather one matrix at a time
+            thresholds = []
+            for m, k, topk in jobs:
+                with gathered([m.weight] if m.scores is None else [m.scores]):
+                    thresholds.append(topk.select([self._criterion(m)], k, [m.mask]))
+            self._record_threshold(thresholds)
+            return
+        self._record_threshold([topk.select([self._criterion(m)], k, [m.mask]) for m, k, topk in jobs])
+
+    def _record_threshold(self, thresholds: list[float]) -> None:
+        """Per matrix, the reported threshold is the median of the matrices' (0 while nothing is pruned)."""
+        finite = [t for t in thresholds if math.isfinite(t)]
+        self.threshold = statistics.median(finite) if finite else 0.0
+
+    def final_masks(self) -> None:
+        """The masks at the budget: the final top-k."""
+        assert self.budget is not None
+        self.density = self.budget.density
+        self.update_masks(self.density)
+
+    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+        return {**self.kept_report(model), "fixed_masks_from_step": self.schedule_end + 1 if self.fixed else None}
+
+    def kept_in(self, module: nn.Module) -> int:
+        return int(module.mask.count_nonzero())
+
+    def metrics(self) -> dict[str, float]:
+        assert self.budget is not None
+        return {**self.kept_metrics(), "pruning/target_density": self.density, "pruning/threshold": self.threshold}

@@ -1,0 +1,262 @@
+"""Rank pruning (FLOP, Wang et al. 2020): W = P diag(g) Q from the SVD of W, hard-concrete gates g, and an augmented
+Lagrangian that holds the expected size on the cubic schedule; projected to the budget (ranks by log alpha) at the end.
+The factorised layer carries its merge (P diag(g) Q) and its compact form (the open ranks) beside it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mtp.model import gathered
+from mtp.pruning.base import PrunableLayer, PruningHook, PruningSettings, prunable_modules, replace_prunable
+
+
+class RankSettings(PruningSettings):
+    method: Literal["rank"] = "rank"
+    gate_lr: float = Field(5e-2, gt=0.0)
+    """Learning rate of the gates' log alpha, constant (it follows neither warmup nor decay)."""
+    lagrangian_lr: float = Field(0.1, gt=0.0)
+    """Step size of the gradient ascent on lambda1 and lambda2."""
+    lambda2_init: float = Field(100.0, ge=0.0)
+    """Initial lambda2, the weight of the quadratic penalty (s - t)^2 that keeps the expected size on the target
+    (with 0, lambda1 alone lags, winds up and overshoots; docs/pruning.md)."""
+    log_alpha_init: float = 2.5
+    """Initial log alpha; 2.5 makes every deterministic gate 1 (the pretrained map). Gates are not sampled before
+    the pruning warmup ends (a sampled gate falls below 1 on 29% of the ranks at 2.5)."""
+    gate_beta: float = Field(2.0 / 3.0, gt=0.0)
+    gate_low: float = Field(-0.1, lt=0.0)
+    gate_high: float = Field(1.1, gt=1.0)
+
+
+class FactorizedLinear(PrunableLayer):
+    """y = P diag(g) Q x + b, initialised from the SVD of W (P = U sqrt(S), Q = sqrt(S) V^T), so it starts as W."""
+
+    compact_format = "lowrank"
+    state_suffixes = ("P", "Q", "log_alpha", "keep")
+
+    def __init__(self, linear: nn.Linear, beta: float, stretch: tuple[float, float], log_alpha_init: float):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = s.sqrt()
+        dtype = linear.weight.dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.P = nn.Parameter((u * root).to(dtype).contiguous())  # SVD factors come column-major
+        self.Q = nn.Parameter((root[:, None] * vh).to(dtype).contiguous())
+        self.bias = linear.bias
+        self.log_alpha = nn.Parameter(torch.full((s.numel(),), float(log_alpha_init)))
+        self.register_buffer("keep", torch.ones(s.numel(), dtype=torch.bool))
+        self.beta, (self.low, self.high) = beta, stretch
+        self.sample = True  # the hook turns sampling off outside the pruning ramp (deterministic gates)
+        self.aux: torch.Tensor | None = None
+
+    @property
+    def rank_cost(self) -> int:
+        return self.in_features + self.out_features
+
+    def gates(self) -> torch.Tensor:
+        """Hard-concrete samples while training with `sample`, else deterministic gates; dropped ranks are 0."""
+        log_alpha = self.log_alpha.float()
+        if not (self.training and self.sample):
+            return self.deterministic_gates(log_alpha) * self.keep
+        u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
+        return (s * (self.high - self.low) + self.low).clamp(0.0, 1.0) * self.keep
+
+    def deterministic_gates(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """The evaluation gates for these log alpha, before the keep mask: clamp(sigmoid(log alpha) (r - l) + l)."""
+        return (torch.sigmoid(log_alpha) * (self.high - self.low) + self.low).clamp(0.0, 1.0)
+
+    def expected_open(self) -> torch.Tensor:
+        """E[number of non-zero gates] = sum sigmoid(log alpha - beta log(-l/r)) over kept ranks."""
+        shift = self.beta * math.log(-self.low / self.high)
+        return (torch.sigmoid(self.log_alpha.float() - shift) * self.keep).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gates()
+        if self.training and self.sample:
+            self.aux = self.expected_open()
+        open_ranks = torch.nonzero(g > 0).squeeze(1)
+        if open_ranks.numel() == 0:
+            # every rank closed: the map is its bias. A zero-width product would break ZeRO-3's linear in the
+            # backward pass; the zero term keeps P and Q in the graph, so every data-parallel rank reduces the
+            # same gradients whichever gates it sampled
+            out = x.new_zeros(*x.shape[:-1], self.out_features) + 0 * (self.P.sum() + self.Q.sum()).to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
+        if open_ranks.numel() < g.numel():
+            # closed gates are exactly 0 (and pass no gradient through the clamp): leave their ranks out
+            hidden = F.linear(x, self.Q.index_select(0, open_ranks)) * g.index_select(0, open_ranks).to(x.dtype)
+            return F.linear(hidden, self.P.index_select(1, open_ranks), self.bias)
+        hidden = F.linear(x, self.Q) * g.to(x.dtype)
+        return F.linear(hidden, self.P, self.bias)
+
+    @staticmethod
+    def saved_gates(state: dict[str, torch.Tensor], path: str, settings: RankSettings) -> torch.Tensor:
+        """The deterministic gates (as in evaluation) of a saved layer, times its final keep mask."""
+        low, high = settings.gate_low, settings.gate_high
+        s = torch.sigmoid(state[f"{path}.log_alpha"].float())
+        return (s * (high - low) + low).clamp(0, 1) * state[f"{path}.keep"].float()
+
+    @classmethod
+    def fold(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> torch.Tensor:
+        """P diag(g) Q."""
+        g = cls.saved_gates(state, path, settings)
+        return (state[f"{path}.P"].float() @ (g[:, None] * state[f"{path}.Q"].float())).to(state[f"{path}.P"].dtype)
+
+    @classmethod
+    def compact(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> dict[str, torch.Tensor]:
+        """The open ranks only: P (d_out x r) with the gates folded in, Q (r x d_in)."""
+        g = cls.saved_gates(state, path, settings)
+        kept = g > 0
+        return {f"{path}.P": (state[f"{path}.P"].float()[:, kept] * g[kept]).to(state[f"{path}.P"].dtype),
+                f"{path}.Q": state[f"{path}.Q"][kept].contiguous()}
+
+    @classmethod
+    def from_compact(cls, tensors: dict[str, torch.Tensor], path: str, bias: torch.Tensor | None,
+                     sparse_compute: bool) -> nn.Module:
+        return LowRankLinear(tensors.pop(f"{path}.P"), tensors.pop(f"{path}.Q"), bias)
+
+
+class LowRankLinear(nn.Module):
+    """y = P (Q x) + b with P (d_out x r), Q (r x d_in): the compact form's inference layer."""
+
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.P, self.Q = nn.Parameter(p), nn.Parameter(q)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.Q), self.P, self.bias)
+
+
+class RankPruning(PruningHook):
+    """FLOP-style rank pruning with hard-concrete gates and an augmented Lagrangian on the expected size."""
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        c = self.cfg
+        replace_prunable(model, lambda linear, _idx: FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high),
+                                                              c.log_alpha_init))
+        self.modules = [m for _, _, m in prunable_modules(model)]
+        self.lambda1 = 0.0
+        # lambda2 starts as a real quadratic penalty (method of multipliers): its pull 2 lambda2 (s - t) follows the
+        # gap at once, where lambda1 only integrates it; from 0, lambda1 alone wound up while the saturated gates
+        # lagged and then overshot (a 1,000-step MiniLM run ended at 0.40 of the blocks for B = 0.5)
+        self.lambda2 = c.lambda2_init
+        self.projected = False
+        self.start_density = self.expected_density().item()
+        self.last_density = self.start_density
+        self._set_sampling()
+
+    def _set_sampling(self) -> None:
+        """Gates are sampled only on the ramp: before it the model is the dense one, after it the ranks are fixed."""
+        sample = self.warmup < self.step + 1 and not self.fixed
+        for m in self.modules:
+            m.sample = sample
+
+    def expected_density(self) -> torch.Tensor:
+        """Expected encoder-block size over the dense size (differentiable in log alpha)."""
+        assert self.budget is not None
+        size = sum(m.rank_cost * m.expected_open() for m in self.modules)
+        return (size + self.budget.non_prunable) / self.budget.dense_blocks
+
+    def target(self, step: int) -> float:
+        assert self.budget is not None
+        end = self.budget.target / self.budget.dense_blocks
+        return self.schedule(step, self.start_density, end)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [m.log_alpha for m in self.modules], "lr": self.cfg.gate_lr, "weight_decay": 0.0,
+                 "name": "gates", "constant_lr": True}]
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        assert self.budget is not None
+        if not self.modules[0].sample:  # no sampled gates: nothing to hold to the target
+            return None
+        size = sum(m.rank_cost * m.aux for m in self.modules if m.aux is not None)
+        density = (size + self.budget.non_prunable) / self.budget.dense_blocks
+        gap = density - self.target(step)
+        self.last_density = float(density.detach())
+        return self.lambda1 * gap + self.lambda2 * gap * gap
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Gradient ascent on the multipliers: d/d(lambda1) = gap, d/d(lambda2) = gap^2; at the end of the schedule
+        the ranks are projected to the budget and fixed for the fine-tuning phase."""
+        sampled = self.modules[0].sample
+        self.step = step
+        if not self.fixed and self.in_fixed_phase(step):
+            self.project()
+            self.fixed = True
+        elif sampled:
+            gap = self.last_density - self.target(step)
+            self.lambda1 += self.cfg.lagrangian_lr * gap
+            self.lambda2 += self.cfg.lagrangian_lr * gap * gap
+        self._set_sampling()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "fixed": self.fixed, "lambda1": self.lambda1, "lambda2": self.lambda2,
+                "start_density": self.start_density, "last_density": self.last_density}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.lambda1, self.lambda2 = state.get("lambda1", 0.0), state.get("lambda2", 0.0)
+        self.start_density = state.get("start_density", self.start_density)
+        self.last_density = state.get("last_density", self.last_density)
+        self.projected = self.fixed  # the keep masks themselves come back with the checkpoint's buffers
+        self._set_sampling()
+
+    def project(self) -> None:
+        """Keep the ranks with the largest log alpha (the largest gates first), over all matrices, while the size
+        fits B: the final size is within one rank cost of B. Ranks whose deterministic gate is 0 may be kept to
+        fill the room; they are counted in `closed_kept_ranks`."""
+        assert self.budget is not None
+        candidates = []
+        for i, m in enumerate(self.modules):
+            with gathered([m.log_alpha]):
+                candidates.extend((value, i, j) for j, value in enumerate(m.log_alpha.detach().float().tolist()))
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        room = self.budget.prunable_allowance
+        keep = [torch.zeros_like(m.keep) for m in self.modules]
+        for _value, i, j in candidates:
+            cost = self.modules[i].rank_cost
+            if cost <= room:
+                keep[i][j] = True
+                room -= cost
+        for m, k in zip(self.modules, keep, strict=True):
+            m.keep.copy_(k)
+        self.projected = True
+
+    def closed_kept_ranks(self) -> int:
+        """Kept ranks whose deterministic gate is 0: the room they take does nothing."""
+        count = 0
+        for m in self.modules:
+            with gathered([m.log_alpha]):
+                count += int(((m.deterministic_gates(m.log_alpha.detach().float()) == 0) & m.keep).sum())
+        return count
+
+    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+        if not self.fixed:
+            self.project()
+        report = self.kept_report(model)
+        report.update({"lambda1": self.lambda1, "lambda2": self.lambda2, "closed_kept_ranks": self.closed_kept_ranks(),
+                       "expected_fraction_at_end": self.last_density,
+                       "fixed_ranks_from_step": self.schedule_end + 1 if self.fixed else None,
+                       "kept_ranks": {f"{kind}.{idx}": int(m.keep.sum()) for kind, idx, m in prunable_modules(model)}})
+        return report
+
+    def kept_in(self, module: nn.Module) -> float:
+        """Kept parameters of a factorised matrix: exact after the projection, expected before it."""
+        if self.projected:
+            return int(module.keep.sum()) * module.rank_cost
+        with gathered([module.log_alpha]), torch.no_grad():
+            return float(module.expected_open()) * module.rank_cost
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.kept_metrics(), "pruning/expected_fraction": self.last_density,
+                "pruning/target_fraction": self.target(self.step), "pruning/lambda1": self.lambda1,
+                "pruning/lambda2": self.lambda2}

@@ -1,0 +1,59 @@
+"""Soft movement pruning (Sanh et al. 2020): M = 1[sigmoid(S) > tau] plus lambda_t * mean(sigmoid(S)) in the loss,
+tau and lambda ramped by the cubic schedule; projected to the budget (global top-k of S) at the end."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mtp.model import gathered
+from mtp.pruning.elementwise import ElementwisePruning, Scope, ScoredSettings
+
+
+class SoftMovementSettings(ScoredSettings):
+    method: Literal["soft_movement"] = "soft_movement"
+    soft_threshold: float = Field(0.1, gt=0.0, lt=1.0)
+    """Final tau in M = 1[sigmoid(S) > tau] (ramped from 0 by the cubic schedule; Sanh et al.: 0.1)."""
+    soft_lambda: float = Field(400.0, ge=0.0)
+    """Final weight of mean(sigmoid(S)) in the loss (ramped with tau; Sanh et al.: 400)."""
+
+
+class SoftMovementPruning(ElementwisePruning):
+    """The masks follow a threshold on the scores, not a count: the size is reached through the regulariser and the
+    final projection, which keeps the budget's top-k of all scores together."""
+
+    with_scores = True
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        for m in self.modules:
+            m.track_sigmoid = True
+
+    @property
+    def scope(self) -> Scope:
+        return "global"
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        if self.cfg.soft_lambda == 0 or self.fixed:
+            return None
+        total = sum(m.aux for m in self.modules if m.aux is not None)
+        assert self.budget is not None
+        return self.cfg.soft_lambda * self.progress() * total / self.budget.prunable
+
+    def move_masks(self, step: int) -> None:
+        self.threshold = self.cfg.soft_threshold * self.progress()
+        # sigmoid(S) > tau  <=>  S > logit(tau): one comparison per entry, no sigmoid
+        cut = -math.inf if self.threshold <= 0 else math.inf if self.threshold >= 1 else math.log(
+            self.threshold / (1 - self.threshold))
+        for m in self.modules:
+            with gathered([m.scores]):
+                torch.gt(m.scores.detach(), cut, out=m.mask)
+
+    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+        if not self.fixed:  # it does not reach the budget by itself
+            self.final_masks()
+        return super().on_train_end(model)

@@ -1,0 +1,127 @@
+"""The DeepSpeed side of a run: its JSON config reconciled with the YAML, the optimizer groups and the schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mtp.config import ConfigError, ExperimentConfig, resolve_path
+from mtp.hooks import Hook
+
+
+def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """Read the DeepSpeed JSON named by train.deepspeed_config and fill its "auto" values from the YAML.
+
+    Batch size, accumulation, clipping, learning rate and weight decay come from the YAML (one source
+    of truth); a concrete value in the JSON that disagrees is an error. The LR schedule is mtp's own
+    (warmup + linear decay, per parameter group), so a "scheduler" block is refused.
+    """
+    path = resolve_path(cfg.train.deepspeed_config, "train.deepspeed_config")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: 'scheduler' is set by mtp from train.warmup_ratio; remove it")
+    t = cfg.train
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): t.micro_batch_size,
+        ("gradient_accumulation_steps",): t.grad_accum,
+        ("train_batch_size",): t.micro_batch_size * t.grad_accum * world_size,
+        ("gradient_clipping",): t.grad_clip,
+    }
+    if "optimizer" in ds:
+        ds["optimizer"].setdefault("params", {})
+        wanted[("optimizer", "params", "lr")] = t.lr
+        wanted[("optimizer", "params", "weight_decay")] = t.weight_decay
+    for keys, value in wanted.items():
+        node = ds
+        for key in keys[:-1]:
+            node = node[key]
+        current = node.get(keys[-1], "auto")
+        if current != "auto" and current != value:
+            yaml_key = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                        "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "train.grad_clip",
+                        "lr": "train.lr", "weight_decay": "train.weight_decay",
+                        "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks"}[keys[-1]]
+            raise ConfigError(f"{path}: {'.'.join(keys)}={current} disagrees with {yaml_key}={value}; "
+                              "set it to \"auto\"")
+        node[keys[-1]] = value
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def precision_of(ds: dict[str, Any]) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def torch_dtype(ds: dict[str, Any]) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds)]
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def total_steps(cfg: ExperimentConfig, sizes: dict[str, int], world: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    return max(1, math.ceil(cfg.train.epochs * sum(sizes.values()) / per_step))
+
+
+def lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _constant(_step: int) -> float:
+    return 1.0
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then linear decay for every group, except groups marked `constant_lr` (gates: FLOP and CoFi train
+    them at a constant rate)."""
+    decay = lr_lambda(warmup, total)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [_constant if g.get("constant_lr") else decay for g in optimizer.param_groups])
+
+
+def split_param_groups(model: torch.nn.Module, hooks: list[Hook], weight_decay: float) -> list[dict[str, Any]]:
+    """Default AdamW groups (no decay on biases and LayerNorms) plus the hooks' own groups."""
+    hook_groups = [g for h in hooks for g in h.param_groups(model)]
+    taken = {id(p) for g in hook_groups for p in g["params"]}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in taken:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups + hook_groups if g["params"]]
+
+
+def skip_single_rank_reduction(engine: Any) -> None:
+    """On one rank without ZeRO there is nothing to reduce, yet DeepSpeed's stage-0 path still flattens and
+    copies back every gradient after each backward pass (about 7% of a MiniLM step on CPU): switch it off."""
+    if engine.zero_optimization_stage() == 0 and dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False
+
+
+def adamw(groups: list[dict[str, Any]], cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

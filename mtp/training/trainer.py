@@ -1,0 +1,287 @@
+"""The multitask trainer: one DeepSpeed engine, one shared encoder, one head per task; the loop and nothing else.
+
+Runs inside each rank started by the `deepspeed` launcher (`launch.sh`), or in a single process. The loop knows
+nothing of pruning, distillation or logging: they plug in through `mtp.hooks.Hook`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mtp.config import ExperimentConfig, cache_dir, dump_config
+from mtp.data import MultitaskSampler, TaskData, load_tasks, task_probabilities, tokenize_task
+from mtp.distill import build_distillation
+from mtp.hooks import Hook
+from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder, load_tokenizer, parameter_counts
+from mtp.pruning import build_pruning
+from mtp.training.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
+from mtp.training.distributed import init_distributed, seed_everything
+from mtp.training.evaluation import collate, evaluate_tasks, to_device
+from mtp.training.loggers import ProgressBar, ResultsFile, TensorBoardLogger
+from mtp.training.optim import (
+    adamw,
+    build_ds_config,
+    lr_schedule,
+    precision_of,
+    skip_single_rank_reduction,
+    split_param_groups,
+    torch_dtype,
+    total_steps,
+    zero_stage,
+)
+from mtp.training.state import TrainState
+
+
+@dataclass
+class Trainer:
+    """Everything a step, an evaluation or a checkpoint needs; `Trainer.build` makes one for a config."""
+
+    cfg: ExperimentConfig
+    rank: int
+    world: int
+    tokenizer: Any
+    tasks: list[TaskData]
+    data: dict[str, dict[str, Any]]
+    probs: dict[str, float]
+    sampler: MultitaskSampler
+    max_steps: int
+    ds_config: dict[str, Any]
+    param_counts: dict[str, int]
+    hooks: list[Hook]
+    engine: Any
+    optimizer: Any
+    state: TrainState
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, resume: bool = False, hooks: list[Hook] | None = None,
+              extra_hooks: list[Hook] | None = None, rank: int = 0, world: int = 1, local_rank: int = 0) -> Trainer:
+        """Data, model, hooks (`hooks`, else the config's pruning and distillation; then `extra_hooks` and, on rank
+        0, the loggers), DeepSpeed engine, and the progress of a resumed run."""
+        import deepspeed
+
+        seed_everything(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg.encoder)
+        tasks = load_tasks(cfg)
+        data = tokenize_all(cfg, tasks, tokenizer, local_rank)
+        sizes = {t.name: len(t.train_texts) for t in tasks}
+        probs = task_probabilities(cfg, sizes)
+        sampler = MultitaskSampler(sizes, probs, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
+        max_steps = total_steps(cfg, sizes, world)
+        ds_config = build_ds_config(cfg, world)
+
+        encoder = load_encoder(cfg.encoder, pad_token_id=tokenizer.pad_token_id)
+        model = MultitaskModel(encoder, [TaskInfo(t.name, t.num_labels) for t in tasks],
+                               pooling=cfg.encoder.pooling, head_dropout=cfg.encoder.head_dropout)
+        if cfg.encoder.init_from and not resume:  # on resume the checkpoint holds the weights
+            from mtp.export import initialise_from_run
+
+            initialise_from_run(model, cfg.encoder.init_from)
+        param_counts = parameter_counts(model)
+        if hooks is None:
+            hooks = [*build_pruning(cfg.pruning, max_steps),
+                     *build_distillation(cfg.distill, [t.name for t in tasks], torch_dtype(ds_config))]
+        hooks = [*hooks, *(extra_hooks or [])]
+        if rank == 0:
+            stop_at = min(max_steps, cfg.train.stop_after_steps or max_steps)
+            out = Path(cfg.output_dir)
+            hooks += [TensorBoardLogger(out / "tensorboard", dump_config(cfg), ds_config), ResultsFile(out),
+                      ProgressBar(max_steps, stop_at)]
+        for hook in hooks:
+            hook.setup(model)
+        groups = split_param_groups(model, hooks, cfg.train.weight_decay)
+        warmup = int(cfg.train.warmup_ratio * max_steps)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=ds_config,
+            optimizer=None if "optimizer" in ds_config else adamw(groups, cfg),
+            lr_scheduler=lambda opt: lr_schedule(opt, warmup, max_steps))
+        skip_single_rank_reduction(engine)
+        state = TrainState()
+        if resume:
+            state = load_checkpoint(engine, Path(cfg.output_dir) / CHECKPOINTS, sampler, hooks, rank)
+        return cls(cfg, rank, world, tokenizer, tasks, data, probs, sampler, max_steps, ds_config, param_counts,
+                   hooks, engine, optimizer, state)
+
+    # ------------------------------------------------------------ evaluation and checkpoints
+    def evaluate(self) -> dict[str, Any]:
+        """Dev metrics for every task, each rank scoring its share; all ranks get the same result."""
+        self.engine.eval()
+        results = evaluate_tasks(self.engine, self.tasks, self.data, self.tokenizer, self.cfg.train.eval_batch_size,
+                                 self.engine.device, self.rank, self.world)
+        self.engine.train()
+        return results
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.engine, self.out / CHECKPOINTS, self.state, self.sampler, self.hooks, self.rank,
+                        self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------ training
+    def train(self) -> dict[str, Any]:
+        """Train to the end (or to train.stop_after_steps), checkpointing and evaluating on the way; returns the
+        results (also results.json)."""
+        cfg = self.cfg
+        names = [t.name for t in self.tasks]
+        weights = {t.name: t.weight for t in self.tasks}
+        stop_at = min(self.max_steps, cfg.train.stop_after_steps or self.max_steps)
+        self.engine.train()
+        self.state.started = time.time()
+        for hook in self.hooks:
+            hook.on_train_start(self.state.step)
+        # loss sums, counts, tokens; on the device, so that no step waits to read its loss and NCCL can reduce it
+        window = torch.zeros(2 * len(names) + 1, dtype=torch.float64, device=self.engine.device)
+        window_start = time.time()
+        while self.state.step < stop_at:
+            for _ in range(cfg.train.grad_accum):
+                task, rows = self.sampler.next()
+                collated = collate(self.data[task]["train"], rows, self.tokenizer)
+                tokens = int(collated["attention_mask"].sum())
+                batch = to_device(collated, self.engine.device)
+                out = self.engine(task, **batch)
+                loss = out["loss"]
+                for hook in self.hooks:
+                    loss = hook.batch_loss(task, batch, out, loss)
+                loss = loss * weights[task]
+                for hook in self.hooks:
+                    extra = hook.extra_loss(self.engine.module, self.state.step)
+                    if extra is not None:
+                        loss = loss + extra
+                self.engine.backward(loss)
+                self.engine.step()
+                t = names.index(task)
+                window[t] += out["loss"].detach().double()
+                window[len(names) + t] += 1
+                window[-1] += tokens
+            self.state.step += 1
+            step = self.state.step
+            for hook in self.hooks:
+                hook.on_optimizer_step(self.engine.module, step)
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                self._log_window(window, names, time.time() - window_start)
+                window.zero_()
+                window_start = time.time()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < self.max_steps:
+                self._record_eval(self.evaluate())
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < stop_at:
+                self.save_checkpoint()
+        finished = self.state.step >= self.max_steps
+        hook_report: dict[str, Any] = {}
+        if finished:
+            for hook in self.hooks:
+                report = hook.on_train_end(self.engine.module)
+                if report:
+                    hook_report[hook.name] = report
+            self._record_eval(self.evaluate())
+            self.save_final_model(hook_report)
+        self.save_checkpoint()
+        results = self.results(finished, hook_report)
+        for hook in self.hooks:
+            hook.on_results(results)
+        return results
+
+    def save_final_model(self, hook_report: dict[str, Any]) -> None:
+        """final/model.safetensors (every parameter and buffer: masks, gates) and final/mtp.json, for export."""
+        import json
+
+        from safetensors.torch import save_file
+
+        state = full_state_dict(self.engine.module)  # collective under ZeRO-3: every rank takes part
+        if self.rank != 0:
+            return
+        final = self.out / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(final / "model.safetensors"))
+        meta = {"config": self.cfg.model_dump(mode="json"), "steps": self.state.step,
+                "tasks": [{"name": t.name, "labels": t.labels, "metric": t.metric} for t in self.tasks],
+                "pruning": hook_report.get("pruning"),
+                "dev_scores": {k: v["score"] for k, v in self.state.last_eval.items()}}
+        (final / "mtp.json").write_text(json.dumps(meta, indent=2))
+
+    def _log_window(self, window: torch.Tensor, names: list[str], seconds: float) -> None:
+        """Reduce the window's losses and counts over the ranks and hand every scalar of the step to the hooks."""
+        window = window.clone()
+        dist.all_reduce(window)  # a device tensor: NCCL reduces no CPU tensors (gloo takes both)
+        window = window.cpu()
+        n = len(names)
+        tokens = int(window[-1])
+        self.state.tokens_seen += tokens
+        counts = window[n:2 * n] / self.world  # every rank counted the same micro-steps
+        steps_in_window = max(1.0, float(counts.sum()))
+        mean_loss = float(window[:n].sum() / self.world / steps_in_window)
+        self.state.loss_history.append({"step": self.state.step, "loss": mean_loss})
+        scalars: dict[str, float] = {"train/loss": mean_loss}
+        for i, name in enumerate(names):
+            if counts[i] > 0:
+                scalars[f"train/loss/{name}"] = float(window[i] / self.world / counts[i])
+            scalars[f"train/task_share/{name}"] = float(counts[i] / steps_in_window)
+            scalars[f"train/batches/{name}"] = float(counts[i])
+        for group in self.optimizer.param_groups:
+            scalars[f"train/lr/{group.get('name', 'group')}"] = group["lr"]
+        scalars["train/tokens_per_s"] = tokens / max(seconds, 1e-9)
+        scalars["train/tokens_seen"] = self.state.tokens_seen
+        # every rank asks the hooks: their metrics may gather ZeRO-3 partitions (a collective)
+        for hook in self.hooks:
+            scalars.update(hook.metrics())
+        for hook in self.hooks:
+            hook.on_log(self.state.step, scalars)
+
+    def _record_eval(self, results: dict[str, Any]) -> None:
+        mean = float(np.mean([r["score"] for r in results.values()]))
+        self.state.eval_history.append({"step": self.state.step, "mean_score": mean,
+                                        "scores": {k: v["score"] for k, v in results.items()}})
+        self.state.last_eval = results
+        for hook in self.hooks:
+            hook.on_evaluate(self.state.step, results)
+
+    def results(self, finished: bool, hook_report: dict[str, Any]) -> dict[str, Any]:
+        """What results.json holds."""
+        state = self.state
+        results: dict[str, Any] = {
+            "finished": finished, "steps": state.step, "max_steps": self.max_steps,
+            "tokens_seen": state.tokens_seen, "wall_time_s": round(state.wall_time, 2), "world_size": self.world,
+            "precision": precision_of(self.ds_config), "zero_stage": zero_stage(self.ds_config),
+            "params": self.param_counts, "sampling": self.probs,
+            "data": {t.name: {"source": t.source, **t.stats} for t in self.tasks},
+            "eval_history": state.eval_history, "loss_history": state.loss_history,
+        }
+        if finished:
+            results["tasks"] = state.last_eval
+            results["mean_score"] = float(np.mean([r["score"] for r in state.last_eval.values()]))
+        results.update(hook_report)
+        return results
+
+
+def tokenize_all(cfg: ExperimentConfig, tasks: list[TaskData], tokenizer: Any, local_rank: int,
+                 ) -> dict[str, dict[str, Any]]:
+    """Local rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache."""
+    cache = cache_dir(cfg) / "tokenized"
+    tok_id = f"{cfg.encoder.tokenizer or cfg.encoder.name}:{type(tokenizer).__name__}"
+    result: dict[str, dict[str, Any]] = {}
+    for turn in (0, 1):
+        if (local_rank == 0) == (turn == 0):
+            result = {t.name: tokenize_task(t, tokenizer, cfg.data.max_seq_len, cache, tok_id) for t in tasks}
+        dist.barrier()
+    return result
+
+
+def run_training(cfg: ExperimentConfig, resume: bool = False, extra_hooks: list[Hook] | None = None,
+                 ) -> dict[str, Any]:
+    """Train (or resume) the experiment in this process as one rank of the job; returns results.json."""
+    rank, world, local_rank = init_distributed()
+    trainer = Trainer.build(cfg, resume=resume, extra_hooks=list(extra_hooks or []), rank=rank, world=world,
+                            local_rank=local_rank)
+    results = trainer.train()
+    if rank == 0:
+        from mtp.report import print_summary
+
+        print_summary(results, cfg)
+    return results
