@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtp.config import ExperimentConfig, cache_dir  # noqa: E402
 from mtp.data import MultitaskSampler, load_tasks, task_probabilities, tokenize_task  # noqa: E402
-from mtp.model import MultitaskModel, TaskInfo, load_encoder, load_tokenizer  # noqa: E402
+from mtp.model import MultitaskModel, load_encoder, load_tokenizer  # noqa: E402
 from mtp.training import collate  # noqa: E402
 
 Step = Callable[[str, dict[str, torch.Tensor]], None]
@@ -41,7 +41,7 @@ def draw_batches(cfg: ExperimentConfig, count: int) -> tuple[list[tuple[str, dic
 def base_model(cfg: ExperimentConfig, tasks: list) -> MultitaskModel:
     torch.manual_seed(cfg.train.seed)
     encoder = load_encoder(cfg.encoder)
-    return MultitaskModel(encoder, [TaskInfo(t.name, t.num_labels) for t in tasks], cfg.encoder.pooling,
+    return MultitaskModel(encoder, {t.name: t.num_labels for t in tasks}, cfg.encoder.pooling,
                           cfg.encoder.head_dropout).train()
 
 

@@ -100,10 +100,10 @@ def _check_budget(cfg: ExperimentConfig, tasks: list, pad_token_id: int | None) 
         return
     import torch
 
-    from mtp.model import MultitaskModel, TaskInfo, load_encoder, parameter_counts
+    from mtp.model import MultitaskModel, load_encoder, parameter_counts
     from mtp.pruning import make_budget
 
     meta_cfg = cfg.encoder.model_copy(update={"random_init": True})
     with torch.device("meta"):
-        model = MultitaskModel(load_encoder(meta_cfg, pad_token_id), [TaskInfo(t.name, t.num_labels) for t in tasks])
+        model = MultitaskModel(load_encoder(meta_cfg, pad_token_id), {t.name: t.num_labels for t in tasks})
     make_budget(parameter_counts(model), cfg.pruning.budget)

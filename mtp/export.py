@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtp.config import ConfigError, ExperimentConfig, saved_config
-from mtp.model import PRUNABLE_BY_ARCH, MultitaskModel, TaskInfo, load_encoder, resolve_encoder_path
+from mtp.model import PRUNABLE_BY_ARCH, MultitaskModel, load_encoder, resolve_encoder_path
 from mtp.pruning import PruningSettings, compact_layers, get_method
 
 COMPACT_FORMAT = "mtp-compact-v1"
@@ -65,7 +65,7 @@ def dense_state(pruning: PruningSettings, state: dict[str, torch.Tensor], model_
 def build_dense_model(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> MultitaskModel:
     """The trained multitask model with pruning folded into plain nn.Linear weights."""
     encoder = load_encoder(cfg.encoder.model_copy(update={"random_init": True}))
-    tasks = [TaskInfo(t["name"], 1 if t["labels"] is None else len(t["labels"])) for t in meta["tasks"]]
+    tasks = {t["name"]: 1 if t["labels"] is None else len(t["labels"]) for t in meta["tasks"]}
     model = MultitaskModel(encoder, tasks, cfg.encoder.pooling, cfg.encoder.head_dropout)
     model.load_state_dict(dense_state(cfg.pruning, state, model.model_type), strict=True)
     return model.eval()
@@ -84,11 +84,11 @@ def load_finished_run(run_dir: str | Path, what: str) -> tuple[MultitaskModel, d
 def initialise_from_run(model: MultitaskModel, run_dir: str | Path) -> None:
     """Copy a finished run's encoder and the heads of `model`'s tasks into `model` (encoder.init_from)."""
     source, _ = load_finished_run(run_dir, "encoder.init_from")
-    missing = [t.name for t in model.tasks if t.name not in source.heads]
+    missing = [t for t in model.tasks if t not in source.heads]
     if missing:
         raise ConfigError(f"encoder.init_from: {run_dir} has no head for task {missing[0]!r}")
     state = {k: v for k, v in source.state_dict().items()
-             if k.startswith("encoder.") or k.split(".")[1] in model.task_index}
+             if k.startswith("encoder.") or k.split(".")[1] in model.outputs}
     target = model.state_dict()
     for key, value in state.items():
         if key not in target or target[key].shape != value.shape:
@@ -188,7 +188,7 @@ def load_compact(folder: str | Path, sparse_compute: bool = True) -> MultitaskMo
     # built on CPU, not on the meta device: HF encoders hold non-persistent buffers (position ids) that
     # a meta build would leave uninitialised
     encoder = load_encoder(cfg.encoder.model_copy(update={"random_init": True}))
-    tasks = [TaskInfo(t["name"], 1 if t["labels"] is None else len(t["labels"])) for t in meta["tasks"]]
+    tasks = {t["name"]: 1 if t["labels"] is None else len(t["labels"]) for t in meta["tasks"]}
     model = MultitaskModel(encoder, tasks, cfg.encoder.pooling, cfg.encoder.head_dropout)
     return install_compact(model, tensors, info["formats"], sparse_compute, f"{folder}/compact.json")
 

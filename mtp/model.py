@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,16 +108,6 @@ class TaskHead(nn.Sequential):
                          nn.Linear(hidden, num_outputs))
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    num_labels: int  # 1: regression
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-
 class MultitaskModel(nn.Module):
     """Shared encoder + one head per task. `forward` returns the loss of the batch's task.
 
@@ -127,14 +116,15 @@ class MultitaskModel(nn.Module):
     parameter prefetch trace identical from step to step, whichever task was drawn.
     """
 
-    def __init__(self, encoder: nn.Module, tasks: list[TaskInfo], pooling: str = "cls", head_dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module, outputs: dict[str, int], pooling: str = "cls", head_dropout: float = 0.1):
+        """`outputs`: task name -> number of outputs of its head (the classes; 1 for regression)."""
         super().__init__()
         self.encoder = encoder
-        self.tasks = list(tasks)
-        self.task_index = {t.name: i for i, t in enumerate(self.tasks)}
+        self.outputs = dict(outputs)
+        self.tasks = list(self.outputs)
         self.pooling = pooling
         hidden = encoder.config.hidden_size
-        self.heads = nn.ModuleDict({t.name: TaskHead(hidden, t.num_labels, head_dropout) for t in self.tasks})
+        self.heads = nn.ModuleDict({name: TaskHead(hidden, n, head_dropout) for name, n in self.outputs.items()})
         self.keep_hidden_states = False  # set by distillation: outputs then hold every block's output
 
     @property
@@ -165,8 +155,7 @@ class MultitaskModel(nn.Module):
         if blocks is not None:
             result["hidden_states"] = blocks
         if labels is not None:
-            info = self.tasks[self.task_index[task]]
-            if info.is_regression:
+            if self.outputs[task] == 1:
                 loss = F.mse_loss(logits.squeeze(-1), labels.float())
             else:
                 loss = F.cross_entropy(logits, labels.long())

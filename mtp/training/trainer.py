@@ -19,7 +19,7 @@ from mtp.config import ExperimentConfig, cache_dir, dump_config
 from mtp.data import MultitaskSampler, TaskData, load_tasks, task_probabilities, tokenize_task
 from mtp.distill import build_distillation
 from mtp.hooks import Hook
-from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder, load_tokenizer, parameter_counts
+from mtp.model import MultitaskModel, full_state_dict, load_encoder, load_tokenizer, parameter_counts
 from mtp.pruning import build_pruning
 from mtp.training.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from mtp.training.distributed import init_distributed, seed_everything
@@ -81,7 +81,7 @@ class Trainer:
         ds_config = build_ds_config(cfg, world)
 
         encoder = load_encoder(cfg.encoder, pad_token_id=tokenizer.pad_token_id)
-        model = MultitaskModel(encoder, [TaskInfo(t.name, t.num_labels) for t in tasks],
+        model = MultitaskModel(encoder, {t.name: t.num_labels for t in tasks},
                                pooling=cfg.encoder.pooling, head_dropout=cfg.encoder.head_dropout)
         if cfg.encoder.init_from and not resume:  # on resume the checkpoint holds the weights
             from mtp.export import initialise_from_run

@@ -17,7 +17,7 @@ from scipy.special import log_softmax, softmax
 from mtp.config import ConfigError, DistillConfig, EncoderConfig, ExperimentConfig
 from mtp.distill import Distillation, hidden_loss, logit_loss
 from mtp.export import initialise_from_run
-from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder
+from mtp.model import MultitaskModel, full_state_dict, load_encoder
 from mtp.pruning import build_pruning, pruning_settings
 from tests.conftest import ROOT
 
@@ -25,17 +25,17 @@ from tests.conftest import ROOT
 def tiny_model(seed: int = 0, tasks: tuple[tuple[str, int], ...] = (("rte", 2), ("stsb", 1))) -> MultitaskModel:
     torch.manual_seed(seed)
     encoder = load_encoder(EncoderConfig(name="configs/arch/tiny-bert", random_init=True))
-    return MultitaskModel(encoder, [TaskInfo(n, k) for n, k in tasks])
+    return MultitaskModel(encoder, dict(tasks))
 
 
 def save_as_finished_run(model: MultitaskModel, run_dir: Path, labels: dict[str, list[str] | None]) -> Path:
     """The files a finished run leaves (final/model.safetensors, final/mtp.json), for a model built here."""
     cfg = ExperimentConfig(encoder=EncoderConfig(name="configs/arch/tiny-bert", random_init=True),
-                           tasks=[{"name": t.name} for t in model.tasks])
+                           tasks=[{"name": t} for t in model.tasks])
     (run_dir / "final").mkdir(parents=True)
     save_file(full_state_dict(model), str(run_dir / "final" / "model.safetensors"))
     meta = {"config": cfg.model_dump(mode="json"), "steps": 1, "pruning": None, "dev_scores": {},
-            "tasks": [{"name": t.name, "labels": labels[t.name], "metric": "accuracy"} for t in model.tasks]}
+            "tasks": [{"name": t, "labels": labels[t], "metric": "accuracy"} for t in model.tasks]}
     (run_dir / "final" / "mtp.json").write_text(json.dumps(meta))
     return run_dir
 

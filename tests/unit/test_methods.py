@@ -15,7 +15,7 @@ import torch
 
 from mtp.config import EncoderConfig
 from mtp.export import compact_tensors, dense_state, install_compact
-from mtp.model import MultitaskModel, TaskInfo, full_state_dict, load_encoder
+from mtp.model import MultitaskModel, full_state_dict, load_encoder
 from mtp.pruning import METHODS, PruningMethod, build_pruning, pruned_methods, pruning_settings
 from mtp.pruning.base import PruningSettings
 from mtp.pruning.elementwise import ElementwisePruning, MaskedLinear
@@ -57,7 +57,7 @@ def toy_method() -> None:
 def tiny_model(seed: int = 0) -> MultitaskModel:
     torch.manual_seed(seed)
     encoder = load_encoder(EncoderConfig(name="configs/arch/tiny-bert", random_init=True))
-    return MultitaskModel(encoder, [TaskInfo("rte", 2), TaskInfo("stsb", 1)], head_dropout=0.0)
+    return MultitaskModel(encoder, {"rte": 2, "stsb": 1}, head_dropout=0.0)
 
 
 def batch(step: int) -> tuple[str, dict[str, torch.Tensor]]:

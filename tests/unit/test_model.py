@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtp.config import EncoderConfig
-from mtp.model import MultitaskModel, TaskInfo, load_encoder, parameter_counts
+from mtp.model import MultitaskModel, load_encoder, parameter_counts
 
 
 def _block_params(hidden: int, inter: int, layers: int) -> int:
@@ -21,7 +21,7 @@ def _block_params(hidden: int, inter: int, layers: int) -> int:
 def test_large_architectures_build_from_their_configs(arch: str, hidden: int, inter: int, layers: int) -> None:
     with torch.device("meta"):
         encoder = load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True))
-    model = MultitaskModel(encoder, [TaskInfo("rte", 2), TaskInfo("stsb", 1)])
+    model = MultitaskModel(encoder, {"rte": 2, "stsb": 1})
     counts = parameter_counts(model)
     assert counts["encoder_blocks"] == _block_params(hidden, inter, layers)
     assert counts["prunable"] == layers * (4 * hidden * hidden + 2 * hidden * inter)
@@ -31,7 +31,7 @@ def test_large_architectures_build_from_their_configs(arch: str, hidden: int, in
 
 def test_minilm_is_the_packaged_pretrained_encoder() -> None:
     encoder = load_encoder(EncoderConfig())
-    model = MultitaskModel(encoder, [TaskInfo("rte", 2)])
+    model = MultitaskModel(encoder, {"rte": 2})
     counts = parameter_counts(model)
     assert counts["encoder_blocks"] == _block_params(384, 1536, 6)
     assert counts["encoder_blocks"] + counts["embeddings"] == 22_565_376  # all-MiniLM-L6-v2 without pooler
@@ -47,7 +47,7 @@ def test_minilm_is_the_packaged_pretrained_encoder() -> None:
 
 def test_every_head_gets_a_gradient_whatever_the_task() -> None:
     encoder = load_encoder(EncoderConfig(name="configs/arch/tiny-bert", random_init=True))
-    model = MultitaskModel(encoder, [TaskInfo("rte", 2), TaskInfo("stsb", 1)])
+    model = MultitaskModel(encoder, {"rte": 2, "stsb": 1})
     batch = {"input_ids": torch.randint(1, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
     out = model("stsb", **batch, labels=torch.tensor([0.5, 1.0, 4.0]))
     out["loss"].backward()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mtp.config import ConfigError, EncoderConfig
-from mtp.model import MultitaskModel, TaskInfo, load_encoder, parameter_counts
+from mtp.model import MultitaskModel, load_encoder, parameter_counts
 from mtp.pruning import (
     FactorizedLinear,
     MaskedLinear,
@@ -28,7 +28,7 @@ from mtp.pruning import (
 def tiny_model(arch: str = "tiny-bert") -> MultitaskModel:
     torch.manual_seed(0)
     encoder = load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True))
-    return MultitaskModel(encoder, [TaskInfo("rte", 2), TaskInfo("stsb", 1)])
+    return MultitaskModel(encoder, {"rte": 2, "stsb": 1})
 
 
 def test_svd_factorisation_reproduces_the_pretrained_layer() -> None:
@@ -134,7 +134,7 @@ def test_cubic_schedule_break_points() -> None:
 def test_budget_arithmetic_for_bert_base_by_hand() -> None:
     with torch.device("meta"):
         model = MultitaskModel(load_encoder(EncoderConfig(name="configs/arch/bert-base-uncased", random_init=True)),
-                               [TaskInfo("rte", 2)])
+                               {"rte": 2})
     counts = parameter_counts(model)
     # per block: Q, K, V, attention output 768x768; FFN 3072x768 and 768x3072
     prunable = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
@@ -247,7 +247,7 @@ def test_lagrangian_ascent_raises_multipliers_when_over_target() -> None:
 def test_large_architectures_are_pruned_by_architecture_map(arch: str) -> None:
     with torch.device("meta"):
         model = MultitaskModel(load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True)),
-                               [TaskInfo("rte", 2)])
+                               {"rte": 2})
     hook = build_pruning(pruning_settings(method="movement", budget=0.1), 100)[0]
     hook.setup(model)
     kinds = [(kind, idx) for kind, idx, m in prunable_modules(model) if isinstance(m, MaskedLinear)]
@@ -259,7 +259,7 @@ def test_rank_factorisation_of_a_roberta_base_block() -> None:
     torch.manual_seed(0)
     encoder = load_encoder(EncoderConfig(name="configs/arch/roberta-base", random_init=True,
                                          config_overrides={"num_hidden_layers": 1}))
-    model = MultitaskModel(encoder, [TaskInfo("rte", 2)]).eval()
+    model = MultitaskModel(encoder, {"rte": 2}).eval()
     x = torch.randint(5, 1000, (2, 11))
     before = model("rte", input_ids=x, attention_mask=torch.ones_like(x))["logits"]
     hook = build_pruning(pruning_settings(method="rank", budget=0.5), 10)[0]
