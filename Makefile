@@ -6,7 +6,7 @@ PYTHON ?= python3
 MTP_GLUE_DIR ?= $(wildcard $(abspath ..)/shared/data/glue)
 export MTP_GLUE_DIR
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint unit bench
 
 setup: .setup.stamp
 
@@ -19,9 +19,15 @@ setup: .setup.stamp
 run: setup
 	bash launch.sh --config configs/default.yaml $(ARGS)
 
-test: setup
-	$(PYTHON) -m ruff check mtp tune bench tests
+test: setup lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: setup
+	$(PYTHON) -m ruff check mtp tune bench tests
+
+# the fast layer alone (no GLUE data, no DeepSpeed launches): about a minute
+unit: setup
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
 bench: setup
 	$(PYTHON) bench/throughput.py
