@@ -1,0 +1,102 @@
+"""A digest of what training produces, to tell whether a refactor changed behaviour: tiny runs of every method
+(and distillation with init_from, ZeRO-3 on 2 ranks, a stopped-and-resumed run), each run's results.json less its
+wall time, and a sha256 of every tensor of final/model.safetensors. Two checkouts give the same JSON bit for bit
+when they train the same models.
+
+    MTP_GLUE_DIR=/path/to/glue python bench/behaviour_digest.py --repo . --out digest.json
+    python bench/behaviour_digest.py --compare before.json after.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASES: dict[str, list[str]] = {
+    "dense": [],
+    "magnitude": ["pruning.method=magnitude", "pruning.budget=0.5", "pruning.finetune_ratio=0.25"],
+    "movement": ["pruning.method=movement", "pruning.budget=0.5"],
+    "movement_global": ["pruning.method=movement", "pruning.budget=0.4", "pruning.scope=global"],
+    "soft_movement": ["pruning.method=soft_movement", "pruning.budget=0.5", "pruning.soft_lambda=10"],
+    "rank": ["pruning.method=rank", "pruning.budget=0.5", "pruning.finetune_ratio=0.25"],
+    "rank_distill": ["pruning.method=rank", "pruning.budget=0.5", "distill.teacher=RUN:dense",
+                     "distill.hidden_weight=1.0", "encoder.init_from=RUN:dense"],
+    "magnitude_zero3_2ranks": ["pruning.method=magnitude", "pruning.budget=0.3",
+                               "train.deepspeed_config=ds_configs/cpu_zero3.json", "NPROC:2"],
+    "movement_resume": ["pruning.method=movement", "pruning.budget=0.5", "train.stop_after_steps=6", "RESUME"],
+}
+BASE = ["--config", "configs/tiny.yaml", "train.deepspeed_config=ds_configs/cpu_zero0.json", "train.max_steps=12",
+        "train.checkpoint_every=6"]
+
+
+def digest(run: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    results = json.loads((run / "results.json").read_text())
+    results.pop("wall_time_s", None)
+    state = load_file(str(run / "final" / "model.safetensors"))
+    results["tensors"] = {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+                          for k, v in sorted(state.items())}
+    return results
+
+
+def run_case(repo: Path, work: Path, name: str, env: dict[str, str]) -> dict:
+    args, nproc, resume = list(CASES[name]), "1", "RESUME" in CASES[name]
+    args = [a for a in args if a != "RESUME"]
+    for a in [a for a in args if a.startswith("NPROC:")]:
+        nproc = a.split(":")[1]
+        args.remove(a)
+    args = [a.replace("RUN:", f"{work}/") for a in args]
+    cmd = ["bash", str(repo / "launch.sh"), "--nproc", nproc, "--master_port", "29611", *BASE, *args,
+           f"output_dir={work / name}"]
+    subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    if resume:
+        subprocess.run([c for c in cmd if not c.startswith("train.stop_after_steps")] + ["--resume"], cwd=repo,
+                       env=env, check=True, capture_output=True)
+    return digest(work / name)
+
+
+def compare(before: Path, after: Path) -> int:
+    a, b = json.loads(before.read_text()), json.loads(after.read_text())
+    differing = 0
+    for case in sorted(set(a) | set(b)):
+        x, y = a.get(case, {}), b.get(case, {})
+        keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+        differing += bool(keys)
+        print(f"{case}: {'identical' if not keys else 'differs in ' + ', '.join(keys)}")
+    return int(differing > 0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--out", type=Path, default=Path("behaviour_digest.json"))
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
+    args = parser.parse_args()
+    if args.compare:
+        return compare(*args.compare)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHON=sys.executable)
+    work = Path(tempfile.mkdtemp(prefix="mtp-digest-"))
+    env.setdefault("MTP_CACHE_DIR", str(work / "cache"))
+    out = {}
+    try:
+        for name in (["dense"] if "rank_distill" in args.cases and "dense" not in args.cases else []) + args.cases:
+            out[name] = run_case(args.repo.resolve(), work, name, env)
+            print(name, out[name].get("mean_score"), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.write_text(json.dumps(out, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
