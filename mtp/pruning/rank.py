@@ -33,6 +33,11 @@ class RankSettings(PruningSettings):
     gate_high: float = Field(1.1, gt=1.0)
 
 
+def deterministic_gates(log_alpha: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Hard-concrete gates without noise (evaluation, export): clamp(sigmoid(log alpha) (high - low) + low, 0, 1)."""
+    return (torch.sigmoid(log_alpha) * (high - low) + low).clamp(0.0, 1.0)
+
+
 class FactorizedLinear(PrunableLayer):
     """y = P diag(g) Q x + b, initialised from the SVD of W (P = U sqrt(S), Q = sqrt(S) V^T), so it starts as W."""
 
@@ -69,8 +74,8 @@ class FactorizedLinear(PrunableLayer):
         return (s * (self.high - self.low) + self.low).clamp(0.0, 1.0) * self.keep
 
     def deterministic_gates(self, log_alpha: torch.Tensor) -> torch.Tensor:
-        """The evaluation gates for these log alpha, before the keep mask: clamp(sigmoid(log alpha) (r - l) + l)."""
-        return (torch.sigmoid(log_alpha) * (self.high - self.low) + self.low).clamp(0.0, 1.0)
+        """The evaluation gates for these log alpha, before the keep mask."""
+        return deterministic_gates(log_alpha, self.low, self.high)
 
     def expected_open(self) -> torch.Tensor:
         """E[number of non-zero gates] = sum sigmoid(log alpha - beta log(-l/r)) over kept ranks."""
@@ -98,9 +103,8 @@ class FactorizedLinear(PrunableLayer):
     @staticmethod
     def saved_gates(state: dict[str, torch.Tensor], path: str, settings: RankSettings) -> torch.Tensor:
         """The deterministic gates (as in evaluation) of a saved layer, times its final keep mask."""
-        low, high = settings.gate_low, settings.gate_high
-        s = torch.sigmoid(state[f"{path}.log_alpha"].float())
-        return (s * (high - low) + low).clamp(0, 1) * state[f"{path}.keep"].float()
+        gates = deterministic_gates(state[f"{path}.log_alpha"].float(), settings.gate_low, settings.gate_high)
+        return gates * state[f"{path}.keep"].float()
 
     @classmethod
     def fold(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> torch.Tensor:
