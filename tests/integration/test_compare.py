@@ -72,7 +72,11 @@ def test_compare_config_errors_exit_2(tmp_path: Path) -> None:
     bad.write_text("base: configs/tiny.yaml\nmethods: [prune_it]\n")
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--config", str(bad)], cwd=ROOT,
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "methods.0" in proc.stderr
+    assert proc.returncode == 2 and "methods: 'prune_it' is not a pruning method (magnitude, movement" in proc.stderr
+    bad.write_text("base: configs/tiny.yaml\nlow_resource_tasks: [rte, cola]\n")
+    proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--config", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "low_resource_tasks: 'cola' is not a task of configs/tiny.yaml" in proc.stderr
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("compare_*.yaml")), ids=lambda p: p.name)
