@@ -21,6 +21,7 @@ from mtp.distill import build_distillation
 from mtp.hooks import Hook
 from mtp.model import MultitaskModel, full_state_dict, load_encoder, load_tokenizer, parameter_counts
 from mtp.pruning import build_pruning
+from mtp.training import memory
 from mtp.training.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from mtp.training.distributed import init_distributed, seed_everything
 from mtp.training.evaluation import collate, evaluate_tasks, to_device
@@ -70,6 +71,7 @@ class Trainer:
         0, the loggers), DeepSpeed engine, and the progress of a resumed run."""
         import deepspeed
 
+        memory.phase("model_build")
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.encoder)
         tasks = load_tasks(cfg)
@@ -101,6 +103,7 @@ class Trainer:
             hook.setup(model)
         groups = split_param_groups(model, hooks, cfg.train.weight_decay)
         warmup = int(cfg.train.warmup_ratio * max_steps)
+        memory.phase("engine_setup")
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds_config,
             optimizer=None if "optimizer" in ds_config else adamw(groups, cfg),
@@ -115,15 +118,19 @@ class Trainer:
     # ------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self) -> dict[str, Any]:
         """Dev metrics for every task, each rank scoring its share; all ranks get the same result."""
+        memory.phase("evaluation")
         self.engine.eval()
         results = evaluate_tasks(self.engine, self.tasks, self.data, self.tokenizer, self.cfg.train.eval_batch_size,
                                  self.engine.device, self.rank, self.world)
         self.engine.train()
+        memory.phase("train")
         return results
 
     def save_checkpoint(self) -> None:
+        memory.phase("checkpoint")
         save_checkpoint(self.engine, self.out / CHECKPOINTS, self.state, self.sampler, self.hooks, self.rank,
                         self.cfg.train.keep_checkpoints)
+        memory.phase("train")
 
     # ------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
@@ -134,6 +141,7 @@ class Trainer:
         weights = {t.name: t.weight for t in self.tasks}
         stop_at = min(self.max_steps, cfg.train.stop_after_steps or self.max_steps)
         self.engine.train()
+        memory.phase("train")
         self.state.started = time.time()
         for hook in self.hooks:
             hook.on_train_start(self.state.step)
@@ -194,6 +202,7 @@ class Trainer:
 
         from safetensors.torch import save_file
 
+        memory.phase("final_save")
         state = full_state_dict(self.engine.module)  # collective under ZeRO-3: every rank takes part
         if self.rank != 0:
             return

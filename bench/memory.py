@@ -1,0 +1,85 @@
+"""Per-rank memory of training BERT-large (random weights from configs/arch/) under ZeRO-0/2/3 at 1 and 2 ranks,
+dense and pruned: each case is a real `launch.sh` run whose ranks sample their resident memory phase by phase
+($MTP_MEMORY_PROFILE, mtp/training/memory.py).
+
+    python bench/memory.py                       # CPU, fp32: writes bench/results/memory.json
+    python bench/memory.py --quick               # the 2-rank ZeRO-3 case and the 1-rank ZeRO-0 reference only
+    python bench/memory.py --model configs/arch/tiny-bert --steps 4 --out /tmp/m.json   # smoke mode
+
+Rows: zero, world_size, model, method, per_rank_peak_mib (the highest RSS of any rank, whole run), per_rank_steady_mib
+(the median RSS of the training phase, highest rank), and each rank's phases; `reference` is the 1-rank ZeRO-0 dense
+run, `ratios` each row's steady and peak over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = {"dense": [], "rank": ["pruning.method=rank", "pruning.budget=0.5"],
+           "movement": ["pruning.method=movement", "pruning.budget=0.5"]}
+
+
+def run_case(model: str, zero: int, world: int, method: str, steps: int, work: Path, port: int) -> dict:
+    out, profile = work / f"z{zero}-w{world}-{method}", work / f"profile-z{zero}-w{world}-{method}"
+    args = ["bash", str(ROOT / "launch.sh"), "--nproc", str(world), "--master_port", str(port),
+            "--config", "configs/tiny.yaml", f"encoder.name={model}", "encoder.random_init=true",
+            f"train.deepspeed_config=ds_configs/cpu_zero{zero}.json", "train.micro_batch_size=2",
+            "data.max_seq_len=64", f"train.max_steps={steps}", "train.log_every=1", "train.eval_batch_size=8",
+            "tasks.rte.max_dev_examples=16", "tasks.stsb.max_dev_examples=16", *METHODS[method], f"output_dir={out}"]
+    env = dict(os.environ, MTP_MEMORY_PROFILE=str(profile), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               DS_ACCELERATOR="cpu", PYTHON=sys.executable)
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"z{zero} w{world} {method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    ranks = [json.loads(p.read_text()) for p in sorted(profile.glob("rank*.json"))]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"zero": zero, "world_size": world, "model": Path(model).name, "method": method,
+            "per_rank_peak_mib": max(p["peak_mib"] for r in ranks for p in r["phases"].values()),
+            "per_rank_steady_mib": max(r["phases"]["train"]["median_mib"] for r in ranks),
+            "ranks": {str(r["rank"]): r["phases"] for r in ranks}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="configs/arch/bert-large-uncased")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="the 1-rank ZeRO-0 reference and 2-rank ZeRO-3 only")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
+    args = parser.parse_args()
+    cases = [(0, 1, "dense"), (3, 2, "dense")] if args.quick else [
+        (zero, world, method) for method in METHODS for world in (1, 2) for zero in (0, 2, 3)]
+    work = Path(tempfile.mkdtemp(prefix="mtp-memory-"))
+    rows = []
+    try:
+        for i, (zero, world, method) in enumerate(cases):
+            rows.append(run_case(args.model, zero, world, method, args.steps, work, 29700 + i))
+            r = rows[-1]
+            print(f"zero {zero} ranks {world} {method}: peak {r['per_rank_peak_mib']:.0f} MiB, "
+                  f"steady {r['per_rank_steady_mib']:.0f} MiB", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    reference = next(r for r in rows if r["zero"] == 0 and r["world_size"] == 1 and r["method"] == "dense")
+    for r in rows:
+        r["steady_over_reference"] = round(r["per_rank_steady_mib"] / reference["per_rank_steady_mib"], 3)
+        r["peak_over_reference"] = round(r["per_rank_peak_mib"] / reference["per_rank_peak_mib"], 3)
+    result = {"device": "cpu", "precision": "fp32", "micro_batch": 2, "seq_len": 64, "steps": args.steps,
+              "reference": {k: reference[k] for k in ("zero", "world_size", "method", "per_rank_peak_mib",
+                                                      "per_rank_steady_mib")},
+              "targets": {"zero3_2ranks_steady_over_reference": 0.6, "zero3_2ranks_peak_over_reference": 0.7},
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
