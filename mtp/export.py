@@ -89,13 +89,19 @@ def initialise_from_run(model: MultitaskModel, run_dir: str | Path) -> None:
         raise ConfigError(f"encoder.init_from: {run_dir} has no head for task {missing[0]!r}")
     state = {k: v for k, v in source.state_dict().items()
              if k.startswith("encoder.") or k.split(".")[1] in model.outputs}
-    target = model.state_dict()
+    target = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in
+              [*model.named_parameters(), *model.named_buffers()]}
     for key, value in state.items():
-        if key not in target or target[key].shape != value.shape:
-            found = "absent" if key not in target else tuple(target[key].shape)
+        if key not in target or target[key] != tuple(value.shape):
+            found = target.get(key, "absent")
             raise ConfigError(f"encoder.init_from: {run_dir}: {key} {tuple(value.shape)} does not fit this model "
                               f"({found})")
-    model.load_state_dict(state, strict=True)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 partitions: one tensor at a time
+        from mtp.training.partition import load_state_partitioned
+
+        load_state_partitioned(model, state)
+    else:
+        model.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------- (a) Hugging Face

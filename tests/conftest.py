@@ -42,6 +42,21 @@ def glue_dir() -> Path:
     return GLUE_DIR
 
 
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/arch/tiny-bert with seeded random weights saved as a checkpoint: runs that start from it start from
+    the same weights under every ZeRO stage (random_init draws other weights under ZeRO-3's partitioned build)."""
+    import torch
+
+    from mtp.config import EncoderConfig
+    from mtp.model import load_encoder
+
+    folder = tmp_path_factory.mktemp("tiny-pretrained")
+    torch.manual_seed(0)
+    load_encoder(EncoderConfig(name=str(ROOT / "configs/arch/tiny-bert"), random_init=True)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MTP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mtp-cache"))

@@ -44,8 +44,8 @@ class _StraightThroughMask(torch.autograd.Function):
 class MaskedLinear(PrunableLayer):
     """y = (W * M) x + b; with scores, M's gradient flows straight through to S.
 
-    The mask is a 0/1 buffer in the weight's dtype (no conversion in the forward pass); count kept
-    entries with `count_nonzero`, never by summing it in low precision.
+    The mask is a 0/1 buffer in the weight's dtype (no conversion in the forward pass), a bool under ZeRO-3 (it is
+    not partitioned: a quarter of the memory); count kept entries with `count_nonzero`, never by summing it.
     """
 
     compact_format = "bitmask"
@@ -56,8 +56,14 @@ class MaskedLinear(PrunableLayer):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.register_buffer("mask", torch.ones_like(linear.weight))
-        self.scores = nn.Parameter(torch.zeros_like(linear.weight)) if with_scores else None
+        if hasattr(linear.weight, "ds_id"):  # a ZeRO-3 partition: the mask is whole on every rank, so it is a bool
+            shape = tuple(linear.weight.ds_shape)
+            self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=linear.weight.device))
+        else:
+            self.register_buffer("mask", torch.ones_like(linear.weight))
+        # built inside deepspeed.zero.Init under ZeRO-3 (mtp/training/partition.py): the scores are partitioned
+        self.scores = nn.Parameter(torch.zeros(self.mask.shape, dtype=linear.weight.dtype,
+                                               device=linear.weight.device)) if with_scores else None
         self.track_sigmoid = False
         self.aux: torch.Tensor | None = None
 

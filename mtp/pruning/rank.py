@@ -46,7 +46,8 @@ class FactorizedLinear(PrunableLayer):
 
     def __init__(self, linear: nn.Linear, beta: float, stretch: tuple[float, float], log_alpha_init: float):
         super().__init__()
-        weight = linear.weight.detach().float()
+        with gathered([linear.weight]):  # under ZeRO-3 (inside deepspeed.zero.Init) P and Q are partitioned as made
+            weight = linear.weight.detach().float().clone()
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         root = s.sqrt()
         dtype = linear.weight.dtype
@@ -153,7 +154,8 @@ class RankPruning(PruningHook):
         # lagged and then overshot (a 1,000-step MiniLM run ended at 0.40 of the blocks for B = 0.5)
         self.lambda2 = c.lambda2_init
         self.projected = False
-        self.start_density = self.expected_density().item()
+        with gathered([m.log_alpha for m in self.modules]):  # made partitioned under ZeRO-3
+            self.start_density = self.expected_density().item()
         self.last_density = self.start_density
         self._set_sampling()
 

@@ -37,6 +37,7 @@ from mtp.training.optim import (
     total_steps,
     zero_stage,
 )
+from mtp.training.partition import hf_zero3_build, zero3_init
 from mtp.training.state import TrainState
 
 
@@ -59,6 +60,7 @@ class Trainer:
     engine: Any
     optimizer: Any
     state: TrainState
+    held_at_build: int = 0  # parameter elements this rank held once the model was built (before the engine)
 
     @property
     def out(self) -> Path:
@@ -82,9 +84,12 @@ class Trainer:
         max_steps = total_steps(cfg, sizes, world)
         ds_config = build_ds_config(cfg, world)
 
-        encoder = load_encoder(cfg.encoder, pad_token_id=tokenizer.pad_token_id)
-        model = MultitaskModel(encoder, {t.name: t.num_labels for t in tasks},
-                               pooling=cfg.encoder.pooling, head_dropout=cfg.encoder.head_dropout)
+        zero3 = zero_stage(ds_config) == 3  # built partitioned from the start (mtp/training/partition.py)
+        with hf_zero3_build(ds_config, zero3):
+            encoder = load_encoder(cfg.encoder, pad_token_id=tokenizer.pad_token_id)
+        with zero3_init(ds_config, zero3):  # the heads too
+            model = MultitaskModel(encoder, {t.name: t.num_labels for t in tasks},
+                                   pooling=cfg.encoder.pooling, head_dropout=cfg.encoder.head_dropout)
         if cfg.encoder.init_from and not resume:  # on resume the checkpoint holds the weights
             from mtp.export import initialise_from_run
 
@@ -99,8 +104,10 @@ class Trainer:
             out = Path(cfg.output_dir)
             hooks += [TensorBoardLogger(out / "tensorboard", dump_config(cfg), ds_config), ResultsFile(out),
                       ProgressBar(max_steps, stop_at)]
-        for hook in hooks:
-            hook.setup(model)
+        with zero3_init(ds_config, zero3):  # layers the hooks swap in get partitioned parameters
+            for hook in hooks:
+                hook.setup(model)
+        held_at_build = held_elements(model)
         groups = split_param_groups(model, hooks, cfg.train.weight_decay)
         warmup = int(cfg.train.warmup_ratio * max_steps)
         memory.phase("engine_setup")
@@ -113,7 +120,7 @@ class Trainer:
         if resume:
             state = load_checkpoint(engine, Path(cfg.output_dir) / CHECKPOINTS, sampler, hooks, rank)
         return cls(cfg, rank, world, tokenizer, tasks, data, probs, sampler, max_steps, ds_config, param_counts,
-                   hooks, engine, optimizer, state)
+                   hooks, engine, optimizer, state, held_at_build)
 
     # ------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self) -> dict[str, Any]:
@@ -265,8 +272,26 @@ class Trainer:
         if finished:
             results["tasks"] = state.last_eval
             results["mean_score"] = float(np.mean([r["score"] for r in state.last_eval.values()]))
+        if zero_stage(self.ds_config) == 3:
+            results["zero3_parameters"] = self.partition_report()
         results.update(hook_report)
         return results
+
+    def partition_report(self) -> dict[str, Any]:
+        """Under ZeRO-3: the parameter elements of the model and how many each rank holds, once built (before the
+        engine) and at the end (a collective)."""
+        module = self.engine.module
+        total = sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+        per_rank: list[Any] = [None] * self.world
+        dist.all_gather_object(per_rank, (self.held_at_build, held_elements(module)))
+        return {"total": total, "held_at_build_per_rank": [b for b, _ in per_rank],
+                "held_per_rank": [e for _, e in per_rank],
+                "largest_share": max(max(b, e) for b, e in per_rank) / total}
+
+
+def held_elements(model: torch.nn.Module) -> int:
+    """Parameter elements this rank holds: its partitions of ZeRO-3 parameters, the whole of the others."""
+    return sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
 def tokenize_all(cfg: ExperimentConfig, tasks: list[TaskData], tokenizer: Any, local_rank: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -19,11 +20,12 @@ def losses(res: dict) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+def zero_runs(tmp_path_factory: pytest.TempPathFactory, tiny_pretrained: Path) -> dict[int, Path]:
     outs = {}
-    for stage in (0, 1, 2, 3):
+    for stage in (0, 1, 2, 3):  # from saved weights: ZeRO-3 builds the encoder partitioned and loads them in
         out = tmp_path_factory.mktemp(f"zero{stage}")
-        launch(["--config", TINY, f"train.deepspeed_config=ds_configs/cpu_zero{stage}.json", f"output_dir={out}"])
+        launch(["--config", TINY, f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
+                f"train.deepspeed_config=ds_configs/cpu_zero{stage}.json", f"output_dir={out}"])
         outs[stage] = out
     return outs
 
@@ -89,6 +91,24 @@ def test_tiny_roberta_with_custom_task_under_zero3(tmp_path: Path) -> None:
     assert sum(h["loss"] > 0 for h in res["loss_history"]) == 2  # log_every=2: two windows of 2 optimizer steps
     assert res["data"]["polarity"]["dev_used"] == {"dev": 12}
     assert 0 <= res["tasks"]["polarity"]["dev"]["dev"]["accuracy"] <= 100
+
+
+@pytest.mark.parametrize("method", ["none", "rank", "movement"])
+def test_a_zero3_rank_never_holds_more_than_its_share_of_the_parameters(tmp_path: Path, tiny_pretrained: Path,
+                                                                         method: str) -> None:
+    """The encoder is built partitioned, the heads and the layers pruning swaps in (scores, P and Q) too: once built
+    and at the end, each of 2 ranks holds half of every parameter. (The persistence threshold is 0 here: by default
+    ZeRO-3 keeps tensors under 1e5 elements whole on every rank, which at this scale is most of them.)"""
+    ds = json.loads((ROOT / "ds_configs/cpu_zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    pruning = [] if method == "none" else [f"pruning.method={method}", "pruning.budget=0.5"]
+    launch(["--config", TINY, f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
+            f"train.deepspeed_config={tmp_path / 'zero3.json'}", "train.max_steps=2", *pruning,
+            f"output_dir={tmp_path / 'run'}"])
+    report = results(tmp_path / "run")["zero3_parameters"]
+    assert len(report["held_per_rank"]) == 2 and len(report["held_at_build_per_rank"]) == 2
+    assert report["largest_share"] <= 0.5 + 1e-3, report  # half of each tensor, rounded up
 
 
 def test_two_nodes_on_localhost_without_ssh(tmp_path: Path) -> None:

@@ -60,11 +60,12 @@ def test_every_method_lands_within_the_budget(method_runs: dict[str, Path], meth
 
 
 @pytest.fixture(scope="module")
-def movement_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+def movement_runs(tmp_path_factory: pytest.TempPathFactory, tiny_pretrained: Path) -> dict[int, Path]:
     outs = {}
-    for stage in (0, 2, 3):
+    for stage in (0, 2, 3):  # from saved weights: ZeRO-3 builds the encoder partitioned and loads them in
         out = tmp_path_factory.mktemp(f"movement_zero{stage}")
-        launch(["--config", TINY, "pruning.method=movement", *PRUNE,
+        launch(["--config", TINY, "pruning.method=movement", *PRUNE, f"encoder.name={tiny_pretrained}",
+                "encoder.random_init=false",
                 f"train.deepspeed_config=ds_configs/cpu_zero{stage}.json", f"output_dir={out}"])
         outs[stage] = out
     return outs
@@ -83,10 +84,11 @@ def test_same_seed_and_data_give_the_same_masks_under_zero_0_2_3(movement_runs: 
             results(movement_runs[0])["pruning"]["kept_blocks"]
 
 
-def test_pruned_run_resumes_to_the_same_masks_and_losses(movement_runs: dict[int, Path], tmp_path: Path) -> None:
+def test_pruned_run_resumes_to_the_same_masks_and_losses(movement_runs: dict[int, Path], tmp_path: Path,
+                                                        tiny_pretrained: Path) -> None:
     out = tmp_path / "resumed"
-    common = ["--config", TINY, "pruning.method=movement", *PRUNE, "train.deepspeed_config=ds_configs/cpu_zero2.json",
-              f"output_dir={out}"]
+    common = ["--config", TINY, "pruning.method=movement", *PRUNE, f"encoder.name={tiny_pretrained}",
+              "encoder.random_init=false", "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
     launch([*common, "train.stop_after_steps=4"])
     launch([*common, "--resume"])
     reference = movement_runs[2]
