@@ -110,7 +110,8 @@ def split_param_groups(model: torch.nn.Module, hooks: list[Hook], weight_decay: 
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in taken:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat: its full shape counts
+        (no_decay if ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups + hook_groups if g["params"]]
