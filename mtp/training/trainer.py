@@ -129,6 +129,8 @@ class Trainer:
         self.engine.eval()
         results = evaluate_tasks(self.engine, self.tasks, self.data, self.tokenizer, self.cfg.train.eval_batch_size,
                                  self.engine.device, self.rank, self.world)
+        if zero_stage(self.ds_config) == 3:  # parameters prefetched for a forward pass that never came: released
+            self.engine.empty_partition_cache()
         self.engine.train()
         memory.phase("train")
         return results
