@@ -52,10 +52,14 @@ def main() -> int:
     parser.add_argument("--model", default="configs/arch/bert-large-uncased")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="the 1-rank ZeRO-0 reference and 2-rank ZeRO-3 only")
+    parser.add_argument("--cases", nargs="*", default=None, metavar="ZERO:RANKS:METHOD",
+                        help="run only these (e.g. 3:2:dense); ratios need the reference 0:1:dense among them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
     args = parser.parse_args()
     cases = [(0, 1, "dense"), (3, 2, "dense")] if args.quick else [
         (zero, world, method) for method in METHODS for world in (1, 2) for zero in (0, 2, 3)]
+    if args.cases:
+        cases = [(int(z), int(w), m) for z, w, m in (c.split(":") for c in args.cases)]
     work = Path(tempfile.mkdtemp(prefix="mtp-memory-"))
     rows = []
     try:
@@ -66,7 +70,9 @@ def main() -> int:
                   f"steady {r['per_rank_steady_mib']:.0f} MiB", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    reference = next(r for r in rows if r["zero"] == 0 and r["world_size"] == 1 and r["method"] == "dense")
+    reference = next((r for r in rows if r["zero"] == 0 and r["world_size"] == 1 and r["method"] == "dense"),
+                     {"zero": 0, "world_size": 1, "method": "dense", "per_rank_peak_mib": float("nan"),
+                      "per_rank_steady_mib": float("nan")})
     for r in rows:
         r["steady_over_reference"] = round(r["per_rank_steady_mib"] / reference["per_rank_steady_mib"], 3)
         r["peak_over_reference"] = round(r["per_rank_peak_mib"] / reference["per_rank_peak_mib"], 3)
