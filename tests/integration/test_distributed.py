@@ -59,10 +59,12 @@ def test_results_and_tensorboard_hold_what_a_user_watches(zero_runs: dict[int, P
     assert "config/text_summary" in acc.Tags()["tensors"]
 
 
-def test_stopped_and_resumed_run_matches_uninterrupted(zero_runs: dict[int, Path], tmp_path: Path) -> None:
+def test_stopped_and_resumed_run_matches_uninterrupted(zero_runs: dict[int, Path], tmp_path: Path,
+                                                      tiny_pretrained: Path) -> None:
     reference = results(zero_runs[2])  # the uninterrupted 8-step ZeRO-2 run
     out = tmp_path / "resumed"
-    common = ["--config", TINY, "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
+    common = ["--config", TINY, f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
+              "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
     launch([*common, "train.stop_after_steps=4"])
     half = results(out)
     assert not half["finished"] and half["steps"] == 4
