@@ -44,7 +44,8 @@ def run_case(model: str, zero: int, world: int, method: str, steps: int, work: P
     return {"zero": zero, "world_size": world, "model": Path(model).name, "method": method,
             "per_rank_peak_mib": max(p["peak_mib"] for r in ranks for p in r["phases"].values()),
             "per_rank_steady_mib": max(r["phases"]["train"]["median_mib"] for r in ranks),
-            "ranks": {str(r["rank"]): r["phases"] for r in ranks}}
+            "ranks": {str(r["rank"]): r["phases"] for r in ranks},
+            **({"tensors": {str(r["rank"]): r["tensors"] for r in ranks}} if ranks[0].get("tensors") else {})}
 
 
 def main() -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,6 +198,41 @@ def gathered(params: list[nn.Parameter]) -> Any:
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return nullcontext()
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def save_full_state(model: nn.Module, path: Path, write: bool = True) -> None:
+    """The whole state (parameters, persistent buffers) into one safetensors file, written tensor by tensor.
+
+    Under ZeRO-3 each parameter is gathered, written and released in turn, so that no rank ever holds the whole
+    model; every rank must call this (the gathers are collective) and only the one with `write` writes. The file
+    is what `safetensors.torch.save_file(full_state_dict(model), path)` writes, up to the order of the tensors."""
+    persistent = set(model.state_dict().keys())
+    entries = [(name, p, tuple(getattr(p, "ds_shape", p.shape))) for name, p in model.named_parameters()]
+    entries += [(name, b, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor, shape in entries:
+        size = math.prod(shape) * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") if write else nullcontext() as out:
+        if out is not None:
+            out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for _, tensor, _ in entries:
+            with gathered([tensor]) if isinstance(tensor, nn.Parameter) else nullcontext():
+                if out is not None:
+                    out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if write:
+        partial.replace(path)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

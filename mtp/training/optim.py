@@ -124,5 +124,30 @@ def skip_single_rank_reduction(engine: Any) -> None:
         engine.enable_backward_allreduce = False
 
 
+def share_master_weights(engine: Any) -> int:
+    """When the model trains in fp32, ZeRO's fp32 master partition is a second copy of the parameters' own
+    partition: make the two one tensor. Stages 1-2 always clone it; stage 3 means to share it but compares a
+    torch.device with the accelerator's device string, which never holds, so it clones too (DeepSpeed 0.19).
+    The optimizer steps the master in place and then copies it onto the parameters: with one tensor that copy
+    is a no-op. Returns the elements no longer held twice (0 with bf16/fp16, whose master copy is needed)."""
+    optimizer = getattr(engine, "optimizer", None)
+    if engine.zero_optimization_stage() == 3:
+        pairs = list(zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat, strict=True))
+    elif engine.zero_optimization_stage() in (1, 2):
+        pairs = [(partitions[dist.get_rank(group=optimizer.real_dp_process_group[i])], master)
+                 for i, (partitions, master) in enumerate(zip(optimizer.parallel_partitioned_bit16_groups,
+                                                              optimizer.single_partition_of_fp32_groups, strict=True))]
+    else:
+        return 0
+    shared = 0
+    for own, master in pairs:
+        if (own is None or own.data_ptr() == master.data_ptr() or own.dtype != master.dtype
+                or own.device != master.device or own.shape != master.shape):
+            continue
+        master.data = own.data
+        shared += own.numel()
+    return shared
+
+
 def adamw(groups: list[dict[str, Any]], cfg: ExperimentConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

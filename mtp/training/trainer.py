@@ -6,6 +6,7 @@ nothing of pruning, distillation or logging: they plug in through `mtp.hooks.Hoo
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from mtp.config import ExperimentConfig, cache_dir, dump_config
 from mtp.data import MultitaskSampler, TaskData, load_tasks, task_probabilities, tokenize_task
 from mtp.distill import build_distillation
 from mtp.hooks import Hook
-from mtp.model import MultitaskModel, full_state_dict, load_encoder, load_tokenizer, parameter_counts
+from mtp.model import MultitaskModel, load_encoder, load_tokenizer, parameter_counts, save_full_state
 from mtp.pruning import build_pruning
 from mtp.training import memory
 from mtp.training.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
@@ -31,6 +32,7 @@ from mtp.training.optim import (
     build_ds_config,
     lr_schedule,
     precision_of,
+    share_master_weights,
     skip_single_rank_reduction,
     split_param_groups,
     torch_dtype,
@@ -119,6 +121,7 @@ class Trainer:
         state = TrainState()
         if resume:
             state = load_checkpoint(engine, Path(cfg.output_dir) / CHECKPOINTS, sampler, hooks, rank)
+        share_master_weights(engine)  # after a resume too: a loaded master may be a new tensor
         return cls(cfg, rank, world, tokenizer, tasks, data, probs, sampler, max_steps, ds_config, param_counts,
                    hooks, engine, optimizer, state, held_at_build)
 
@@ -209,15 +212,14 @@ class Trainer:
         """final/model.safetensors (every parameter and buffer: masks, gates) and final/mtp.json, for export."""
         import json
 
-        from safetensors.torch import save_file
-
         memory.phase("final_save")
-        state = full_state_dict(self.engine.module)  # collective under ZeRO-3: every rank takes part
+        final = self.out / "final"
+        if self.rank == 0:
+            final.mkdir(parents=True, exist_ok=True)
+        # collective under ZeRO-3 (every rank takes part in the gathers); one parameter held at a time
+        save_full_state(self.engine.module, final / "model.safetensors", write=self.rank == 0)
         if self.rank != 0:
             return
-        final = self.out / "final"
-        final.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(final / "model.safetensors"))
         meta = {"config": self.cfg.model_dump(mode="json"), "steps": self.state.step,
                 "tasks": [{"name": t.name, "labels": t.labels, "metric": t.metric} for t in self.tasks],
                 "pruning": hook_report.get("pruning"),
@@ -312,6 +314,11 @@ def tokenize_all(cfg: ExperimentConfig, tasks: list[TaskData], tokenizer: Any, l
 def run_training(cfg: ExperimentConfig, resume: bool = False, extra_hooks: list[Hook] | None = None,
                  ) -> dict[str, Any]:
     """Train (or resume) the experiment in this process as one rank of the job; returns results.json."""
+    from deepspeed.accelerator import get_accelerator
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher
+    if get_accelerator().device_name() == "cpu" and zero_stage(build_ds_config(cfg, world_size)) == 3:
+        memory.return_freed_memory_at_once()  # before the process group's threads make their heaps
     rank, world, local_rank = init_distributed()
     trainer = Trainer.build(cfg, resume=resume, extra_hooks=list(extra_hooks or []), rank=rank, world=world,
                             local_rank=local_rank)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +64,28 @@ def test_warmup_then_linear_decay() -> None:
     factor = lr_lambda(warmup=4, total=20)
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(12) == pytest.approx(0.5) and factor(20) == 0.0
+
+
+def test_the_streamed_final_state_is_the_safetensors_file_of_the_full_state(tmp_path: Path) -> None:
+    """save_full_state writes, tensor by tensor, the file safetensors' own writer makes of full_state_dict:
+    every parameter and persistent buffer, of every dtype, with its shape and values (non-persistent buffers out)."""
+    from safetensors.torch import load_file, save_file
+
+    from mtp.model import full_state_dict, save_full_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    model.register_buffer("mask", torch.rand(3, 5) > 0.5)
+    model.register_buffer("steps", torch.tensor(7, dtype=torch.int64))
+    model.register_buffer("scratch", torch.ones(4), persistent=False)
+    model.half_gate = torch.nn.Parameter(torch.randn(2, 2).to(torch.bfloat16))
+    save_full_state(model, tmp_path / "streamed.safetensors")
+    save_file(full_state_dict(model), str(tmp_path / "reference.safetensors"))
+    streamed, reference = load_file(tmp_path / "streamed.safetensors"), load_file(tmp_path / "reference.safetensors")
+    assert sorted(streamed) == sorted(reference) == sorted(model.state_dict())
+    for name, tensor in reference.items():
+        assert streamed[name].dtype == tensor.dtype and streamed[name].shape == tensor.shape, name
+        assert torch.equal(streamed[name], tensor), name
+    assert not (tmp_path / "streamed.safetensors.partial").exists()
+    save_full_state(model, tmp_path / "unwritten.safetensors", write=False)  # a rank that only takes part
+    assert not list(tmp_path.glob("unwritten*"))
