@@ -2,8 +2,9 @@
 # Every GPU check in one go, for one lease of a GPU machine:
 #   1. the trainer through launch.sh on a tiny BERT and real GLUE rows: rank pruning under bf16 ZeRO-3 and
 #      movement pruning under fp16 ZeRO-2 (FusedAdam, NCCL process group), each exported with --verify;
-#   2. bench/gpu.py: collectives, BERT-base and BERT-large tokens/s and peak memory under bf16/fp16 and
-#      ZeRO-2/3, pruning step time against dense.
+#   2. bench/gpu_efficiency.py: BERT-base and BERT-large at micro-batches 32 and 64 of 128 tokens, mtp's bf16
+#      ZeRO-2 / ZeRO-3 path against a plain bf16 PyTorch loop (step time, tokens/s, MFU, peak memory), a
+#      torch.profiler table of the BERT-large step, each pruning method's step over dense; collectives.
 #
 #   bash bench/gpu_check.sh OUT_DIR        (GPU; MTP_GLUE_DIR set, or the hub)
 #   SMOKE=1 bash bench/gpu_check.sh OUT_DIR  (the same steps on CPU with fp32 configs: a check of this script)
@@ -37,4 +38,4 @@ for spec in "${specs[@]}"; do
   echo "$name: exit $? after $(( $(date +%s) - start )) s"
   cp "$runs/$name/results.json" "$out/$name.json" 2>/dev/null
 done
-python3 bench/gpu.py "${smoke[@]}" --out "$out/gpu.json" "encoder.tokenizer=$tokenizer"
+python3 bench/gpu_efficiency.py ${SMOKE:+--smoke} --out "$out/gpu_efficiency.json"

@@ -35,7 +35,7 @@ def _train(stage: int, share: bool) -> tuple[int, list[torch.Tensor]]:
     return shared, weights
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])  # stage 1 takes the stage-2 code path
 def test_the_shared_master_holds_the_weights_once_and_trains_the_same(stage: int) -> None:
     init_distributed()
     shared, weights = _train(stage, share=True)
