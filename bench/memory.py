@@ -8,7 +8,9 @@ dense and pruned: each case is a real `launch.sh` run whose ranks sample their r
 
 Rows: zero, world_size, model, method, per_rank_peak_mib (the highest RSS of any rank, whole run), per_rank_steady_mib
 (the median RSS of the training phase, highest rank), and each rank's phases; `reference` is the 1-rank ZeRO-0 dense
-run, `ratios` each row's steady and peak over it.
+run; each row's steady and peak over it, and for pruned rows over the 1-rank ZeRO-0 run of the same method.
+The file is written after every case; `--append` adds cases to it. With $MTP_MEMORY_TENSORS=1 each rank also
+counts its live tensors at every phase change (a diagnosis: the trims it makes lower what follows).
 """
 
 from __future__ import annotations
@@ -48,6 +50,34 @@ def run_case(model: str, zero: int, world: int, method: str, steps: int, work: P
             **({"tensors": {str(r["rank"]): r["tensors"] for r in ranks}} if ranks[0].get("tensors") else {})}
 
 
+def reference_of(rows: list[dict], method: str) -> dict | None:
+    return next((r for r in rows if r["zero"] == 0 and r["world_size"] == 1 and r["method"] == method), None)
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The JSON: every row with its ratios to the 1-rank ZeRO-0 dense reference and, for pruned rows, to the
+    1-rank ZeRO-0 run of the same method (rank pruning's full-rank start holds more parameters than dense)."""
+    reference = reference_of(rows, "dense")
+    for r in rows:
+        for name, ref in (("reference", reference), ("same_method_zero0", reference_of(rows, r["method"]))):
+            if ref is not None:
+                r[f"steady_over_{name}"] = round(r["per_rank_steady_mib"] / ref["per_rank_steady_mib"], 3)
+                r[f"peak_over_{name}"] = round(r["per_rank_peak_mib"] / ref["per_rank_peak_mib"], 3)
+    result = {"device": "cpu", "precision": "fp32", "micro_batch": 2, "seq_len": 64, "steps": args.steps,
+              "model": Path(args.model).name, "code": code_version(),
+              "reference": None if reference is None else {k: reference[k] for k in (
+                  "zero", "world_size", "method", "per_rank_peak_mib", "per_rank_steady_mib")},
+              "targets": {"zero3_2ranks_steady_over_reference": 0.6, "zero3_2ranks_peak_over_reference": 0.7},
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+def code_version() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="configs/arch/bert-large-uncased")
@@ -56,34 +86,27 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=None, metavar="ZERO:RANKS:METHOD",
                         help="run only these (e.g. 3:2:dense); ratios need the reference 0:1:dense among them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --out (a case measured again replaces its row)")
     args = parser.parse_args()
     cases = [(0, 1, "dense"), (3, 2, "dense")] if args.quick else [
         (zero, world, method) for method in METHODS for world in (1, 2) for zero in (0, 2, 3)]
     if args.cases:
         cases = [(int(z), int(w), m) for z, w, m in (c.split(":") for c in args.cases)]
+    rows: list[dict] = []
+    if args.append and args.out.exists():  # rows of an earlier invocation, less the cases measured again now
+        rows = [r for r in json.loads(args.out.read_text())["rows"]
+                if (r["zero"], r["world_size"], r["method"]) not in cases]
     work = Path(tempfile.mkdtemp(prefix="mtp-memory-"))
-    rows = []
     try:
         for i, (zero, world, method) in enumerate(cases):
             rows.append(run_case(args.model, zero, world, method, args.steps, work, 29700 + i))
             r = rows[-1]
             print(f"zero {zero} ranks {world} {method}: peak {r['per_rank_peak_mib']:.0f} MiB, "
                   f"steady {r['per_rank_steady_mib']:.0f} MiB", flush=True)
+            write(args, rows)  # after every case: a failed or stopped case keeps the others
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    reference = next((r for r in rows if r["zero"] == 0 and r["world_size"] == 1 and r["method"] == "dense"),
-                     {"zero": 0, "world_size": 1, "method": "dense", "per_rank_peak_mib": float("nan"),
-                      "per_rank_steady_mib": float("nan")})
-    for r in rows:
-        r["steady_over_reference"] = round(r["per_rank_steady_mib"] / reference["per_rank_steady_mib"], 3)
-        r["peak_over_reference"] = round(r["per_rank_peak_mib"] / reference["per_rank_peak_mib"], 3)
-    result = {"device": "cpu", "precision": "fp32", "micro_batch": 2, "seq_len": 64, "steps": args.steps,
-              "reference": {k: reference[k] for k in ("zero", "world_size", "method", "per_rank_peak_mib",
-                                                      "per_rank_steady_mib")},
-              "targets": {"zero3_2ranks_steady_over_reference": 0.6, "zero3_2ranks_peak_over_reference": 0.7},
-              "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return 0
 
