@@ -43,7 +43,7 @@ def run_case(model: str, zero: int, world: int, method: str, steps: int, work: P
         raise RuntimeError(f"z{zero} w{world} {method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     ranks = [json.loads(p.read_text()) for p in sorted(profile.glob("rank*.json"))]
     shutil.rmtree(out, ignore_errors=True)
-    return {"zero": zero, "world_size": world, "model": Path(model).name, "method": method,
+    return {"zero": zero, "world_size": world, "model": Path(model).name, "method": method, "code": code_version(),
             "per_rank_peak_mib": max(p["peak_mib"] for r in ranks for p in r["phases"].values()),
             "per_rank_steady_mib": max(r["phases"]["train"]["median_mib"] for r in ranks),
             "ranks": {str(r["rank"]): r["phases"] for r in ranks},
@@ -64,7 +64,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
                 r[f"steady_over_{name}"] = round(r["per_rank_steady_mib"] / ref["per_rank_steady_mib"], 3)
                 r[f"peak_over_{name}"] = round(r["per_rank_peak_mib"] / ref["per_rank_peak_mib"], 3)
     result = {"device": "cpu", "precision": "fp32", "micro_batch": 2, "seq_len": 64, "steps": args.steps,
-              "model": Path(args.model).name, "code": code_version(),
+              "model": Path(args.model).name, "code": code_version(),  # each row also names the commit it ran
               "reference": None if reference is None else {k: reference[k] for k in (
                   "zero", "world_size", "method", "per_rank_peak_mib", "per_rank_steady_mib")},
               "targets": {"zero3_2ranks_steady_over_reference": 0.6, "zero3_2ranks_peak_over_reference": 0.7},
@@ -95,7 +95,8 @@ def main() -> int:
         cases = [(int(z), int(w), m) for z, w, m in (c.split(":") for c in args.cases)]
     rows: list[dict] = []
     if args.append and args.out.exists():  # rows of an earlier invocation, less the cases measured again now
-        rows = [r for r in json.loads(args.out.read_text())["rows"]
+        earlier = json.loads(args.out.read_text())
+        rows = [{**r, "code": r.get("code", earlier.get("code"))} for r in earlier["rows"]
                 if (r["zero"], r["world_size"], r["method"]) not in cases]
     work = Path(tempfile.mkdtemp(prefix="mtp-memory-"))
     try:

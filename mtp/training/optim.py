@@ -149,5 +149,57 @@ def share_master_weights(engine: Any) -> int:
     return shared
 
 
+_STAGE3 = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
+
+
+def release_gradients_between_steps(engine: Any) -> bool:
+    """Hold ZeRO-3's gradient partition only from a step's backward pass to its optimizer step, as torch's
+    `zero_grad(set_to_none=True)` does for a plain model. DeepSpeed 0.19 allocates this rank's whole fp32 gradient
+    partition once (`grad_partitions_flat_buffer`) and keeps it for the run, between steps too: half a model of
+    memory a rank holds for nothing. Here the buffer is freed after every optimizer step and made again, zeroed,
+    before the next backward pass writes its first gradient partition (the first micro-batch overwrites it,
+    later ones add). Stage 3 on CPU without optimizer offload only (on a GPU the reduce stream writes into it
+    asynchronously: untested there); returns whether it applies."""
+    optimizer = getattr(engine, "optimizer", None)
+    if (engine.zero_optimization_stage() != 3 or not hasattr(optimizer, _STAGE3)
+            or getattr(optimizer, "offload_optimizer", False) or engine.device.type != "cpu"):
+        return False
+    params = [p for group in optimizer.fp16_groups for p in group]
+    sizes = [p.partition_numel() for p in params]
+    dtype, device = optimizer.grad_partitions_flat_buffer.dtype, optimizer.grad_partitions_flat_buffer.device
+
+    def release() -> None:
+        optimizer.grad_partitions_flat_buffer = None
+        getattr(optimizer, _STAGE3).clear()  # its views hold the buffer's storage
+        optimizer.averaged_gradients = {}
+
+    def ensure() -> None:
+        if optimizer.grad_partitions_flat_buffer is not None:
+            return
+        flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        views, offset = getattr(optimizer, _STAGE3), 0
+        for param, size in zip(params, sizes, strict=True):
+            views[param.ds_id] = flat.narrow(0, offset, size)
+            offset += size
+        optimizer.grad_partitions_flat_buffer = flat
+
+    def wrap(method: Any, before: Any = None, after: Any = None) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before()
+            result = method(*args, **kwargs)
+            if after is not None:
+                after()
+            return result
+        return wrapped
+
+    optimizer.partition_grads = wrap(optimizer.partition_grads, before=ensure)
+    optimizer.independent_gradient_partition_epilogue = wrap(optimizer.independent_gradient_partition_epilogue,
+                                                             before=ensure)
+    optimizer.step = wrap(optimizer.step, before=ensure, after=release)
+    release()
+    return True
+
+
 def adamw(groups: list[dict[str, Any]], cfg: ExperimentConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -32,6 +32,7 @@ from mtp.training.optim import (
     build_ds_config,
     lr_schedule,
     precision_of,
+    release_gradients_between_steps,
     share_master_weights,
     skip_single_rank_reduction,
     split_param_groups,
@@ -122,6 +123,7 @@ class Trainer:
         if resume:
             state = load_checkpoint(engine, Path(cfg.output_dir) / CHECKPOINTS, sampler, hooks, rank)
         share_master_weights(engine)  # after a resume too: a loaded master may be a new tensor
+        release_gradients_between_steps(engine)
         return cls(cfg, rank, world, tokenizer, tasks, data, probs, sampler, max_steps, ds_config, param_counts,
                    hooks, engine, optimizer, state, held_at_build)
 

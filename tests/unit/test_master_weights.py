@@ -1,5 +1,6 @@
-"""ZeRO's fp32 master partition made one tensor with the parameters' own partition (fp32 runs): the memory is
-held once, and training is bit for bit what it is with DeepSpeed's separate master copy."""
+"""ZeRO's fp32 master partition made one tensor with the parameters' own partition (fp32 runs), and ZeRO-3's
+gradient partition held only from backward to step: the memory is held once or freed, and training is bit for bit
+what it is with DeepSpeed's own buffers."""
 
 from __future__ import annotations
 
@@ -8,26 +9,33 @@ import torch
 
 from mtp.model import gathered
 from mtp.training.distributed import init_distributed
-from mtp.training.optim import share_master_weights
+from mtp.training.optim import release_gradients_between_steps, share_master_weights
 
 
-def _train(stage: int, share: bool) -> tuple[int, list[torch.Tensor]]:
+def _train(stage: int, share: bool, release: bool = False, accum: int = 1) -> tuple[int, list[torch.Tensor]]:
     import deepspeed
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
-    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": accum, "gradient_clipping": 1.0,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     shared = share_master_weights(engine) if share else 0
     if share:
         assert share_master_weights(engine) == 0  # already one tensor
+    if release:
+        assert release_gradients_between_steps(engine) == (stage == 3)
+        assert engine.optimizer.grad_partitions_flat_buffer is None
     generator = torch.Generator().manual_seed(1)
-    for _ in range(4):
+    for micro in range(4 * accum):
         x, y = torch.randn(8, 16, generator=generator), torch.randn(8, 4, generator=generator)
         engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        if release:  # written by the backward pass, kept through the micro-batches of a step
+            assert engine.optimizer.grad_partitions_flat_buffer is not None
         engine.step()
+        if release:
+            assert (engine.optimizer.grad_partitions_flat_buffer is None) == ((micro + 1) % accum == 0)
     weights = []
     for p in model.parameters():
         with gathered([p]):
@@ -42,4 +50,13 @@ def test_the_shared_master_holds_the_weights_once_and_trains_the_same(stage: int
     _, separate = _train(stage, share=False)
     assert shared == 16 * 32 + 32 + 32 * 4 + 4  # every element, held once
     for name, a, b in zip(("0.weight", "0.bias", "2.weight", "2.bias"), weights, separate, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_zero3_gradients_freed_between_steps_train_the_same(accum: int) -> None:
+    init_distributed()
+    _, released = _train(3, share=True, release=True, accum=accum)
+    _, kept = _train(3, share=True, accum=accum)
+    for name, a, b in zip(("0.weight", "0.bias", "2.weight", "2.bias"), released, kept, strict=True):
         assert torch.equal(a, b), name
