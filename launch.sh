@@ -36,7 +36,12 @@ while [[ $# -gt 0 ]]; do
 done
 
 PYTHON="${PYTHON:-python3}"
-gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+# DS_ACCELERATOR=cpu says there is no GPU to look for (and saves starting torch once more)
+if [[ "${DS_ACCELERATOR:-}" == "cpu" ]]; then
+  gpus=0
+else
+  gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+fi
 if [[ "$gpus" == "0" ]]; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
   nproc="${nproc:-2}"

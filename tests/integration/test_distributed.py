@@ -1,4 +1,4 @@
-"""Real 2-rank DeepSpeed jobs through launch.sh: tiny random-init encoders on real GLUE rows."""
+"""Real 2-rank DeepSpeed jobs through launch.sh: tiny encoders on real GLUE rows, under every ZeRO stage."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, free_port, launch, results
+from tests.integration.conftest import PRUNE
+from tests.integration.test_pruning_dist import masks
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny.yaml"
@@ -17,17 +19,6 @@ TINY = "configs/tiny.yaml"
 
 def losses(res: dict) -> np.ndarray:
     return np.array([h["loss"] for h in res["loss_history"]])
-
-
-@pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory: pytest.TempPathFactory, tiny_pretrained: Path) -> dict[int, Path]:
-    outs = {}
-    for stage in (0, 1, 2, 3):  # from saved weights: ZeRO-3 builds the encoder partitioned and loads them in
-        out = tmp_path_factory.mktemp(f"zero{stage}")
-        launch(["--config", TINY, f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
-                f"train.deepspeed_config=ds_configs/cpu_zero{stage}.json", f"output_dir={out}"])
-        outs[stage] = out
-    return outs
 
 
 def test_every_zero_stage_trains_and_agrees(zero_runs: dict[int, Path]) -> None:
@@ -61,10 +52,12 @@ def test_results_and_tensorboard_hold_what_a_user_watches(zero_runs: dict[int, P
 
 def test_stopped_and_resumed_run_matches_uninterrupted(zero_runs: dict[int, Path], tmp_path: Path,
                                                       tiny_pretrained: Path) -> None:
+    """Stopped after 4 of 8 steps, in the middle of the pruning ramp, and resumed: the same losses, scores, tokens and
+    masks as the uninterrupted run (the pruning state travels in the checkpoint)."""
     reference = results(zero_runs[2])  # the uninterrupted 8-step ZeRO-2 run
     out = tmp_path / "resumed"
-    common = ["--config", TINY, f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
-              "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
+    common = ["--config", TINY, "pruning.method=movement", *PRUNE, f"encoder.name={tiny_pretrained}",
+              "encoder.random_init=false", "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
     launch([*common, "train.stop_after_steps=4"])
     half = results(out)
     assert not half["finished"] and half["steps"] == 4
@@ -75,6 +68,9 @@ def test_stopped_and_resumed_run_matches_uninterrupted(zero_runs: dict[int, Path
     for task, scores in reference["tasks"].items():
         assert res["tasks"][task]["score"] == pytest.approx(scores["score"], abs=1e-3)
     assert res["tokens_seen"] == reference["tokens_seen"]
+    resumed, uninterrupted = masks(out), masks(zero_runs[2])
+    assert resumed.keys() == uninterrupted.keys() and all(np.array_equal(resumed[k], uninterrupted[k])
+                                                         for k in uninterrupted)
 
 
 def test_tiny_roberta_with_custom_task_under_zero3(tmp_path: Path) -> None:
