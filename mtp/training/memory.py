@@ -9,6 +9,7 @@ measured after it: a diagnosis, not the benchmark's figure.)"""
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import json
 import os
@@ -84,43 +85,57 @@ MMAP_THRESHOLD = 256 << 10  # bytes: blocks this large or larger get their own m
 ARENAS = 2
 
 
-def return_freed_memory_at_once(threshold: int = MMAP_THRESHOLD, arenas: int = ARENAS) -> bool:
-    """Make glibc give freed memory back to the system rather than keep it: every allocation of `threshold`
-    bytes or more gets its own mapping (M_MMAP_THRESHOLD; glibc otherwise raises that threshold, up to 32 MiB, as
-    large blocks are freed, and keeps freed blocks below it for reuse), and at most `arenas` heaps
-    (M_ARENA_MAX). A ZeRO-3 rank on CPU gathers and frees every layer's parameters and gradients each step;
-    without this a BERT-large rank sat on about 2 GB of freed memory (docs/design.md). Settings made in
-    $MALLOC_MMAP_THRESHOLD_ / $MALLOC_ARENA_MAX are left alone. False where the C library is not glibc."""
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    """The C library through ctypes, or None where it is not glibc (no mallopt / malloc_trim)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        if libc is None:
-            return False
-        done = True
-        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-            done &= libc.mallopt(-3, threshold) == 1  # M_MMAP_THRESHOLD
-        if "MALLOC_ARENA_MAX" not in os.environ:
-            done &= libc.mallopt(-8, arenas) == 1  # M_ARENA_MAX
-        return done
-    except (OSError, AttributeError):
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_trim_after_steps = False
+
+
+def return_freed_memory_at_once(threshold: int = MMAP_THRESHOLD, arenas: int = ARENAS) -> bool:
+    """Make glibc give freed memory back to the system rather than keep it: every allocation of `threshold`
+    bytes or more gets its own mapping (M_MMAP_THRESHOLD; glibc otherwise raises that threshold, up to 32 MiB, as
+    large blocks are freed, and keeps freed blocks below it for reuse), at most `arenas` heaps (M_ARENA_MAX), and
+    the heaps' free pages handed back after every optimizer step (`after_optimizer_step`). A ZeRO-3 rank on CPU
+    gathers and frees every layer's parameters and gradients each step; without this a BERT-large rank sat on
+    about 2 GB of freed memory (docs/design.md). Settings made in $MALLOC_MMAP_THRESHOLD_ / $MALLOC_ARENA_MAX are
+    left alone. False where the C library is not glibc."""
+    global _trim_after_steps
+    libc = _glibc()
+    if libc is None:
         return False
+    done = True
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        done &= libc.mallopt(-3, threshold) == 1  # M_MMAP_THRESHOLD
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        done &= libc.mallopt(-8, arenas) == 1  # M_ARENA_MAX
+    _trim_after_steps = True
+    return done
+
+
+def after_optimizer_step() -> None:
+    """Once `return_freed_memory_at_once` is on: hand the heaps' free pages back (a few milliseconds; a BERT-large
+    ZeRO-3 step on CPU takes seconds). Otherwise nothing."""
+    if _trim_after_steps:
+        release_free_memory()
 
 
 def release_free_memory() -> bool:
     """Hand the C allocator's free pages back to the system (glibc `malloc_trim`); False where there is none."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
+    libc.malloc_trim(0)
     return True
 
 

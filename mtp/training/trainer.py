@@ -185,6 +185,7 @@ class Trainer:
                 window[-1] += tokens
             self.state.step += 1
             step = self.state.step
+            memory.after_optimizer_step()
             for hook in self.hooks:
                 hook.on_optimizer_step(self.engine.module, step)
             if step % cfg.train.log_every == 0 or step == stop_at:

@@ -56,8 +56,9 @@ def test_stopped_and_resumed_run_matches_uninterrupted(zero_runs: dict[int, Path
     masks as the uninterrupted run (the pruning state travels in the checkpoint)."""
     reference = results(zero_runs[2])  # the uninterrupted 8-step ZeRO-2 run
     out = tmp_path / "resumed"
-    common = ["--config", TINY, "pruning.method=movement", *PRUNE, f"encoder.name={tiny_pretrained}",
-              "encoder.random_init=false", "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
+    common = ["--config", TINY, "pruning.method=movement", *PRUNE, "pruning.scope=global",
+              f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
+              "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
     launch([*common, "train.stop_after_steps=4"])
     half = results(out)
     assert not half["finished"] and half["steps"] == 4
@@ -73,14 +74,21 @@ def test_stopped_and_resumed_run_matches_uninterrupted(zero_runs: dict[int, Path
                                                          for k in uninterrupted)
 
 
-def test_tiny_roberta_with_custom_task_under_zero3(tmp_path: Path) -> None:
+def test_tiny_roberta_with_custom_task_and_rank_pruning_under_zero3(tmp_path: Path) -> None:
+    """A RoBERTa-style encoder, a task from CSV files, gradient accumulation and rank pruning under ZeRO-3 with every
+    tensor partitioned: the run trains, and once built and at the end each of 2 ranks holds half of every parameter
+    (the encoder is built partitioned, the heads and the P and Q that rank pruning swaps in too)."""
     rows = ["text,label"] + [f"sample {i} {'great' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}"
                              for i in range(40)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "dev.csv").write_text("\n".join(rows[:13]) + "\n")
+    ds = json.loads((ROOT / "ds_configs/cpu_zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # by default tensors under 1e5 elements
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))  # stay whole on every rank: most of them at this scale
     out = tmp_path / "run"
     launch(["--config", TINY, "encoder.name=configs/arch/tiny-roberta",
-            "train.deepspeed_config=ds_configs/cpu_zero3.json", "train.grad_accum=2", "train.max_steps=4",
+            f"train.deepspeed_config={tmp_path / 'zero3.json'}", "train.grad_accum=2", "train.max_steps=4",
+            "pruning.method=rank", "pruning.budget=0.5",
             f"tasks=[{{name: rte, max_train_examples: 64, max_dev_examples: 30}}, {{name: polarity, "
             f"train_file: {tmp_path}/train.csv, dev_file: {tmp_path}/dev.csv, text_columns: [text], "
             "label_column: label, labels: [neg, pos]}]", f"output_dir={out}"])
@@ -89,22 +97,17 @@ def test_tiny_roberta_with_custom_task_under_zero3(tmp_path: Path) -> None:
     assert sum(h["loss"] > 0 for h in res["loss_history"]) == 2  # log_every=2: two windows of 2 optimizer steps
     assert res["data"]["polarity"]["dev_used"] == {"dev": 12}
     assert 0 <= res["tasks"]["polarity"]["dev"]["dev"]["accuracy"] <= 100
+    assert res["pruning"]["method"] == "rank"
+    report = res["zero3_parameters"]
+    assert len(report["held_per_rank"]) == 2 and len(report["held_at_build_per_rank"]) == 2
+    assert report["largest_share"] <= 0.5 + 1e-3, report  # half of each tensor, rounded up
 
 
-@pytest.mark.parametrize("method", ["rank", "movement"])  # the dense encoder and heads are in both
-def test_a_zero3_rank_never_holds_more_than_its_share_of_the_parameters(tmp_path: Path, tiny_pretrained: Path,
-                                                                         method: str) -> None:
-    """The encoder is built partitioned, the heads and the layers pruning swaps in (scores, P and Q) too: once built
-    and at the end, each of 2 ranks holds half of every parameter. (The persistence threshold is 0 here: by default
-    ZeRO-3 keeps tensors under 1e5 elements whole on every rank, which at this scale is most of them.)"""
-    ds = json.loads((ROOT / "ds_configs/cpu_zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    pruning = [] if method == "none" else [f"pruning.method={method}", "pruning.budget=0.5"]
-    launch(["--config", TINY, f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
-            f"train.deepspeed_config={tmp_path / 'zero3.json'}", "train.max_steps=2", *pruning,
-            f"output_dir={tmp_path / 'run'}"])
-    report = results(tmp_path / "run")["zero3_parameters"]
+def test_a_zero3_rank_never_holds_more_than_its_share_of_the_parameters(zero_runs: dict[int, Path]) -> None:
+    """Movement under ZeRO-3 with every tensor partitioned (the shared runs' ZeRO-3 config): the encoder, the heads
+    and the scores movement swaps in are partitioned from the start, so each of 2 ranks holds half of every
+    parameter once built and at the end."""
+    report = results(zero_runs[3])["zero3_parameters"]
     assert len(report["held_per_rank"]) == 2 and len(report["held_at_build_per_rank"]) == 2
     assert report["largest_share"] <= 0.5 + 1e-3, report  # half of each tensor, rounded up
 

@@ -26,9 +26,11 @@ METHODS = {"magnitude": [], "movement": ["pruning.scope=global"], "soft_movement
 
 
 @pytest.fixture(scope="module")
-def method_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    outs = {}
+def method_runs(tmp_path_factory: pytest.TempPathFactory, zero_runs: dict[int, Path]) -> dict[str, Path]:
+    outs = {"movement": zero_runs[2]}  # global movement under ZeRO-2: the shared ZeRO runs have it
     for method, extra in METHODS.items():
+        if method in outs:
+            continue
         out = tmp_path_factory.mktemp(method)
         launch(["--config", TINY, f"pruning.method={method}", *PRUNE, *extra, f"output_dir={out}"])
         outs[method] = out
