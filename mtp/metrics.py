@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 
 def compute_metrics(metric: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -13,6 +11,10 @@ def compute_metrics(metric: str, predictions: np.ndarray, labels: np.ndarray) ->
     accuracy: acc; f1_accuracy (MRPC, QQP): mean of F1 and acc; matthews (CoLA): MCC;
     pearson_spearman (STS-B): mean of Pearson and Spearman correlations.
     """
+    # imported here: scipy.stats and sklearn.metrics take 1.7 s to import, which every `mtp check` and launch paid
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     if metric == "pearson_spearman":
         preds = predictions.astype(float)
         if np.std(preds) == 0 or np.std(labels) == 0:
