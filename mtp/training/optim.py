@@ -152,12 +152,24 @@ def share_master_weights(engine: Any) -> int:
 _STAGE3 = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
 
 
+def lazily_zeroed(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed 1-d tensor whose memory the system maps only as it is written, for fp32/fp64 on CPU: numpy's zeros
+    come from calloc, which for large sizes hands back fresh zero pages without touching them, where torch.zeros
+    writes every page at once. Elsewhere torch.zeros."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        return torch.from_numpy(np.zeros(numel, dtype=np.float32 if dtype == torch.float32 else np.float64))
+    return torch.zeros(numel, dtype=dtype, device=device)
+
+
 def release_gradients_between_steps(engine: Any) -> bool:
     """Hold ZeRO-3's gradient partition only from a step's backward pass to its optimizer step, as torch's
     `zero_grad(set_to_none=True)` does for a plain model. DeepSpeed 0.19 allocates this rank's whole fp32 gradient
     partition once (`grad_partitions_flat_buffer`) and keeps it for the run, between steps too: half a model of
-    memory a rank holds for nothing. Here the buffer is freed after every optimizer step and made again, zeroed,
-    before the next backward pass writes its first gradient partition (the first micro-batch overwrites it,
+    memory a rank holds for nothing. Here the buffer is freed after every optimizer step and made again, zeroed
+    (`lazily_zeroed`: its pages are mapped as the backward pass writes them), before the next backward pass writes
+    its first gradient partition (the first micro-batch overwrites it,
     later ones add). Stage 3 on CPU without optimizer offload only (on a GPU the reduce stream writes into it
     asynchronously: untested there); returns whether it applies."""
     optimizer = getattr(engine, "optimizer", None)
@@ -176,7 +188,7 @@ def release_gradients_between_steps(engine: Any) -> bool:
     def ensure() -> None:
         if optimizer.grad_partitions_flat_buffer is not None:
             return
-        flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        flat = lazily_zeroed(sum(sizes), dtype, device)
         views, offset = getattr(optimizer, _STAGE3), 0
         for param, size in zip(params, sizes, strict=True):
             views[param.ds_id] = flat.narrow(0, offset, size)

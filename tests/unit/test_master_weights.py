@@ -60,3 +60,17 @@ def test_zero3_gradients_freed_between_steps_train_the_same(accum: int) -> None:
     _, kept = _train(3, share=True, accum=accum)
     for name, a, b in zip(("0.weight", "0.bias", "2.weight", "2.bias"), released, kept, strict=True):
         assert torch.equal(a, b), name
+
+
+def test_lazily_zeroed_buffers_are_zero_and_take_memory_only_where_written() -> None:
+    import psutil
+
+    from mtp.training.optim import lazily_zeroed
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    buffer = lazily_zeroed(64 << 20, torch.float32, torch.device("cpu"))  # 256 MiB
+    assert process.memory_info().rss - before < 32 << 20
+    buffer[: 16 << 20].fill_(1.0)  # a quarter written: about 64 MiB mapped
+    assert process.memory_info().rss - before < 128 << 20
+    assert float(buffer[16 << 20:].abs().sum()) == 0.0 and float(buffer.sum()) == 16 << 20
