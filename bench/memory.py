@@ -4,6 +4,7 @@ dense and pruned: each case is a real `launch.sh` run whose ranks sample their r
 
     python bench/memory.py                       # CPU, fp32: writes bench/results/memory.json
     python bench/memory.py --quick               # the 2-rank ZeRO-3 case and the 1-rank ZeRO-0 reference only
+    python bench/memory.py --quick --steps 8 --out bench/results/memory_8steps.json   # the first step weighs less
     python bench/memory.py --model configs/arch/tiny-bert --steps 4 --out /tmp/m.json   # smoke mode
 
 Rows: zero, world_size, model, method, per_rank_peak_mib (the highest RSS of any rank, whole run), per_rank_steady_mib
