@@ -146,6 +146,12 @@ def share_master_weights(engine: Any) -> int:
             continue
         master.data = own.data
         shared += own.numel()
+    if shared and engine.zero_optimization_stage() in (1, 2):
+        # Stages 1-2 map every parameter to its slice of the master (`_hp_mapping`, DeepSpeed's API for full fp32
+        # parameters and universal checkpoints): slices of the old clone, which kept it alive. Map them again, as
+        # DeepSpeed does after it moves the master, and let the optimizer states be linked again at the next step.
+        optimizer._link_all_hp_params()
+        optimizer._hp_optimizer_states_linked = False
     return shared
 
 
