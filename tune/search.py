@@ -13,7 +13,7 @@ import yaml
 
 from mtp.config import ConfigError, ExperimentConfig, dump_config
 from mtp.hooks import Hook
-from tune.space import OVER_BUDGET, TuneConfig, experiment_for, objective
+from tune.space import OVER_BUDGET, TuneConfig, absolute_if_local, experiment_for, objective, with_absolute_paths
 
 RUN_SUBDIR = "run"
 ATTEMPTS = "attempts.log"
@@ -23,16 +23,18 @@ ATTEMPTS = "attempts.log"
 
 
 class TuneReporter(Hook):
-    """Reports each intermediate evaluation to Tune (through Ray Train) so that schedulers can stop trials."""
+    """Reports intermediate evaluations to Tune (through Ray Train) so that schedulers can stop trials: those of a
+    model at its budget (from `report_from` on), which trials of different schedules can be compared by."""
 
     name = "tune_reporter"
 
-    def __init__(self, max_steps: int):
+    def __init__(self, max_steps: int, report_from: int = 0):
         self.max_steps = max_steps
+        self.report_from = report_from
 
     def on_evaluate(self, step: int, results: dict[str, Any]) -> None:
-        if step >= self.max_steps:
-            return  # the final evaluation is reported with the budget check, after training
+        if step >= self.max_steps or step < self.report_from:
+            return  # mid-ramp; or the final evaluation, reported with the budget check after training
         import ray.train
 
         mean = sum(r["score"] for r in results.values()) / len(results)
@@ -44,6 +46,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     """One DeepSpeed rank: Ray Train has started the process group; mtp's trainer joins it."""
     import ray.train
 
+    from mtp.pruning.base import first_step_at_budget
     from mtp.training import run_training
 
     exp = ExperimentConfig.model_validate(loop_config["experiment"])
@@ -51,7 +54,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     results = _read_results(run_dir)
     if not (results and results.get("finished")):  # else: it finished before the search was interrupted
         resume = (run_dir / "checkpoints" / "latest").exists()  # a retried trial continues where it stopped
-        results = run_training(exp, resume=resume, extra_hooks=[TuneReporter(exp.train.max_steps or 0)])
+        max_steps = exp.train.max_steps or 0
+        reporter = TuneReporter(max_steps, first_step_at_budget(exp.pruning, max_steps))
+        results = run_training(exp, resume=resume, extra_hooks=[reporter])
     pruning = results.get("pruning") or {}
     # "final", never "done": Tune ends a trial that reports done=True at once, killing the TorchTrainer
     # before it releases its placement group (the CPUs/GPUs then stay reserved until the search ends)
@@ -154,13 +159,14 @@ def run_search(cfg: TuneConfig, address: str | None = None, resume: bool = False
     from ray.tune.logger import TBXLoggerCallback
 
     path = experiment_path(cfg)
-    cfg = cfg.model_copy(update={"storage_path": str(path.parent)})  # absolute: trials run in other folders
+    # absolute paths: trials run in other folders
+    cfg = with_absolute_paths(cfg).model_copy(update={"storage_path": str(path.parent)})
     # the trial only waits for its TorchTrainer, whose workers hold the CPUs/GPUs: it reserves no CPU
     trainable = tune.with_resources(tune.with_parameters(trial, tune_config=cfg.model_dump(mode="json")),
                                     {"cpu": 0, "memory": 64 * 2**20})
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                 runtime_env={"env_vars": {k: absolute_if_local(v) or v for k, v in os.environ.items()
                                            if k in ("MTP_GLUE_DIR", "MTP_CACHE_DIR", "HF_DATASETS_OFFLINE")}})
     if resume:
         if not tune.Tuner.can_restore(str(path)):

@@ -103,6 +103,36 @@ def trial_overrides(cfg: TuneConfig, params: dict[str, Any], output_dir: str) ->
     return [*cfg.overrides, *values, f"output_dir={output_dir}"]
 
 
+# the experiment's keys that may name a local file or folder
+PATH_KEYS = ("encoder.name", "encoder.init_from", "distill.teacher", "data.glue_dir", "data.cache_dir",
+             "train.deepspeed_config")
+
+
+def absolute_if_local(value: str | None) -> str | None:
+    """A relative path that exists from here, made absolute; None for anything else (a hub id, an absolute path)."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else None
+
+
+def with_absolute_paths(cfg: TuneConfig) -> TuneConfig:
+    """The search as the driver sees it, for trials that run in their own folders (and on other nodes): the base
+    config's path and the experiment's local paths that exist relative to this directory, made absolute."""
+    base = base_path(cfg)
+    exp = load_config(base, list(cfg.overrides))
+    extra = []
+    for key in PATH_KEYS:
+        section, field = key.split(".")
+        if (absolute := absolute_if_local(getattr(getattr(exp, section), field))) is not None:
+            extra.append(f"{key}={absolute}")
+    for task in exp.tasks:
+        for field in ("train_file", "dev_file"):
+            if (absolute := absolute_if_local(getattr(task, field))) is not None:
+                extra.append(f"tasks.{task.name}.{field}={absolute}")
+    return cfg.model_copy(update={"base": str(base), "overrides": [*cfg.overrides, *extra]})
+
+
 def experiment_for(cfg: TuneConfig, params: dict[str, Any], output_dir: str) -> ExperimentConfig:
     """The trainer config of one trial, with evaluations spread evenly over its steps."""
     exp = load_config(base_path(cfg), trial_overrides(cfg, params, output_dir))

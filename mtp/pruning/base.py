@@ -148,6 +148,15 @@ def replace_prunable(model: nn.Module, make: Any) -> None:
 # ---------------------------------------------------------------- the hook
 
 
+def first_step_at_budget(cfg: PruningSettings, total_steps: int) -> int:
+    """The first optimizer step whose target is the budget: evaluations from there on score a model of its final
+    size (earlier ones, mid-ramp, favour schedules that have pruned less so far)."""
+    if cfg.method == "none":
+        return 0
+    hook = PruningHook(cfg, total_steps)
+    return next(step for step in range(total_steps + 1) if hook.schedule(step, 1.0, 0.0) == 0.0)
+
+
 class PruningHook(Hook):
     """Shared by all methods: budget, schedule position, reports of kept parameters."""
 

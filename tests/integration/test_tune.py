@@ -15,7 +15,15 @@ import yaml
 
 from mtp.config import ConfigError, load_config
 from tests.conftest import ROOT
-from tune.space import OVER_BUDGET, TuneConfig, check_space, experiment_for, load_tune_config, objective
+from tune.space import (
+    OVER_BUDGET,
+    TuneConfig,
+    check_space,
+    experiment_for,
+    load_tune_config,
+    objective,
+    with_absolute_paths,
+)
 
 TINY_SEARCH = ROOT / "tune" / "configs" / "tiny.yaml"
 
@@ -94,6 +102,37 @@ def test_trial_experiment_carries_sampled_values_and_evaluations() -> None:
     assert exp.pruning.method == "movement" and exp.pruning.budget == 0.3
     assert exp.train.eval_every == exp.train.max_steps // cfg.evaluations == 4
     assert exp.output_dir == "/tmp/x"
+
+
+def test_trials_get_the_local_paths_the_driver_sees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial runs in its own folder (Ray moves it there): a teacher named relative to where the search was started
+    must reach it as an absolute path; a path that does not exist from there is left to the trainer's lookup."""
+    (tmp_path / "teacher").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_tune_config(write(tmp_path, {**BASE, "overrides": [*BASE["overrides"], "distill.teacher=teacher",
+                                                                   "train.deepspeed_config=ds_configs/cpu_zero0.json"],
+                                            "space": {"train.lr": {"uniform": [1e-4, 2e-4]}}}))
+    driver_side = with_absolute_paths(cfg)
+    monkeypatch.chdir(ROOT / "tests")  # where a trial runs: another folder
+    exp = experiment_for(driver_side, {"train.lr": 1e-4}, "/tmp/x")
+    assert exp.distill.teacher == str(tmp_path.resolve() / "teacher")
+    assert exp.train.deepspeed_config == "ds_configs/cpu_zero0.json"  # not found from tmp_path: unchanged
+    assert Path(driver_side.base).is_absolute() and exp.train.max_steps == 8
+    assert experiment_for(cfg, {"train.lr": 1e-4}, "/tmp/x").distill.teacher == "teacher"  # what a trial got before
+
+
+def test_only_evaluations_at_the_budget_reach_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mid-ramp scores favour schedules that have pruned less so far: ASHA must not stop trials on them."""
+    import ray.train
+
+    from tune.search import TuneReporter
+
+    reported = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics: reported.append((metrics["step"], metrics["objective"])))
+    reporter = TuneReporter(100, report_from=70)
+    for step in (25, 50, 75, 100):  # the last is reported after training, with the budget check
+        reporter.on_evaluate(step, {"rte": {"score": 50.0}, "stsb": {"score": 70.0}})
+    assert reported == [(75, 60.0)]
 
 
 def test_ray_space_samples_inside_the_declared_ranges() -> None:

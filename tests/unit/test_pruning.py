@@ -131,6 +131,19 @@ def test_cubic_schedule_break_points() -> None:
     assert cubic_schedule(80, **kw) == pytest.approx(0.1)
 
 
+def test_first_step_at_budget_by_hand() -> None:
+    from mtp.pruning.base import first_step_at_budget
+
+    # 100 steps, the last 25 at fixed masks: the schedule spans 75 steps, dense to step 10, ramp over 10..70
+    # (75 - 10 - 5 steps), at the budget for its last 5: the target first equals the budget at step 70
+    settings = pruning_settings(method="magnitude", budget=0.5, warmup_ratio=0.1, cooldown_ratio=0.05,
+                                finetune_ratio=0.25)
+    assert first_step_at_budget(settings, 100) == 70
+    no_phases = pruning_settings(method="movement", budget=0.5, warmup_ratio=0.0, cooldown_ratio=0.0)
+    assert first_step_at_budget(no_phases, 10) == 10  # the ramp ends with the run
+    assert first_step_at_budget(pruning_settings(method="none"), 100) == 0
+
+
 def test_budget_arithmetic_for_bert_base_by_hand() -> None:
     with torch.device("meta"):
         model = MultitaskModel(load_encoder(EncoderConfig(name="configs/arch/bert-base-uncased", random_init=True)),
