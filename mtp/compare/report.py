@@ -67,6 +67,10 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
                         opts.append(Choice(kept(r), task_score(r, t), _fmt(spec.size)))
                 choices.append(opts)
             best = best_allocation(choices, capacity)
+            # single-task runs of this method that could be ensemble members at this budget but are not finished:
+            # a best ensemble found without them is a lower bound on the grid's
+            unfinished = [spec.name for spec in plan if spec.task is not None and spec.method == method
+                          and spec.seed is None and by_key[spec.key] is None and spec.size <= budget + 1e-9]
             equal_runs = [find(t, method, budget / len(tasks)) for t in tasks]
             equal = None if any(r is None for r in equal_runs) else {
                 "size_each": budget / len(tasks),
@@ -83,7 +87,8 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
                 "best_ensemble": None if best is None else {
                     "allocation": {t: c.label for t, c in zip(tasks, best[0], strict=True)},
                     "scores": {t: c.score for t, c in zip(tasks, best[0], strict=True)},
-                    "mean": best[1], "kept_blocks": sum(c.size for c in best[0])},
+                    "mean": best[1], "kept_blocks": sum(c.size for c in best[0]),
+                    "complete": not unfinished, "unfinished_runs": unfinished},
                 "equal_split": equal,
             })
             for t in cfg.low_resource_tasks:
@@ -100,12 +105,12 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
                 "method": method, "budget": budget, "runs": len(means), "means": means,
                 "mean": statistics.fmean(means) if means else None,
                 "stdev": statistics.stdev(means) if len(means) > 1 else None,
-                "range": max(means) - min(means) if means else None})
+                "range": max(means) - min(means) if len(means) > 1 else None})
     return report
 
 
-def _cell(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) -> str:
@@ -142,6 +147,9 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
                 alloc = ", ".join(f"{t} {b}" for t, b in entry.get("allocation", {}).items())
                 if key == "equal_split":
                     alloc = f"{entry['size_each']:.3g} each"
+                if key == "best_ensemble" and entry.get("unfinished_runs"):
+                    alloc += (f"; over a partial grid ({len(entry['unfinished_runs'])} single-task runs not finished):"
+                              " a lower bound")
                 if entry.get("retained") is not None:
                     alloc = f"{entry['retained']:.3f} of the dense multitask mean"
                 lines.append(f"| {row['budget']:g} | {name} | " + " | ".join(_cell(entry["scores"][t]) for t in tasks)
@@ -161,7 +169,7 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
         for r in report["spread"]:
             lines.append(f"| {r['method']} | {r['budget']:g} | {r['runs']} | "
                          + ", ".join(f"{m:.2f}" for m in r["means"])
-                         + f" | {_cell(r['mean'])} | {_cell(r['stdev'])} | {_cell(r['range'])} |")
+                         + f" | {_cell(r['mean'], 2)} | {_cell(r['stdev'], 2)} | {_cell(r['range'], 2)} |")
         lines.append("")
     if report["missing_runs"]:
         lines += [f"Runs not finished yet: {', '.join(report['missing_runs'])}", ""]
@@ -181,6 +189,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         for key, label, style in (("multitask", "multitask", "o-"), ("best_ensemble", "best ensemble", "s--"),
                                   ("equal_split", "equal split", "^:")):
             pts = [(r["budget"], r[key]["mean"]) for r in rows if r[key] is not None]
+            if key == "best_ensemble" and any(r[key] and r[key].get("unfinished_runs") for r in rows):
+                label += " (partial grid: a lower bound)"
             if pts:
                 xs, ys = zip(*sorted(pts), strict=True)
                 ax.plot(xs, ys, style, label=label)

@@ -249,7 +249,40 @@ def test_extra_seeds_give_the_multitask_spread_and_the_report_the_retained_fract
                                  "mean": 72.0, "stdev": 2.0, "range": 4.0}]
     assert report["methods"]["movement"][0]["multitask"]["retained"] == pytest.approx(70.0 / 80.0)
     md = render_markdown(report, cfg, "mtp compare")
-    assert "| movement | 0.5 | 3 | 70.00, 72.00, 74.00 | 72.0 | 2.0 | 4.0 |" in md
+    assert "| movement | 0.5 | 3 | 70.00, 72.00, 74.00 | 72.00 | 2.00 | 4.00 |" in md
     assert "0.875 of the dense multitask mean" in md
     with pytest.raises(ConfigError, match="spread_budgets: 0.3 is not one of budgets"):
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["spread_seeds=[7]", "spread_budgets=[0.3]"])
+
+
+def test_a_best_ensemble_over_a_partial_grid_is_marked_a_lower_bound(tmp_path: Path) -> None:
+    from mtp.compare import build_report, load_compare_config, render_markdown
+
+    kept = tmp_path / "kept"
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [
+        f"output_dir={tmp_path / 'out'}", f"results_dir={kept}", "single_task_sizes=[0.1, 0.25]"])
+    plan = plan_runs(cfg, ["rte", "stsb"])
+    single = [s for s in plan if s.task is not None and s.method == "movement"]
+    (kept / "runs").mkdir(parents=True)
+
+    def write(name: str, score: float, kept_blocks: int | None) -> None:
+        (kept / "runs" / f"{name}.json").write_text(json.dumps({
+            "finished": True, "mean_score": score, "params": {"encoder_blocks": 1000, "embeddings": 10},
+            "tasks": {"rte": {"score": score}, "stsb": {"score": score}},
+            "pruning": None if kept_blocks is None else {"kept_blocks": kept_blocks}}))
+
+    write("mt-dense", 80.0, None)
+    for spec in single:  # every single-task run but stsb at 0.25
+        if spec.name != "st-stsb-movement-0.25":
+            write(spec.name, 50.0 + 10 * spec.size, int(spec.size * 1000))
+    row = next(r for r in build_report(cfg, ROOT / cfg.base)["methods"]["movement"] if r["budget"] == 0.5)
+    best = row["best_ensemble"]
+    assert best["allocation"] == {"rte": "0.25", "stsb": "0.1"}  # the best of the finished runs
+    assert best["complete"] is False and best["unfinished_runs"] == ["st-stsb-movement-0.25"]
+    md = render_markdown(build_report(cfg, ROOT / cfg.base), cfg, "mtp compare")
+    assert "over a partial grid (1 single-task runs not finished): a lower bound" in md
+
+    write("st-stsb-movement-0.25", 52.5, 250)
+    row = next(r for r in build_report(cfg, ROOT / cfg.base)["methods"]["movement"] if r["budget"] == 0.5)
+    assert row["best_ensemble"]["complete"] is True and row["best_ensemble"]["unfinished_runs"] == []
+    assert row["best_ensemble"]["allocation"] == {"rte": "0.25", "stsb": "0.25"}
