@@ -67,10 +67,13 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
                         opts.append(Choice(kept(r), task_score(r, t), _fmt(spec.size)))
                 choices.append(opts)
             best = best_allocation(choices, capacity)
-            # single-task runs of this method that could be ensemble members at this budget but are not finished:
-            # a best ensemble found without them is a lower bound on the grid's
-            unfinished = [spec.name for spec in plan if spec.task is not None and spec.method == method
-                          and spec.seed is None and by_key[spec.key] is None and spec.size <= budget + 1e-9]
+            # single-task runs of this method that could be ensemble members at this budget but are not finished
+            # (a member leaves room for the smallest planned run of every other task): a best ensemble found
+            # without them is a lower bound on the grid's
+            members = [spec for spec in plan if spec.task is not None and spec.method == method and spec.seed is None]
+            smallest = {t: min((s.size for s in members if s.task == t), default=0.0) for t in tasks}
+            unfinished = [spec.name for spec in members if by_key[spec.key] is None
+                          and spec.size + sum(smallest[t] for t in tasks if t != spec.task) <= budget + 1e-9]
             equal_runs = [find(t, method, budget / len(tasks)) for t in tasks]
             equal = None if any(r is None for r in equal_runs) else {
                 "size_each": budget / len(tasks),
