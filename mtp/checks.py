@@ -62,7 +62,8 @@ def _run_tasks(run_dir: str, key: str) -> list[str] | None:
 
 
 def check_sources(cfg: ExperimentConfig) -> None:
-    """encoder.init_from and distill.teacher name something that can give what the config asks of it."""
+    """encoder.init_from, distill.teacher and distill.task_teachers name something that can give what the config
+    asks of it."""
     tasks = [t.name for t in cfg.tasks]
     if cfg.encoder.init_from:
         found = _run_tasks(cfg.encoder.init_from, "encoder.init_from")
@@ -73,11 +74,20 @@ def check_sources(cfg: ExperimentConfig) -> None:
         if missing:
             raise ConfigError(f"encoder.init_from: {cfg.encoder.init_from} has no head for task {missing[0]!r}")
     d = cfg.distill
+    for task, folder in d.task_teachers.items():
+        key = f"distill.task_teachers.{task}"
+        heads = _run_tasks(folder, key)
+        if heads is None:
+            raise ConfigError(f"{key}: {folder} is not a finished mtp run (no final/model.safetensors), so it has "
+                              "no task head")
+        if task not in heads:
+            raise ConfigError(f"{key}: {folder} has no head for task {task!r}")
     if d.teacher is None:
         return
+    tasks = [t for t in tasks if t not in d.task_teachers]  # the shared teacher gives logits for the others only
     found = _run_tasks(d.teacher, "distill.teacher")
     if found is None:
-        if d.logit_weight > 0:
+        if d.logit_weight > 0 and tasks:
             raise ConfigError(f"distill.teacher: {d.teacher} is not a finished mtp run, so it has no task heads; "
                               "set distill.logit_weight=0 to distil hidden states only")
         from transformers import AutoConfig

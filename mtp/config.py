@@ -106,7 +106,12 @@ class DistillConfig(Strict):
 
     teacher: str | None = None
     """A finished mtp run folder (encoder and heads: logit and hidden-state distillation) or a Hugging Face encoder
-    (name or folder: hidden states only). None: no distillation."""
+    (name or folder: hidden states only). None: no distillation (unless task_teachers)."""
+    task_teachers: dict[str, str] = Field(default_factory=dict)
+    """Per-task logit teachers of a multitask model (MT-DNN's distillation; METHOD.md 7: each task's dense model):
+    task -> a finished mtp run with a head for it, e.g. that task's own dense run. Its logits are the targets of
+    that task's batches; block outputs (hidden_weight) still come from `teacher`; tasks not named take their
+    logits from `teacher`."""
     task_weight: float = Field(1.0, ge=0.0)
     """Weight of the task loss (the labels)."""
     logit_weight: float = Field(1.0, ge=0.0)
@@ -120,7 +125,16 @@ class DistillConfig(Strict):
     def _check(self) -> DistillConfig:
         if self.teacher is not None and self.task_weight + self.logit_weight + self.hidden_weight == 0:
             raise ValueError("distill: task_weight, logit_weight and hidden_weight are all 0")
+        if self.task_teachers and self.logit_weight == 0:
+            raise ValueError("distill.task_teachers: they give logits only, and distill.logit_weight is 0")
+        if self.task_teachers and self.teacher is None and self.hidden_weight > 0:
+            raise ValueError("distill.hidden_weight: block outputs come from distill.teacher, which is not set "
+                             "(task_teachers give logits only)")
         return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher is not None or bool(self.task_teachers)
 
 
 class ExperimentConfig(Strict):
@@ -151,6 +165,14 @@ class ExperimentConfig(Strict):
                 raise ValueError(f"sampling.probabilities: {culprit!r} must match the task list {names}")
             if any(p < 0 for p in probs.values()) or sum(probs.values()) <= 0:
                 raise ValueError("sampling.probabilities: must be non-negative with a positive sum")
+        stray = [t for t in self.distill.task_teachers if t not in names]
+        if stray:
+            raise ValueError(f"distill.task_teachers: {stray[0]!r} is not one of the tasks {names}")
+        if self.distill.task_teachers and self.distill.teacher is None:
+            orphan = [n for n in names if n not in self.distill.task_teachers]
+            if orphan:
+                raise ValueError(f"distill.task_teachers: task {orphan[0]!r} has no teacher (name it, or set "
+                                 "distill.teacher for the tasks not named)")
         return self
 
 
@@ -195,7 +217,8 @@ def dump_config(cfg: ExperimentConfig) -> str:
 NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("encoder", "init_from"): None,
     ("pruning", "finetune_ratio"): 0.0,
-    ("distill",): DistillConfig().model_dump(mode="json"),
+    ("distill", "task_teachers"): {},  # before the section: keys added later go first
+    ("distill",): DistillConfig().model_dump(mode="json", exclude={"task_teachers"}),
 }
 
 

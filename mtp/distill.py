@@ -9,7 +9,10 @@ where L_logit is KL(teacher || student) of the task's logits at temperature T, t
 et al. distil their pruned models this way), or the squared error for a regression task, and L_hidden is the mean
 squared error between the outputs of block i of student and teacher over real tokens, averaged over the blocks
 (CoFi's layer distillation with the identity layer map: pruning keeps every block and the hidden size).
-The teacher is an ordinary module on every rank, outside the DeepSpeed engine, so it works under ZeRO 0-3.
+A multitask model can also take each task's logits from a teacher of its own (distill.task_teachers, as MT-DNN
+distils per-task teachers into one model): for example each task's single-task dense run, which may be better on
+its task than the dense multitask model; block outputs still come from the one shared teacher.
+Teachers are ordinary modules on every rank, outside the DeepSpeed engine, so they work under ZeRO 0-3.
 """
 
 from __future__ import annotations
@@ -45,20 +48,49 @@ def is_run_folder(path: str) -> bool:
     return (Path(path) / "final" / "model.safetensors").is_file()
 
 
+def _frozen(teacher: nn.Module) -> nn.Module:
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def load_task_teachers(cfg: DistillConfig, tasks: list[str]) -> dict[str, nn.Module]:
+    """The per-task logit teachers of distill.task_teachers (one module per distinct run folder), frozen; refuses a
+    folder that is not a finished mtp run or has no head for its task."""
+    from mtp.export import load_finished_run
+
+    loaded: dict[str, nn.Module] = {}
+    teachers: dict[str, nn.Module] = {}
+    for task, folder in cfg.task_teachers.items():
+        key = f"distill.task_teachers.{task}"
+        if task not in tasks:
+            raise ConfigError(f"{key}: {task!r} is not one of the tasks {tasks}")
+        if not is_run_folder(folder):
+            raise ConfigError(f"{key}: {folder} is not a finished mtp run (no final/model.safetensors), so it has "
+                              "no task head")
+        if folder not in loaded:
+            loaded[folder] = _frozen(load_finished_run(folder, key)[0])
+        if task not in loaded[folder].heads:
+            raise ConfigError(f"{key}: {folder} has no head for task {task!r}")
+        teachers[task] = loaded[folder]
+    return teachers
+
+
 def load_teacher(cfg: DistillConfig, tasks: list[str]) -> nn.Module:
     """The teacher named by distill.teacher, in evaluation mode without gradients; refuses one that cannot give
-    what the weights ask for (logits of every task, or block outputs)."""
+    what the weights ask for (logits of every task without a teacher of its own, or block outputs)."""
     assert cfg.teacher is not None
     if is_run_folder(cfg.teacher):
         from mtp.export import load_finished_run
 
         teacher, _ = load_finished_run(cfg.teacher, "distill.teacher")
-        missing = [t for t in tasks if t not in teacher.heads]
+        missing = [t for t in tasks if t not in teacher.heads and t not in cfg.task_teachers]
         if cfg.logit_weight > 0 and missing:
             raise ConfigError(f"distill.teacher: {cfg.teacher} has no head for task {missing[0]!r} "
                               "(set distill.logit_weight=0 to distil hidden states only)")
     else:
-        if cfg.logit_weight > 0:
+        if cfg.logit_weight > 0 and any(t not in cfg.task_teachers for t in tasks):
             raise ConfigError(f"distill.teacher: {cfg.teacher} is not a finished mtp run, so it has no task heads; "
                               "set distill.logit_weight=0 to distil hidden states only")
         from transformers import AutoModel
@@ -71,10 +103,7 @@ def load_teacher(cfg: DistillConfig, tasks: list[str]) -> nn.Module:
         except (OSError, ValueError) as err:
             raise ConfigError(f"distill.teacher: cannot load {cfg.teacher!r}: {str(err).splitlines()[0]}") from None
         teacher = HiddenStateTeacher(encoder)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return _frozen(teacher)
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -106,13 +135,20 @@ class Distillation(Hook):
                  teacher: nn.Module | None = None):
         """`teacher` (a model in evaluation mode) stands in for the one distill.teacher names (benchmarks)."""
         self.cfg = cfg
-        self.teacher = (teacher if teacher is not None else load_teacher(cfg, tasks)).to(dtype)
-        if not isinstance(self.teacher, HiddenStateTeacher):
+        if teacher is None and cfg.teacher is not None:
+            teacher = load_teacher(cfg, tasks)
+        self.teacher = None if teacher is None else teacher.to(dtype)
+        if self.teacher is not None and not isinstance(self.teacher, HiddenStateTeacher):
             self.teacher.keep_hidden_states = cfg.hidden_weight > 0
+        self.task_teachers = {task: t.to(dtype) for task, t in load_task_teachers(cfg, tasks).items()}
         self.last: dict[str, torch.Tensor] = {}
+
+    def _teachers(self) -> list[nn.Module]:
+        return [t for t in (self.teacher, *self.task_teachers.values()) if t is not None]
 
     def setup(self, model: nn.Module) -> None:
         if self.cfg.hidden_weight > 0:
+            assert self.teacher is not None  # DistillConfig refuses hidden_weight without a shared teacher
             model.keep_hidden_states = True
             width = self.teacher.encoder.config.hidden_size
             if width != model.encoder.config.hidden_size:
@@ -122,11 +158,17 @@ class Distillation(Hook):
     def batch_loss(self, task: str, batch: dict[str, torch.Tensor], outputs: dict[str, Any],
                    loss: torch.Tensor) -> torch.Tensor:
         device = batch["input_ids"].device
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
+        for teacher in self._teachers():
+            if next(teacher.parameters()).device != device:
+                teacher.to(device)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        own = self.task_teachers.get(task)
+        target: dict[str, Any] = {}
         with torch.no_grad():
-            target = self.teacher(task, **inputs)
+            if self.cfg.hidden_weight > 0 or (own is None and self.cfg.logit_weight > 0):
+                target = self.teacher(task, **inputs)
+            if own is not None:
+                target["logits"] = own(task, **inputs)["logits"]
         total = self.cfg.task_weight * loss
         self.last = {"task": loss.detach()}
         if self.cfg.logit_weight > 0:
@@ -144,5 +186,5 @@ class Distillation(Hook):
 
 
 def build_distillation(cfg: DistillConfig, tasks: list[str], dtype: torch.dtype) -> list[Hook]:
-    """The distillation hook when distill.teacher is set (none otherwise)."""
-    return [] if cfg.teacher is None else [Distillation(cfg, tasks, dtype)]
+    """The distillation hook when distill.teacher or distill.task_teachers is set (none otherwise)."""
+    return [Distillation(cfg, tasks, dtype)] if cfg.enabled else []

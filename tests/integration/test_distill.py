@@ -100,6 +100,60 @@ def test_a_teacher_without_heads_is_refused_for_logit_distillation(tmp_path: Pat
         Distillation(DistillConfig(teacher=str(run)), ["rte", "stsb"])
 
 
+def test_a_task_teacher_gives_its_tasks_logits_and_the_shared_teacher_the_rest(tmp_path: Path) -> None:
+    """Per-task teachers (distill.task_teachers): the logit target of a named task is its own teacher's, block
+    outputs and the other tasks' logits the shared teacher's; the logit loss is checked against logit_loss."""
+    shared = tiny_model().eval()
+    own = tiny_model(seed=3, tasks=(("rte", 2),)).eval()
+    shared_run = save_as_finished_run(shared, tmp_path / "shared", {"rte": ["a", "b"], "stsb": None})
+    own_run = save_as_finished_run(own, tmp_path / "own", {"rte": ["a", "b"]})
+    cfg = DistillConfig(teacher=str(shared_run), task_teachers={"rte": str(own_run)}, hidden_weight=1.0)
+    hook = Distillation(cfg, ["rte", "stsb"])
+    student = copy.deepcopy(shared)  # identical to the shared teacher
+    hook.setup(student)
+    x = torch.randint(5, 1000, (3, 9))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.tensor([0, 1, 1])}
+    out = student("rte", **batch)
+    hook.batch_loss("rte", batch, out, out["loss"])
+    with torch.no_grad():
+        reference = logit_loss(out["logits"], own("rte", input_ids=x, attention_mask=batch["attention_mask"])["logits"],
+                               cfg.temperature)
+    assert float(reference) > 1e-3
+    assert hook.metrics()["distill/logit_loss"] == pytest.approx(float(reference), rel=1e-5)
+    assert hook.metrics()["distill/hidden_loss"] == pytest.approx(0.0, abs=1e-8)  # from the shared teacher
+    out = student("stsb", **{**batch, "labels": torch.tensor([0.1, 2.0, 3.0])})
+    hook.batch_loss("stsb", batch, out, out["loss"])
+    assert hook.metrics()["distill/logit_loss"] == pytest.approx(0.0, abs=1e-6)  # not named: the shared teacher
+    only_own = Distillation(DistillConfig(task_teachers={"rte": str(own_run)}), ["rte"])  # logits alone
+    assert only_own.teacher is None
+    out = student("rte", **batch)
+    only_own.batch_loss("rte", batch, out, out["loss"])
+    assert only_own.metrics()["distill/logit_loss"] == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_task_teachers_are_checked_before_anything_loads(tmp_path: Path) -> None:
+    own_run = save_as_finished_run(tiny_model(tasks=(("rte", 2),)), tmp_path / "own", {"rte": ["a", "b"]})
+    with pytest.raises(ValueError, match="distill.hidden_weight: block outputs come from distill.teacher"):
+        DistillConfig(task_teachers={"rte": str(own_run)}, hidden_weight=1.0)
+    with pytest.raises(ValueError, match="distill.task_teachers: they give logits only"):
+        DistillConfig(teacher=str(own_run), task_teachers={"rte": str(own_run)}, logit_weight=0.0)
+    with pytest.raises(ValueError, match="distill.task_teachers: 'cola' is not one of the tasks"):
+        ExperimentConfig(tasks=[{"name": "rte"}], distill={"task_teachers": {"cola": str(own_run)}})
+    with pytest.raises(ValueError, match="distill.task_teachers: task 'stsb' has no teacher"):
+        ExperimentConfig(tasks=[{"name": "rte"}, {"name": "stsb"}], distill={"task_teachers": {"rte": str(own_run)}})
+    from mtp.checks import check_sources
+
+    cases = {str(own_run): "distill.task_teachers.stsb: .* has no head for task 'stsb'",
+             str(tmp_path): "distill.task_teachers.stsb: .* is not a finished mtp run"}
+    for folder, message in cases.items():
+        cfg = ExperimentConfig(tasks=[{"name": "rte"}, {"name": "stsb"}],
+                               distill={"task_teachers": {"rte": str(own_run), "stsb": folder}})
+        with pytest.raises(ConfigError, match=message):
+            check_sources(cfg)
+        with pytest.raises(ConfigError, match=message):
+            Distillation(cfg.distill, ["rte", "stsb"])
+
+
 def test_init_from_copies_the_encoder_and_heads(tmp_path: Path) -> None:
     source = tiny_model(seed=3, tasks=(("rte", 2), ("stsb", 1), ("cola", 2)))
     run = save_as_finished_run(source, tmp_path / "run", {"rte": ["a", "b"], "stsb": None, "cola": ["x", "y"]})
@@ -200,6 +254,18 @@ def test_recipes_that_leave_the_new_keys_alone_keep_their_fingerprints() -> None
     spec = plan_runs(cfg, ["rte"])[0]
     with_teacher = cfg.model_copy(update={"overrides": [*cfg.overrides, "distill.teacher=runs/x"]})
     assert recipe_fingerprint(spec, with_teacher, ROOT / cfg.base) != recipe_fingerprint(spec, cfg, ROOT / cfg.base)
+    distilled = load_compare_config(ROOT / "configs/compare_minilm_distill.yaml")  # kept after task_teachers came
+    kept = ROOT / distilled.results_dir / "runs"
+    runs = [s for s in plan_runs(distilled, ["rte", "mrpc", "stsb", "cola", "sst2"]) if s.method != "movement"
+            and s.seed is None and (kept / f"{s.name}.json").is_file()]
+    assert len(runs) >= 40
+    for spec in runs:
+        stored = json.loads((kept / f"{spec.name}.json").read_text())["recipe"]
+        assert recipe_fingerprint(spec, distilled, ROOT / distilled.base) == stored, spec.name
+    spec = next(s for s in runs if s.name == "mt-magnitude-0.5")
+    per_task = distilled.model_copy(update={"overrides": [*distilled.overrides, 'distill.task_teachers={"rte": "x"}']})
+    assert recipe_fingerprint(spec, per_task, ROOT / distilled.base) != recipe_fingerprint(spec, distilled,
+                                                                                           ROOT / distilled.base)
 
 
 def test_a_hugging_face_encoder_teaches_hidden_states(tmp_path: Path) -> None:
