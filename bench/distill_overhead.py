@@ -4,8 +4,9 @@
 
 Paths (the trainer's step on the same pre-drawn batches and starting weights, 1 rank, fp32 ZeRO-0 on CPU):
 dense training; with logit distillation; with logit and hidden-state (every block) distillation; and magnitude
-pruning with and without both (the recipe of configs/compare_minilm_distill.yaml). The teacher is the starting
-model in evaluation mode (the cost does not depend on its weights). Rounds alternate between paths and each
+pruning with and without both (the recipe of configs/compare_minilm_distill.yaml), and with both where each task's
+logits come from a teacher of its own (distill.task_teachers: one more teacher forward per step). The teacher is
+the starting model in evaluation mode (the cost does not depend on its weights). Rounds alternate between paths and each
 path's cost is its quickest round; each repeat's ratios are reported too. The extra work is one forward pass of
 the teacher without gradients (about a third of a training step) plus the losses.
 Writes bench/results/distill_overhead.json.
@@ -52,17 +53,22 @@ def main() -> None:
     total = (args.warmup + args.steps * args.rounds) * args.repeats
     pruning = pruning_settings(method="magnitude", budget=args.budget, warmup_ratio=0.0, cooldown_ratio=0.0)
 
+    per_task = both.model_copy(update={"task_teachers": {n: "<a copy of the starting model>" for n in names}})
+
     def path(distill: DistillConfig | None, prune: bool):
         model = copy.deepcopy(base)
+        own = {n: copy.deepcopy(teacher) for n in distill.task_teachers} if distill else None
         hooks = [*(build_pruning(pruning, total) if prune else []),
-                 *([Distillation(distill, names, teacher=copy.deepcopy(teacher))] if distill else [])]
+                 *([Distillation(distill, names, teacher=copy.deepcopy(teacher), task_teachers=own)]
+                   if distill else [])]
         for hook in hooks:
             hook.setup(model)
         return engine_step(cfg, model, hooks)
 
     paths = {"dense": path(None, False), "distill_logits": path(logits, False),
              "distill_logits_hidden": path(both, False), "magnitude": path(None, True),
-             "magnitude_distill_logits_hidden": path(both, True)}
+             "magnitude_distill_logits_hidden": path(both, True),
+             "magnitude_distill_task_teachers": path(per_task, True)}
     repeats = [time_paths(paths, batches, args.warmup, args.rounds) for _ in range(args.repeats)]
     seconds = {name: [s for rep in repeats for s in rep[name]] for name in paths}
 
@@ -70,6 +76,8 @@ def main() -> None:
         dense = fastest(times["dense"])
         out = {name: fastest(s) / dense for name, s in times.items() if name != "dense"}
         out["distill_over_magnitude"] = fastest(times["magnitude_distill_logits_hidden"]) / fastest(times["magnitude"])
+        out["task_teachers_over_one_teacher"] = (fastest(times["magnitude_distill_task_teachers"])
+                                                 / fastest(times["magnitude_distill_logits_hidden"]))
         return out
 
     overhead = ratios(seconds)

@@ -132,15 +132,18 @@ class Distillation(Hook):
     name = "distill"
 
     def __init__(self, cfg: DistillConfig, tasks: list[str], dtype: torch.dtype = torch.float32,
-                 teacher: nn.Module | None = None):
-        """`teacher` (a model in evaluation mode) stands in for the one distill.teacher names (benchmarks)."""
+                 teacher: nn.Module | None = None, task_teachers: dict[str, nn.Module] | None = None):
+        """`teacher` and `task_teachers` (models in evaluation mode) stand in for the ones distill.teacher and
+        distill.task_teachers name (benchmarks)."""
         self.cfg = cfg
         if teacher is None and cfg.teacher is not None:
             teacher = load_teacher(cfg, tasks)
         self.teacher = None if teacher is None else teacher.to(dtype)
         if self.teacher is not None and not isinstance(self.teacher, HiddenStateTeacher):
             self.teacher.keep_hidden_states = cfg.hidden_weight > 0
-        self.task_teachers = {task: t.to(dtype) for task, t in load_task_teachers(cfg, tasks).items()}
+        if task_teachers is None:
+            task_teachers = load_task_teachers(cfg, tasks)
+        self.task_teachers = {task: t.to(dtype) for task, t in task_teachers.items()}
         self.last: dict[str, torch.Tensor] = {}
 
     def _teachers(self) -> list[nn.Module]:
