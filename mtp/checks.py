@@ -64,7 +64,9 @@ def _run_tasks(run_dir: str, key: str) -> list[str] | None:
 def check_sources(cfg: ExperimentConfig) -> None:
     """encoder.init_from, distill.teacher and distill.task_teachers name something that can give what the config
     asks of it."""
-    tasks = [t.name for t in cfg.tasks]
+    from mtp.data import canonical_task_name
+
+    tasks = [canonical_task_name(t.name) for t in cfg.tasks]  # as the data and the saved heads name them
     if cfg.encoder.init_from:
         found = _run_tasks(cfg.encoder.init_from, "encoder.init_from")
         if found is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, PlainValidator, SerializeAsAny, model_validator
+from pydantic import Field, PlainValidator, SerializeAsAny, field_validator, model_validator
 
 from mtp.model import DEFAULT_ENCODER
 from mtp.pruning import NoPruning, PruningSettings, parse_settings
@@ -121,6 +121,14 @@ class DistillConfig(Strict):
     """Weight of the hidden-state loss: mean squared error between every block's output of student and teacher
     (layer i to layer i, over real tokens), averaged over the blocks, as CoFi's layer distillation."""
 
+    @field_validator("task_teachers")
+    @classmethod
+    def _canonical_tasks(cls, value: dict[str, str]) -> dict[str, str]:
+        """Task names as the data reads them (SST-2 -> sst2), sorted: the same recipe has one fingerprint."""
+        from mtp.data import canonical_task_name
+
+        return {canonical_task_name(k): value[k] for k in sorted(value, key=canonical_task_name)}
+
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
         if self.teacher is not None and self.task_weight + self.logit_weight + self.hidden_weight == 0:
@@ -165,11 +173,14 @@ class ExperimentConfig(Strict):
                 raise ValueError(f"sampling.probabilities: {culprit!r} must match the task list {names}")
             if any(p < 0 for p in probs.values()) or sum(probs.values()) <= 0:
                 raise ValueError("sampling.probabilities: must be non-negative with a positive sum")
-        stray = [t for t in self.distill.task_teachers if t not in names]
+        from mtp.data import canonical_task_name
+
+        canonical = [canonical_task_name(n) for n in names]
+        stray = [t for t in self.distill.task_teachers if t not in canonical]
         if stray:
-            raise ValueError(f"distill.task_teachers: {stray[0]!r} is not one of the tasks {names}")
+            raise ValueError(f"distill.task_teachers: {stray[0]!r} is not one of the tasks {canonical}")
         if self.distill.task_teachers and self.distill.teacher is None:
-            orphan = [n for n in names if n not in self.distill.task_teachers]
+            orphan = [n for n in canonical if n not in self.distill.task_teachers]
             if orphan:
                 raise ValueError(f"distill.task_teachers: task {orphan[0]!r} has no teacher (name it, or set "
                                  "distill.teacher for the tasks not named)")

@@ -55,12 +55,14 @@ def _frozen(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
-def load_task_teachers(cfg: DistillConfig, tasks: list[str]) -> dict[str, nn.Module]:
-    """The per-task logit teachers of distill.task_teachers (one module per distinct run folder), frozen; refuses a
-    folder that is not a finished mtp run or has no head for its task."""
+def load_task_teachers(cfg: DistillConfig, tasks: list[str],
+                       loaded: dict[Path, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """The per-task logit teachers of distill.task_teachers, frozen, one module per distinct run folder (`loaded`:
+    modules already in memory, by resolved folder); refuses a folder that is not a finished mtp run or has no head
+    for its task."""
     from mtp.export import load_finished_run
 
-    loaded: dict[str, nn.Module] = {}
+    loaded = {} if loaded is None else loaded
     teachers: dict[str, nn.Module] = {}
     for task, folder in cfg.task_teachers.items():
         key = f"distill.task_teachers.{task}"
@@ -69,11 +71,12 @@ def load_task_teachers(cfg: DistillConfig, tasks: list[str]) -> dict[str, nn.Mod
         if not is_run_folder(folder):
             raise ConfigError(f"{key}: {folder} is not a finished mtp run (no final/model.safetensors), so it has "
                               "no task head")
-        if folder not in loaded:
-            loaded[folder] = _frozen(load_finished_run(folder, key)[0])
-        if task not in loaded[folder].heads:
+        where = Path(folder).resolve()
+        if where not in loaded:
+            loaded[where] = _frozen(load_finished_run(folder, key)[0])
+        if task not in loaded[where].heads:
             raise ConfigError(f"{key}: {folder} has no head for task {task!r}")
-        teachers[task] = loaded[folder]
+        teachers[task] = loaded[where]
     return teachers
 
 
@@ -136,20 +139,29 @@ class Distillation(Hook):
         """`teacher` and `task_teachers` (models in evaluation mode) stand in for the ones distill.teacher and
         distill.task_teachers name (benchmarks)."""
         self.cfg = cfg
-        if teacher is None and cfg.teacher is not None:
+        needs_shared = cfg.hidden_weight > 0 or any(t not in cfg.task_teachers for t in tasks)
+        if teacher is None and cfg.teacher is not None and needs_shared:
             teacher = load_teacher(cfg, tasks)
         self.teacher = None if teacher is None else teacher.to(dtype)
-        if self.teacher is not None and not isinstance(self.teacher, HiddenStateTeacher):
-            self.teacher.keep_hidden_states = cfg.hidden_weight > 0
         if task_teachers is None:
-            task_teachers = load_task_teachers(cfg, tasks)
+            shared = {} if self.teacher is None or cfg.teacher is None else {Path(cfg.teacher).resolve(): self.teacher}
+            task_teachers = load_task_teachers(cfg, tasks, shared)
         self.task_teachers = {task: t.to(dtype) for task, t in task_teachers.items()}
+        if self.teacher is not None and not isinstance(self.teacher, HiddenStateTeacher):
+            self.teacher.keep_hidden_states = cfg.hidden_weight > 0  # after: a task teacher may be this module
         self.last: dict[str, torch.Tensor] = {}
 
     def _teachers(self) -> list[nn.Module]:
         return [t for t in (self.teacher, *self.task_teachers.values()) if t is not None]
 
     def setup(self, model: nn.Module) -> None:
+        if self.cfg.logit_weight > 0:  # a head of another width would be broadcast against, not refused
+            for task, width in model.outputs.items():
+                source = self.task_teachers.get(task, self.teacher)
+                theirs = getattr(source, "outputs", {}).get(task, width)
+                if theirs != width:
+                    key = f"distill.task_teachers.{task}" if task in self.task_teachers else "distill.teacher"
+                    raise ConfigError(f"{key}: its head for task {task!r} has {theirs} outputs, the student's {width}")
         if self.cfg.hidden_weight > 0:
             assert self.teacher is not None  # DistillConfig refuses hidden_weight without a shared teacher
             model.keep_hidden_states = True
@@ -168,9 +180,11 @@ class Distillation(Hook):
         own = self.task_teachers.get(task)
         target: dict[str, Any] = {}
         with torch.no_grad():
-            if self.cfg.hidden_weight > 0 or (own is None and self.cfg.logit_weight > 0):
-                target = self.teacher(task, **inputs)
-            if own is not None:
+            if own is None:
+                target = self.teacher(task, **inputs)  # logits and block outputs in one pass
+            else:
+                if self.cfg.hidden_weight > 0:  # block outputs alone: the shared teacher may lack this task's head
+                    target = {"hidden_states": self._block_outputs(task, inputs)}
                 target["logits"] = own(task, **inputs)["logits"]
         total = self.cfg.task_weight * loss
         self.last = {"task": loss.detach()}
@@ -183,6 +197,11 @@ class Distillation(Hook):
             total = total + self.cfg.hidden_weight * term
             self.last["hidden"] = term.detach()
         return total
+
+    def _block_outputs(self, task: str, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if isinstance(self.teacher, HiddenStateTeacher):
+            return self.teacher(task, **inputs)["hidden_states"]
+        return self.teacher.encode(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))[1]
 
     def metrics(self) -> dict[str, float]:
         return {f"distill/{k}_loss": float(v) for k, v in self.last.items()}

@@ -131,6 +131,36 @@ def test_a_task_teacher_gives_its_tasks_logits_and_the_shared_teacher_the_rest(t
     assert only_own.metrics()["distill/logit_loss"] == pytest.approx(float(reference), rel=1e-5)
 
 
+def test_task_teachers_share_folders_and_need_no_head_of_the_shared_teacher(tmp_path: Path) -> None:
+    """Block outputs come from a shared teacher without the task's head; one folder is one module, whatever its
+    spelling or role; a shared teacher that would give nothing is not loaded; a head of another width is refused."""
+    shared = tiny_model(tasks=(("stsb", 1),)).eval()
+    own = tiny_model(seed=3).eval()
+    shared_run = save_as_finished_run(shared, tmp_path / "shared", {"stsb": None})
+    own_run = save_as_finished_run(own, tmp_path / "own", {"rte": ["a", "b"], "stsb": None})
+    cfg = DistillConfig(teacher=str(shared_run), task_teachers={"rte": str(own_run), "stsb": f"{own_run}/"},
+                        hidden_weight=1.0)
+    hook = Distillation(cfg, ["rte", "stsb"])
+    assert hook.task_teachers["rte"] is hook.task_teachers["stsb"] is not hook.teacher
+    student = copy.deepcopy(shared)
+    student.heads["rte"] = copy.deepcopy(own.heads["rte"])
+    student.outputs["rte"] = 2
+    hook.setup(student)
+    x = torch.randint(5, 1000, (3, 9))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.tensor([0, 1, 1])}
+    out = student("rte", **batch)
+    hook.batch_loss("rte", batch, out, out["loss"])  # the shared teacher has no rte head
+    assert hook.metrics()["distill/hidden_loss"] == pytest.approx(0.0, abs=1e-8)
+    same = Distillation(cfg.model_copy(update={"teacher": str(own_run)}), ["rte", "stsb"])
+    assert same.task_teachers["rte"] is same.teacher
+    unused = Distillation(cfg.model_copy(update={"hidden_weight": 0.0}), ["rte", "stsb"])
+    assert unused.teacher is None
+    narrow = tiny_model(seed=4, tasks=(("rte", 3), ("stsb", 1)))
+    with pytest.raises(ConfigError, match="distill.task_teachers.rte: its head for task 'rte' has 2 outputs, the "
+                                          "student's 3"):
+        hook.setup(narrow)
+
+
 def test_task_teachers_are_checked_before_anything_loads(tmp_path: Path) -> None:
     own_run = save_as_finished_run(tiny_model(tasks=(("rte", 2),)), tmp_path / "own", {"rte": ["a", "b"]})
     with pytest.raises(ValueError, match="distill.hidden_weight: block outputs come from distill.teacher"):
@@ -141,6 +171,9 @@ def test_task_teachers_are_checked_before_anything_loads(tmp_path: Path) -> None
         ExperimentConfig(tasks=[{"name": "rte"}], distill={"task_teachers": {"cola": str(own_run)}})
     with pytest.raises(ValueError, match="distill.task_teachers: task 'stsb' has no teacher"):
         ExperimentConfig(tasks=[{"name": "rte"}, {"name": "stsb"}], distill={"task_teachers": {"rte": str(own_run)}})
+    named = ExperimentConfig(tasks=[{"name": "SST-2"}, {"name": "rte"}],
+                             distill={"teacher": "x", "task_teachers": {"RTE": "a", "Sst-2": "b"}})
+    assert list(named.distill.task_teachers) == ["rte", "sst2"]  # as the data names them, in one order
     from mtp.checks import check_sources
 
     cases = {str(own_run): "distill.task_teachers.stsb: .* has no head for task 'stsb'",
