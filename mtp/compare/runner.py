@@ -65,14 +65,18 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
             status[spec.name] = "reused"
         else:
             pending.append(spec)
+    to_train = len(pending)
     by_name = {s.name: s for s in plan_runs(cfg, tasks)}
-    for spec in list(pending):  # a teacher whose weights are gone (results kept, folder not) is trained again
+    retrained: set[str] = set()  # teachers whose weights are gone (results kept, folder not): trained again
+    for spec in list(pending):
         teacher = by_name.get(spec.teacher or "")
         if teacher and teacher not in pending and not has_weights(cfg.run_folder(teacher.name)):
             log(f"compare: {teacher.name} is trained again: {spec.name} starts from its weights")
             pending.insert(0, teacher)
+            retrained.add(teacher.name)
             status.pop(teacher.name, None)
-    log(f"compare: {len(plan)} runs, {len(plan) - len(pending)} already finished, {len(pending)} to train")
+    again = f" (and {len(retrained)} teacher{'s' * (len(retrained) > 1)} again)" if retrained else ""
+    log(f"compare: {len(plan)} runs, {len(plan) - to_train} already finished, {to_train} to train{again}")
     active: list[tuple[RunSpec, subprocess.Popen]] = []
     base_port = 29600 + os.getpid() % 1000
     slot = 0
@@ -93,7 +97,9 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
             if not _claim(cfg.run_folder(spec.name)):
                 status[spec.name] = "claimed elsewhere"
                 continue
-            if finished_results(cfg, spec, base_path) is not None:  # another process finished it meanwhile
+            done = (has_weights(cfg.run_folder(spec.name)) if spec.name in retrained  # its kept results don't count
+                    else finished_results(cfg, spec, base_path) is not None)
+            if done:  # another process finished it meanwhile
                 (cfg.run_folder(spec.name) / ".claim").unlink(missing_ok=True)
                 keep_results(cfg, spec, base_path)
                 status[spec.name] = "reused"

@@ -187,7 +187,8 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
     import mtp.compare as compare
     from mtp.compare import runner
 
-    cfg = compare.load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}"])
+    cfg = compare.load_compare_config(ROOT / "configs/compare_tiny.yaml",
+                                      [f"output_dir={tmp_path}", f"results_dir={tmp_path / 'kept'}"])
     plan = {s.name: s for s in plan_runs(cfg, ["rte", "stsb"])}
     assert plan["mt-dense"].teacher is None and not any("distill" in o for o in plan["mt-dense"].overrides)
     assert plan["mt-movement-0.5"].teacher == "mt-dense"
@@ -220,12 +221,18 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
             assert started.index(spec.teacher) < started.index(name)
     assert not any(n.startswith("st-stsb-movement") for n in started)
     assert status["st-stsb-movement-0.25"] == "not trained: its teacher st-stsb-dense did not finish"
-    # a student whose teacher's folder is gone (its results kept elsewhere) trains the teacher again first
+    # a student whose teacher's folder is gone (its results kept in results_dir, as on a new machine) trains the
+    # teacher again first: the teacher's kept results do not count as its weights
+    assert (tmp_path / "kept" / "runs" / "mt-dense.json").is_file()
     shutil.rmtree(tmp_path / "runs" / "mt-dense")
     shutil.rmtree(tmp_path / "runs" / "mt-movement-0.2")
+    (tmp_path / "kept" / "runs" / "mt-movement-0.2.json").unlink()
     started.clear()
-    compare.run_all(cfg, ROOT / cfg.base, only="^mt-", log=lambda _: None)
+    lines: list[str] = []
+    status = compare.run_all(cfg, ROOT / cfg.base, only="^mt-movement-0.2$", log=lines.append)
     assert started == ["mt-dense", "mt-movement-0.2"]
+    assert status == {"mt-dense": "trained", "mt-movement-0.2": "trained"}
+    assert "compare: 1 runs, 0 already finished, 1 to train (and 1 teacher again)" in lines
 
 
 def test_extra_seeds_give_the_multitask_spread_and_the_report_the_retained_fraction(tmp_path: Path) -> None:
