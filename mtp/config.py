@@ -228,7 +228,6 @@ def dump_config(cfg: ExperimentConfig) -> str:
 NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("encoder", "init_from"): None,
     ("pruning", "finetune_ratio"): 0.0,
-    ("pruning", "close_on_ramp"): False,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first
     ("distill",): DistillConfig().model_dump(mode="json", exclude={"task_teachers"}),
 }

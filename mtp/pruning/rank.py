@@ -31,11 +31,6 @@ class RankSettings(PruningSettings):
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
-    close_on_ramp: bool = False
-    """Close ranks on the ramp: after every step the kept ranks (by log alpha, over all matrices) are cut to the
-    cubic schedule from the full factorisation to B, so the hard size follows the schedule as magnitude's masks do
-    and the gates that lag are closed a few at a time; a closed rank stays closed. Without it the gates' expected
-    size alone follows the schedule and the ranks are projected to B once, at its end."""
 
 
 def deterministic_gates(log_alpha: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -162,7 +157,6 @@ class RankPruning(PruningHook):
         with gathered([m.log_alpha for m in self.modules]):  # made partitioned under ZeRO-3
             self.start_density = self.expected_density().item()
         self.last_density = self.start_density
-        self.full_density = self.hard_density()
         self._set_sampling()
 
     def _set_sampling(self) -> None:
@@ -176,17 +170,6 @@ class RankPruning(PruningHook):
         assert self.budget is not None
         size = sum(m.rank_cost * m.expected_open() for m in self.modules)
         return (size + self.budget.non_prunable) / self.budget.dense_blocks
-
-    def hard_density(self) -> float:
-        """Size of the kept ranks (keep masks) over the dense encoder-block size."""
-        assert self.budget is not None
-        size = sum(m.rank_cost * int(m.keep.sum()) for m in self.modules)
-        return (size + self.budget.non_prunable) / self.budget.dense_blocks
-
-    def hard_target(self, step: int) -> float:
-        """The kept ranks' size allowed at `step` with `close_on_ramp`: cubic from the full factorisation to B."""
-        assert self.budget is not None
-        return self.schedule(step, self.full_density, self.budget.target / self.budget.dense_blocks)
 
     def target(self, step: int) -> float:
         assert self.budget is not None
@@ -219,54 +202,29 @@ class RankPruning(PruningHook):
             gap = self.last_density - self.target(step)
             self.lambda1 += self.cfg.lagrangian_lr * gap
             self.lambda2 += self.cfg.lagrangian_lr * gap * gap
-            if self.cfg.close_on_ramp:
-                self.close_to(self.hard_target(step))
         self._set_sampling()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "fixed": self.fixed, "lambda1": self.lambda1, "lambda2": self.lambda2,
-                "start_density": self.start_density, "last_density": self.last_density,
-                "full_density": self.full_density}
+                "start_density": self.start_density, "last_density": self.last_density}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.lambda1, self.lambda2 = state.get("lambda1", 0.0), state.get("lambda2", 0.0)
         self.start_density = state.get("start_density", self.start_density)
         self.last_density = state.get("last_density", self.last_density)
-        self.full_density = state.get("full_density", self.full_density)
         self.projected = self.fixed  # the keep masks themselves come back with the checkpoint's buffers
         self._set_sampling()
-
-    def close_to(self, fraction: float) -> None:
-        """Close the kept ranks with the smallest log alpha, over all matrices, until the kept size fits `fraction`
-        of the dense encoder blocks (the largest log alpha first while they fit; closed ranks stay closed)."""
-        assert self.budget is not None
-        room = fraction * self.budget.dense_blocks - self.budget.non_prunable
-        if self.hard_density() <= fraction:
-            return
-        with gathered([m.log_alpha for m in self.modules]):  # every data-parallel rank sorts the same values
-            values = torch.cat([m.log_alpha.detach().float().cpu().masked_fill(~m.keep.cpu(), -math.inf)
-                                for m in self.modules])
-        costs = torch.cat([torch.full((m.keep.numel(),), float(m.rank_cost), dtype=torch.float64)
-                           for m in self.modules])
-        order = torch.sort(values, descending=True, stable=True).indices
-        fits = (torch.cumsum(costs[order], 0) <= room) & torch.isfinite(values[order])
-        keep = torch.zeros(values.numel(), dtype=torch.bool)
-        keep[order[fits]] = True
-        for m, k in zip(self.modules, keep.split([m.keep.numel() for m in self.modules]), strict=True):
-            m.keep.copy_(k.to(m.keep.device))
 
     def project(self) -> None:
         """Keep the ranks with the largest log alpha (the largest gates first), over all matrices, while the size
         fits B: the final size is within one rank cost of B. Ranks whose deterministic gate is 0 may be kept to
-        fill the room; they are counted in `closed_kept_ranks`. Ranks closed on the ramp stay closed."""
+        fill the room; they are counted in `closed_kept_ranks`."""
         assert self.budget is not None
         candidates = []
         for i, m in enumerate(self.modules):
             with gathered([m.log_alpha]):
-                candidates.extend((value, i, j) for j, (value, kept) in
-                                  enumerate(zip(m.log_alpha.detach().float().tolist(), m.keep.tolist(), strict=True))
-                                  if kept)
+                candidates.extend((value, i, j) for j, value in enumerate(m.log_alpha.detach().float().tolist()))
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         room = self.budget.prunable_allowance
         keep = [torch.zeros_like(m.keep) for m in self.modules]
@@ -305,7 +263,6 @@ class RankPruning(PruningHook):
             return float(module.expected_open()) * module.rank_cost
 
     def metrics(self) -> dict[str, float]:
-        hard = {"pruning/kept_rank_fraction": self.hard_density()} if self.cfg.close_on_ramp else {}
-        return {**self.kept_metrics(), **hard, "pruning/expected_fraction": self.last_density,
+        return {**self.kept_metrics(), "pruning/expected_fraction": self.last_density,
                 "pruning/target_fraction": self.target(self.step), "pruning/lambda1": self.lambda1,
                 "pruning/lambda2": self.lambda2}
