@@ -2,15 +2,24 @@
 # Every GPU check in one go, for one lease of a GPU machine:
 #   1. the trainer through launch.sh on a tiny BERT and real GLUE rows: rank pruning under bf16 ZeRO-3 and
 #      movement pruning under fp16 ZeRO-2 (FusedAdam, NCCL process group), each exported with --verify;
-#   2. bench/gpu_efficiency.py: BERT-base and BERT-large at micro-batches 32 and 64 of 128 tokens, mtp's bf16
+#   2. with TEACHER set (a finished dense multitask run of the CPU grid, e.g. packed by bench/pack_run.py for a
+#      machine without the hub or the MiniLM package) and MTP_GLUE_DIR: the distilled recipe itself, the CPU grid's
+#      mt-magnitude-0.25 (configs/compare_minilm_distill.yaml, its overrides read from the plan) under bf16 ZeRO-2,
+#      started from and distilled from TEACHER: whether the GPU path keeps the quality the CPU path makes
+#      (RECIPE_STEPS shortens it; RECIPE_TIMEOUT bounds it in seconds, and a stopped run keeps its evaluations);
+#   3. bench/gpu_efficiency.py: BERT-base and BERT-large at micro-batches 32 and 64 of 128 tokens, mtp's bf16
 #      ZeRO-2 / ZeRO-3 path against a plain bf16 PyTorch loop (step time, tokens/s, MFU, peak memory), a
-#      torch.profiler table of the BERT-large step, each pruning method's step over dense; collectives.
+#      torch.profiler table of the BERT-large step, each pruning method's step over dense; collectives
+#      (EFFICIENCY_TIMEOUT bounds it in seconds, EFFICIENCY_ARGS narrows it, e.g. "--archs bert-base-uncased";
+#      the JSON is written after every section).
 #
 #   bash bench/gpu_check.sh OUT_DIR        (GPU; real GLUE rows with MTP_GLUE_DIR set, else two made-up tasks)
 #   SMOKE=1 bash bench/gpu_check.sh OUT_DIR  (the same steps on CPU with fp32 configs: a check of this script)
 #
 # TOKENIZER names the tokenizer of the random-weight models (default: the packaged MiniLM's, BERT's uncased
-# vocabulary). Each step runs even if an earlier one failed; results land in OUT_DIR.
+# vocabulary). Each step runs even if an earlier one failed; results land in OUT_DIR. DEADLINE (seconds since the
+# epoch) stops every step in time for the script to end by then: a lease's remaining time, spent in the order
+# recipe (2), tiny runs (1), efficiency (3).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:?usage: bash bench/gpu_check.sh OUT_DIR}"
@@ -20,11 +29,13 @@ runs=$(mktemp -d)
 if [[ -n "${SMOKE:-}" ]]; then
   export DS_ACCELERATOR=cpu
   specs=("rank cpu_zero3 fp32" "movement cpu_zero2 fp32")
+  recipe_ds=ds_configs/cpu_zero0.json
 else
   nvidia-smi -L
   # DeepSpeed builds FusedAdam on first use and cannot parse arch suffixes ("9.0a"): drop them
   [[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]] && export TORCH_CUDA_ARCH_LIST=$(sed -E 's/([0-9])[a-z]+/\1/g' <<<"$TORCH_CUDA_ARCH_LIST")
   specs=("rank gpu_bf16_zero3 bf16" "movement gpu_fp16_zero2 fp16")
+  recipe_ds=ds_configs/gpu_bf16_zero2.json
 fi
 tasks=()
 if [[ -z "${MTP_GLUE_DIR:-}" ]]; then  # no GLUE on this machine (and no hub): two small made-up tasks instead
@@ -42,16 +53,68 @@ for task, labels in (("polarity", ["neg", "pos"]), ("topic", ["a", "b"])):
 PY
   tasks=("tasks=[{name: polarity, train_file: $runs/polarity_train.csv, dev_file: $runs/polarity_dev.csv, text_columns: [text], label_column: label, labels: [neg, pos]}, {name: topic, train_file: $runs/topic_train.csv, dev_file: $runs/topic_dev.csv, text_columns: [text], label_column: label, labels: [a, b]}]")
 fi
+# seconds a step may take: its own cap, and no more than is left before DEADLINE (less 15 s to copy results)
+cap() { local left=$(( ${DEADLINE:-9999999999} - $(date +%s) - 15 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 python3 -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)'
+if [[ -n "${TEACHER:-}" && -n "${MTP_GLUE_DIR:-}" ]]; then
+  # the grid's own overrides for mt-magnitude-0.25, its teacher replaced by TEACHER and its DeepSpeed config by this
+  # machine's; an encoder folder beside TEACHER (bench/pack_run.py) stands in for the hub or the MiniLM package
+  mapfile -t recipe < <(python3 - "$TEACHER" "$recipe_ds" <<'PY'
+import sys
+from pathlib import Path
+
+from mtp.compare.config import load_compare_config
+from mtp.compare.plan import plan_runs, run_overrides
+from mtp.config import load_config
+
+teacher, ds_config = sys.argv[1:]
+cfg = load_compare_config("configs/compare_minilm_distill.yaml")
+base = Path(cfg.base)
+spec = next(s for s in plan_runs(cfg, [t.name for t in load_config(base, list(cfg.overrides)).tasks])
+            if s.name == "mt-magnitude-0.25")
+replaced = {"encoder.init_from": teacher, "distill.teacher": teacher, "train.deepspeed_config": ds_config,
+            "train.checkpoint_every": "1000"}  # checkpoints only cost time here: the machine is given back
+for override in run_overrides(spec, cfg, base):
+    key = override.split("=", 1)[0]
+    print(f"{key}={replaced[key]}" if key in replaced else override)
+if (Path(teacher) / "encoder").is_dir():
+    print(f"encoder.name={teacher}/encoder")
+    print("encoder.random_init=true")  # encoder.init_from overwrites every encoder weight
+PY
+  )
+  [[ -n "${RECIPE_STEPS:-}" ]] && recipe+=("train.max_steps=$RECIPE_STEPS" "train.eval_every=$RECIPE_STEPS")
+  name=minilm-magnitude-0.25-distilled
+  start=$(date +%s)
+  printf '%s\n' "${recipe[@]}" > "$out/$name.overrides"
+  timeout "$(cap "${RECIPE_TIMEOUT:-3600}")" bash launch.sh --nproc 1 --config configs/default.yaml "${recipe[@]}" \
+    "output_dir=$runs/$name" > "$out/$name.log" 2>&1
+  echo "$name: exit $? after $(( $(date +%s) - start )) s"
+  cp "$runs/$name/results.json" "$out/$name.json" 2>/dev/null
+  python3 - "$runs/$name/tensorboard" "$out/$name.evals.json" <<'PY'  # every evaluation, also of a stopped run
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+events = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+events.Reload()
+scores = {tag: {e.step: round(e.value, 2) for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]
+          if tag.startswith("dev/") and (tag.endswith("/score") or tag == "dev/mean_score")}
+steps = sorted({step for values in scores.values() for step in values})
+history = [{"step": step, **{tag.split("/")[1]: values.get(step) for tag, values in scores.items()}} for step in steps]
+json.dump(history, open(sys.argv[2], "w"), indent=1)
+for row in history:
+    print(row)
+PY
+fi
 for spec in "${specs[@]}"; do
   read -r method ds precision <<<"$spec"
   name="tiny-$method-$precision-${ds##*_}"
   start=$(date +%s)
-  bash launch.sh --nproc 1 --config configs/tiny.yaml "encoder.tokenizer=$tokenizer" \
+  timeout "$(cap 300)" bash launch.sh --nproc 1 --config configs/tiny.yaml "encoder.tokenizer=$tokenizer" \
     "train.deepspeed_config=ds_configs/$ds.json" "pruning.method=$method" pruning.budget=0.3 train.max_steps=30 \
-    "output_dir=$runs/$name" "${tasks[@]}" && python3 -m mtp export "$runs/$name" --verify
+    "output_dir=$runs/$name" "${tasks[@]}" && timeout "$(cap 120)" python3 -m mtp export "$runs/$name" --verify
   echo "$name: exit $? after $(( $(date +%s) - start )) s"
   cp "$runs/$name/results.json" "$out/$name.json" 2>/dev/null
 done
-python3 bench/gpu_efficiency.py ${SMOKE:+--smoke} --out "$out/gpu_efficiency.json"
+timeout "$(cap "${EFFICIENCY_TIMEOUT:-3600}")" python3 bench/gpu_efficiency.py ${SMOKE:+--smoke} ${EFFICIENCY_ARGS:-} \
+  --out "$out/gpu_efficiency.json"

@@ -109,9 +109,11 @@ class FactorizedLinear(PrunableLayer):
 
     @classmethod
     def fold(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> torch.Tensor:
-        """P diag(g) Q."""
+        """P diag(g) Q, in float32, from the P diag(g) that `compact` stores (rounded to the saved precision), so that
+        the dense fold and the compact form compute the same map also for a run saved in bf16 or fp16."""
         g = cls.saved_gates(state, path, settings)
-        return (state[f"{path}.P"].float() @ (g[:, None] * state[f"{path}.Q"].float())).to(state[f"{path}.P"].dtype)
+        scaled = (state[f"{path}.P"].float() * g).to(state[f"{path}.P"].dtype)
+        return scaled.float() @ state[f"{path}.Q"].float()
 
     @classmethod
     def compact(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> dict[str, torch.Tensor]:

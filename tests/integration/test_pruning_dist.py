@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,14 +86,17 @@ def test_pruning_under_bf16(tmp_path: Path, arch: str, method: str, stage: int) 
     res = results(out)
     assert res["precision"] == "bf16" and res["zero_stage"] == stage and res["pruning"]["within_budget"]
     assert res["pruning"]["budget"] - res["pruning"]["kept_blocks"] < 96
+    # the run saves bf16 weights; its export computes in float32 and scores as those weights do in float32
+    proc = subprocess.run([sys.executable, "-m", "mtp", "export", str(out), "--verify"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["ok"] and report["trained_in"] == ["bfloat16"], report
 
 
 @pytest.mark.parametrize("method", ["movement", "rank"])
 def test_export_is_smaller_loads_with_transformers_and_scores_the_same(method_runs: dict[str, Path],
                                                                        method: str, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 

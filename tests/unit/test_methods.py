@@ -149,6 +149,28 @@ def test_the_dense_fold_and_the_compact_form_give_the_trained_models_outputs(nam
         torch.testing.assert_close(outputs(compact), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_a_state_saved_in_half_precision_folds_and_compacts_to_the_same_float32_model(name: str,
+                                                                                    dtype: torch.dtype) -> None:
+    """A bf16 or fp16 run saves its weights in that precision (a GPU check's export of such runs once failed on
+    mixed dtypes): the compact form computes in float32 and gives the dense fold's outputs."""
+    torch.manual_seed(1)
+    model, hook, optimizer = start(name)
+    train(model, hook, 1, STEPS, optimizer)
+    hook.on_train_end(model)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full_state_dict(model).items()}
+    folded = tiny_model(seed=7)
+    folded.load_state_dict(dense_state(hook.cfg, state, folded.model_type), strict=True)
+    expected = outputs(folded)
+    torch.testing.assert_close(expected, outputs(model), rtol=0.05, atol=0.05)  # the same model, rounded
+    tensors, formats = compact_tensors(hook.cfg, state, model.model_type)
+    for sparse in (True, False):
+        compact = install_compact(tiny_model(seed=7), tensors, formats, sparse_compute=sparse)
+        assert {p.dtype for p in compact.parameters()} == {torch.float32}
+        torch.testing.assert_close(outputs(compact), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_a_key_of_another_method_is_refused_naming_the_key_and_its_method() -> None:
     with pytest.raises(ValueError, match=r"pruning.seed: not a key of method 'rank' \(a key of toy_random\)"):
         pruning_settings(method="rank", budget=0.5, seed=3)
