@@ -139,6 +139,7 @@ def row(arch: str, micro_batch: int, path: str, zero: int | None, args, peak: fl
 
 def profile(arch: str, micro_batch: int, args) -> dict[str, Any]:
     """torch.profiler over `args.steps` dense steps of mtp's ZeRO-2 path: operators by self time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -152,7 +153,10 @@ def profile(arch: str, micro_batch: int, args) -> dict[str, Any]:
         seconds = timed(step, batches, 0, 1)[0]
     events = prof.key_averages()
     device_time = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    busy_us = sum(getattr(e, device_time) for e in events)
+    # kernels alone, as torch's own table sums them: an operator's self device time is its kernels' time again
+    busy_us = (sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+               if device == "cuda" else sum(e.self_cpu_time_total for e in events))
     top = sorted(events, key=lambda e: getattr(e, device_time), reverse=True)[:args.top]
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
 
