@@ -331,7 +331,7 @@ STUDENT = ["pruning.budget=0.3", "pruning.warmup_ratio=0.25", "pruning.cooldown_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "stage"), [("rank", 3), ("magnitude", 2), ("movement", 0)])
+@pytest.mark.parametrize(("method", "stage"), [("rank", 3), ("magnitude", 2), ("soft_movement", 1), ("movement", 0)])
 def test_a_pruned_run_starts_from_and_distils_from_a_finished_run(teacher_run: Path, tmp_path: Path, method: str,
                                                                   stage: int) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
