@@ -16,15 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtp.config import ExperimentConfig, cache_dir  # noqa: E402
 from mtp.data import MultitaskSampler, load_tasks, task_probabilities, tokenize_task  # noqa: E402
+from mtp.evaluation import collate  # noqa: E402
 from mtp.model import MultitaskModel, load_encoder, load_tokenizer  # noqa: E402
-from mtp.training import collate  # noqa: E402
 
 Step = Callable[[str, dict[str, torch.Tensor]], None]
 
 
 def draw_batches(cfg: ExperimentConfig, count: int) -> tuple[list[tuple[str, dict[str, torch.Tensor]]], list]:
     """`count` multitask training micro-batches (task, padded batch), as the trainer's sampler draws them."""
-    tokenizer = load_tokenizer(cfg.encoder)
+    tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
     tasks = load_tasks(cfg)
     tok_id = f"{cfg.encoder.tokenizer or cfg.encoder.name}:{type(tokenizer).__name__}"
     data = {t.name: tokenize_task(t, tokenizer, cfg.data.max_seq_len, cache_dir(cfg) / "tokenized", tok_id)["train"]
@@ -40,7 +40,7 @@ def draw_batches(cfg: ExperimentConfig, count: int) -> tuple[list[tuple[str, dic
 
 def base_model(cfg: ExperimentConfig, tasks: list) -> MultitaskModel:
     torch.manual_seed(cfg.train.seed)
-    encoder = load_encoder(cfg.encoder)
+    encoder = load_encoder(cfg.encoder.name, cfg.encoder.random_init, cfg.encoder.config_overrides)
     return MultitaskModel(encoder, {t.name: t.num_labels for t in tasks}, cfg.encoder.pooling,
                           cfg.encoder.head_dropout).train()
 

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtp.config import ExperimentConfig, load_config  # noqa: E402
 from mtp.export import compact_tensors, load_compact  # noqa: E402
-from mtp.model import MultitaskModel, full_state_dict, load_encoder  # noqa: E402
+from mtp.model import MultitaskModel, load_encoder  # noqa: E402
 from mtp.pruning import build_pruning, prunable_modules, pruning_settings  # noqa: E402
+from mtp.zero3 import full_state_dict  # noqa: E402
 
 
 def one_shot(base: MultitaskModel, method: str, budget: float) -> MultitaskModel:
@@ -88,7 +89,8 @@ def main() -> None:
 
     cfg = load_config(args.config)
     torch.manual_seed(0)
-    base = MultitaskModel(load_encoder(cfg.encoder), {"rte": 2}, cfg.encoder.pooling).eval()
+    encoder = load_encoder(cfg.encoder.name, cfg.encoder.random_init, cfg.encoder.config_overrides)
+    base = MultitaskModel(encoder, {"rte": 2}, cfg.encoder.pooling).eval()
     meta = {"config": cfg.model_dump(mode="json"),
             "tasks": [{"name": "rte", "labels": ["a", "b"], "metric": "accuracy"}]}
     batch = {"input_ids": torch.randint(1000, 20000, (args.batch, args.seq)),

@@ -65,17 +65,15 @@ import sys
 from pathlib import Path
 
 from mtp.compare.config import load_compare_config
-from mtp.compare.plan import plan_runs, run_overrides
-from mtp.config import load_config
+from mtp.compare.plan import ComparePlan
 
 teacher, ds_config = sys.argv[1:]
 cfg = load_compare_config("configs/compare_minilm_distill.yaml")
-base = Path(cfg.base)
-spec = next(s for s in plan_runs(cfg, [t.name for t in load_config(base, list(cfg.overrides)).tasks])
-            if s.name == "mt-magnitude-0.25")
+plan = ComparePlan.build(cfg, Path(cfg.base))
+spec = plan.by_name["mt-magnitude-0.25"]
 replaced = {"encoder.init_from": teacher, "distill.teacher": teacher, "train.deepspeed_config": ds_config,
             "train.checkpoint_every": "1000"}  # checkpoints only cost time here: the machine is given back
-for override in run_overrides(spec, cfg, base):
+for override in plan.overrides(spec):
     key = override.split("=", 1)[0]
     print(f"{key}={replaced[key]}" if key in replaced else override)
 if (Path(teacher) / "encoder").is_dir():

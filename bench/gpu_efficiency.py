@@ -34,7 +34,7 @@ from common import fastest
 from gpu import alternated, collectives, environment, guarded, peak_memory_gib, reset_memory, sync, timed
 from pruning_overhead import close_gates_to, engine_step
 
-from mtp.config import EncoderConfig, load_config
+from mtp.config import load_config
 from mtp.model import MultitaskModel, load_encoder
 from mtp.pruning import build_pruning, pruning_settings
 from mtp.training.distributed import init_distributed
@@ -72,7 +72,7 @@ def packed_batches(count: int, micro_batch: int, seq_len: int, device: str, seed
 
 def build_model(arch: str) -> MultitaskModel:
     torch.manual_seed(0)
-    encoder = load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True, pooling="cls"))
+    encoder = load_encoder(f"configs/arch/{arch}", random_init=True)
     return MultitaskModel(encoder, TASKS, pooling="cls").train()
 
 

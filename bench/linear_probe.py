@@ -22,9 +22,9 @@ from common import machine
 from sklearn.linear_model import RidgeClassifierCV, RidgeCV
 
 from mtp.data import load_tasks
-from mtp.export import build_dense_model, read_final
 from mtp.metrics import compute_metrics
 from mtp.model import MultitaskModel, load_tokenizer
+from mtp.run_folder import build_dense_model, read_final
 
 ALPHAS = np.logspace(-3, 3, 13)
 
@@ -49,7 +49,7 @@ def probe_run(run_dir: Path, task: str, train_rows: int) -> dict:
     """Probe and head scores of one finished run on `task`."""
     cfg, meta, state = read_final(run_dir)
     model = build_dense_model(cfg, meta, state).eval()
-    tokenizer = load_tokenizer(cfg.encoder)
+    tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
     data = {t.name: t for t in load_tasks(cfg)}.get(task)
     if data is None:
         raise SystemExit(f"linear_probe: {run_dir}: the run has no task {task!r}")

@@ -24,10 +24,10 @@ from common import machine
 
 from mtp.config import cache_dir
 from mtp.data import load_tasks, tokenize_task
-from mtp.export import build_dense_model, read_final
+from mtp.evaluation import evaluate_tasks
 from mtp.model import load_tokenizer
 from mtp.pruning import prunable_modules
-from mtp.training import evaluate_tasks
+from mtp.run_folder import build_dense_model, read_final
 
 
 def prune_(weights: list[torch.Tensor], originals: list[torch.Tensor], how: str, fraction: float, seed: int,
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg, meta, state = read_final(Path(args.run_dir))
-    tokenizer = load_tokenizer(cfg.encoder)
+    tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
     tasks = load_tasks(cfg)
     tok_id = f"{cfg.encoder.tokenizer or cfg.encoder.name}:{type(tokenizer).__name__}"
     data = {t.name: tokenize_task(t, tokenizer, cfg.data.max_seq_len, cache_dir(cfg) / "tokenized", tok_id)

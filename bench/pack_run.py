@@ -43,7 +43,7 @@ def pack(run_dir: Path, out: Path, dtype: torch.dtype) -> dict[str, float]:
         from transformers import AutoConfig
 
         AutoConfig.from_pretrained(str(source)).save_pretrained(encoder_dir)
-        load_tokenizer(cfg.encoder).save_pretrained(encoder_dir)
+        load_tokenizer(cfg.encoder.tokenizer_name).save_pretrained(encoder_dir)
     weights = load_file(str(final / "model.safetensors"))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     (out / "final").mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, PlainValidator, SerializeAsAny, field_validator, model_validator
 
+from mtp.glue import canonical_task_name
 from mtp.model import DEFAULT_ENCODER
-from mtp.pruning import NoPruning, PruningSettings, parse_settings
+from mtp.pruning import NoPruning, PruningSettings, get_method, parse_settings
 from mtp.schema import PROJECT_ROOT, ConfigError, Strict, load_yaml, resolve_path
 
 __all__ = ["PROJECT_ROOT", "ConfigError", "DataConfig", "DistillConfig", "EncoderConfig", "ExperimentConfig",
            "PruningSettings", "SamplingConfig", "TaskConfig", "TrainConfig", "cache_dir", "dump_config", "glue_dir",
            "load_config", "recipe_dump", "resolve_path", "saved_config"]
+
+DEFAULT_LOGGERS = ("tensorboard", "results", "progress")
 
 # the pruning section: the settings of the method it names (mtp.pruning's registry), dumped with all their keys
 PruningSection = Annotated[SerializeAsAny[PruningSettings], PlainValidator(parse_settings)]
@@ -38,6 +41,11 @@ class EncoderConfig(Strict):
     init_from: str | None = None
     """A finished mtp run folder: training starts from its final encoder and task heads (pruning folded in),
     e.g. a dense fine-tuned run that pruning then starts from. Every task must have a head there."""
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer's hub name or folder: `tokenizer`, else the encoder's."""
+        return self.tokenizer or self.name
 
 
 class TaskConfig(Strict):
@@ -99,6 +107,9 @@ class TrainConfig(Strict):
     stop_after_steps: int | None = Field(None, gt=0)
     """Checkpoint and stop after this many steps, as an interrupted run would (the schedule is unchanged)."""
     eval_batch_size: int = Field(64, gt=0)
+    loggers: list[str] = Field(default_factory=lambda: list(DEFAULT_LOGGERS))
+    """The loggers on rank 0, by their registered names (mtp.training.loggers): TensorBoard, results.json (which
+    the comparison and the search read) and the progress bar."""
 
 
 class DistillConfig(Strict):
@@ -125,8 +136,6 @@ class DistillConfig(Strict):
     @classmethod
     def _canonical_tasks(cls, value: dict[str, str]) -> dict[str, str]:
         """Task names as the data reads them (SST-2 -> sst2), sorted: the same recipe has one fingerprint."""
-        from mtp.data import canonical_task_name
-
         return {canonical_task_name(k): value[k] for k in sorted(value, key=canonical_task_name)}
 
     @model_validator(mode="after")
@@ -173,8 +182,6 @@ class ExperimentConfig(Strict):
                 raise ValueError(f"sampling.probabilities: {culprit!r} must match the task list {names}")
             if any(p < 0 for p in probs.values()) or sum(probs.values()) <= 0:
                 raise ValueError("sampling.probabilities: must be non-negative with a positive sum")
-        from mtp.data import canonical_task_name
-
         canonical = [canonical_task_name(n) for n in names]
         stray = [t for t in self.distill.task_teachers if t not in canonical]
         if stray:
@@ -195,8 +202,6 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
 def saved_config(tree: dict[str, Any]) -> ExperimentConfig:
     """The config a finished run saved (final/mtp.json). Runs saved before each method had its own keys hold every
     method's keys in `pruning:`; those the run's method does not read are dropped."""
-    from mtp.pruning import get_method
-
     pruning = dict(tree.get("pruning") or {})
     fields = get_method(pruning.get("method", "none")).settings.model_fields
     return ExperimentConfig.model_validate({**tree, "pruning": {k: v for k, v in pruning.items() if k in fields}})
@@ -227,6 +232,7 @@ def dump_config(cfg: ExperimentConfig) -> str:
 # them there keeps the fingerprint it had before they existed (finished runs stay current).
 NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("encoder", "init_from"): None,
+    ("train", "loggers"): list(DEFAULT_LOGGERS),
     ("pruning", "finetune_ratio"): 0.0,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first
     ("distill",): DistillConfig().model_dump(mode="json", exclude={"task_teachers"}),

@@ -26,6 +26,8 @@ from torch import nn
 
 from mtp.config import ConfigError, DistillConfig
 from mtp.hooks import Hook
+from mtp.model import from_pretrained_quietly, load_hf_config, resolve_encoder_path
+from mtp.run_folder import has_final_model, load_finished_run, require_finished_run, run_tasks
 
 
 class HiddenStateTeacher(nn.Module):
@@ -44,8 +46,33 @@ class HiddenStateTeacher(nn.Module):
         return {"hidden_states": tuple(out.hidden_states[1:])}
 
 
-def is_run_folder(path: str) -> bool:
-    return (Path(path) / "final" / "model.safetensors").is_file()
+def check_teachers(cfg: DistillConfig, tasks: list[str]) -> None:
+    """That distill.teacher and distill.task_teachers can give what the weights ask of them, from their folders alone
+    (no weights are loaded): each task teacher a finished run with a head for its task; the shared teacher a finished
+    run with a head for every task that has no teacher of its own (when logits are distilled), or a Hugging Face
+    encoder when only block outputs are. Every refusal is one line naming the key (the pre-flight check and the
+    hook both call this)."""
+    for task, folder in cfg.task_teachers.items():
+        key = f"distill.task_teachers.{task}"
+        if task not in tasks:
+            raise ConfigError(f"{key}: {task!r} is not one of the tasks {tasks}")
+        require_finished_run(folder, key, [task], why=", so it has no task head")
+    if cfg.teacher is None:
+        return
+    shared = [t for t in tasks if t not in cfg.task_teachers]  # the shared teacher gives logits for these only
+    found = run_tasks(cfg.teacher, "distill.teacher")
+    if found is None:
+        if cfg.logit_weight > 0 and shared:
+            raise ConfigError(f"distill.teacher: {cfg.teacher} is not a finished mtp run, so it has no task heads; "
+                              "set distill.logit_weight=0 to distil hidden states only")
+        try:
+            load_hf_config(cfg.teacher)
+        except ConfigError as err:
+            raise ConfigError(f"distill.teacher: {str(err).partition(': ')[2]}") from None
+    elif cfg.logit_weight > 0 and any(t not in found for t in shared):
+        missing = next(t for t in shared if t not in found)
+        raise ConfigError(f"distill.teacher: {cfg.teacher} has no head for task {missing!r} "
+                          "(set distill.logit_weight=0 to distil hidden states only)")
 
 
 def _frozen(teacher: nn.Module) -> nn.Module:
@@ -58,55 +85,31 @@ def _frozen(teacher: nn.Module) -> nn.Module:
 def load_task_teachers(cfg: DistillConfig, tasks: list[str],
                        loaded: dict[Path, nn.Module] | None = None) -> dict[str, nn.Module]:
     """The per-task logit teachers of distill.task_teachers, frozen, one module per distinct run folder (`loaded`:
-    modules already in memory, by resolved folder); refuses a folder that is not a finished mtp run or has no head
-    for its task."""
-    from mtp.export import load_finished_run
-
+    modules already in memory, by resolved folder); `check_teachers` has refused what cannot serve."""
     loaded = {} if loaded is None else loaded
     teachers: dict[str, nn.Module] = {}
     for task, folder in cfg.task_teachers.items():
-        key = f"distill.task_teachers.{task}"
-        if task not in tasks:
-            raise ConfigError(f"{key}: {task!r} is not one of the tasks {tasks}")
-        if not is_run_folder(folder):
-            raise ConfigError(f"{key}: {folder} is not a finished mtp run (no final/model.safetensors), so it has "
-                              "no task head")
         where = Path(folder).resolve()
         if where not in loaded:
-            loaded[where] = _frozen(load_finished_run(folder, key)[0])
-        if task not in loaded[where].heads:
-            raise ConfigError(f"{key}: {folder} has no head for task {task!r}")
+            loaded[where] = _frozen(load_finished_run(folder, f"distill.task_teachers.{task}")[0])
         teachers[task] = loaded[where]
     return teachers
 
 
-def load_teacher(cfg: DistillConfig, tasks: list[str]) -> nn.Module:
-    """The teacher named by distill.teacher, in evaluation mode without gradients; refuses one that cannot give
-    what the weights ask for (logits of every task without a teacher of its own, or block outputs)."""
+def load_teacher(cfg: DistillConfig) -> nn.Module:
+    """The teacher named by distill.teacher (a finished run, or a Hugging Face encoder for block outputs), in
+    evaluation mode without gradients; `check_teachers` has refused what cannot serve."""
     assert cfg.teacher is not None
-    if is_run_folder(cfg.teacher):
-        from mtp.export import load_finished_run
+    if has_final_model(cfg.teacher):
+        return _frozen(load_finished_run(cfg.teacher, "distill.teacher")[0])
+    from transformers import AutoModel
 
-        teacher, _ = load_finished_run(cfg.teacher, "distill.teacher")
-        missing = [t for t in tasks if t not in teacher.heads and t not in cfg.task_teachers]
-        if cfg.logit_weight > 0 and missing:
-            raise ConfigError(f"distill.teacher: {cfg.teacher} has no head for task {missing[0]!r} "
-                              "(set distill.logit_weight=0 to distil hidden states only)")
-    else:
-        if cfg.logit_weight > 0 and any(t not in cfg.task_teachers for t in tasks):
-            raise ConfigError(f"distill.teacher: {cfg.teacher} is not a finished mtp run, so it has no task heads; "
-                              "set distill.logit_weight=0 to distil hidden states only")
-        from transformers import AutoModel
-
-        from mtp.model import from_pretrained_quietly, resolve_encoder_path
-
-        try:
-            encoder = from_pretrained_quietly(AutoModel, resolve_encoder_path(cfg.teacher), "distill.teacher",
-                                              add_pooling_layer=False)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"distill.teacher: cannot load {cfg.teacher!r}: {str(err).splitlines()[0]}") from None
-        teacher = HiddenStateTeacher(encoder)
-    return _frozen(teacher)
+    try:
+        encoder = from_pretrained_quietly(AutoModel, resolve_encoder_path(cfg.teacher), "distill.teacher",
+                                          add_pooling_layer=False)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"distill.teacher: cannot load {cfg.teacher!r}: {str(err).splitlines()[0]}") from None
+    return _frozen(HiddenStateTeacher(encoder))
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -139,9 +142,11 @@ class Distillation(Hook):
         """`teacher` and `task_teachers` (models in evaluation mode) stand in for the ones distill.teacher and
         distill.task_teachers name (benchmarks)."""
         self.cfg = cfg
+        if teacher is None or task_teachers is None:
+            check_teachers(cfg, tasks)
         needs_shared = cfg.hidden_weight > 0 or any(t not in cfg.task_teachers for t in tasks)
         if teacher is None and cfg.teacher is not None and needs_shared:
-            teacher = load_teacher(cfg, tasks)
+            teacher = load_teacher(cfg)
         self.teacher = None if teacher is None else teacher.to(dtype)
         if task_teachers is None:
             shared = {} if self.teacher is None or cfg.teacher is None else {Path(cfg.teacher).resolve(): self.teacher}

@@ -20,88 +20,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtp.config import ConfigError, ExperimentConfig, saved_config
-from mtp.model import PRUNABLE_BY_ARCH, MultitaskModel, load_encoder, resolve_encoder_path
+from mtp.config import ConfigError, ExperimentConfig, cache_dir, saved_config
+from mtp.data import load_tasks, tokenize_task
+from mtp.evaluation import collate, evaluate_tasks
+from mtp.model import MultitaskModel, load_hf_config, load_tokenizer
 from mtp.pruning import PruningSettings, compact_layers, get_method
+from mtp.run_folder import build_dense_model, dense_state, empty_model, prunable_paths, read_final
 
 COMPACT_FORMAT = "mtp-compact-v1"
-
-
-# ---------------------------------------------------------------- reading a finished run
-
-
-def read_final(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Any], dict[str, torch.Tensor]]:
-    final = run_dir / "final"
-    if not (final / "model.safetensors").is_file():
-        raise ConfigError(f"{run_dir}: no final/model.safetensors (has the run finished?)")
-    meta = json.loads((final / "mtp.json").read_text())
-    return saved_config(meta["config"]), meta, load_file(str(final / "model.safetensors"))
-
-
-def prunable_paths(state: dict[str, torch.Tensor], model_type: str) -> list[str]:
-    """The module paths of the prunable maps in a saved multitask model's state."""
-    paths = []
-    layer_ids = sorted({int(k.split(".")[3]) for k in state if k.startswith("encoder.encoder.layer.")})
-    for idx in layer_ids:
-        for sub in PRUNABLE_BY_ARCH[model_type].values():
-            paths.append(f"encoder.encoder.layer.{idx}.{sub}")
-    return paths
-
-
-def dense_state(pruning: PruningSettings, state: dict[str, torch.Tensor], model_type: str,
-                ) -> dict[str, torch.Tensor]:
-    """A saved model's state with every prunable layer folded into one dense weight by its method's layer."""
-    layer = get_method(pruning.method).layer
-    if layer is None:
-        return dict(state)
-    paths = prunable_paths(state, model_type)
-    own = {f"{path}.{suffix}" for path in paths for suffix in layer.state_suffixes}
-    out = {k: v for k, v in state.items() if k not in own}
-    for path in paths:
-        out[f"{path}.weight"] = layer.fold(state, path, pruning)
-    return out
-
-
-def build_dense_model(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> MultitaskModel:
-    """The trained multitask model with pruning folded into plain nn.Linear weights."""
-    encoder = load_encoder(cfg.encoder.model_copy(update={"random_init": True}))
-    tasks = {t["name"]: 1 if t["labels"] is None else len(t["labels"]) for t in meta["tasks"]}
-    model = MultitaskModel(encoder, tasks, cfg.encoder.pooling, cfg.encoder.head_dropout)
-    model.load_state_dict(dense_state(cfg.pruning, state, model.model_type), strict=True)
-    return model.eval()
-
-
-def load_finished_run(run_dir: str | Path, what: str) -> tuple[MultitaskModel, dict[str, Any]]:
-    """A finished run's final model (pruning folded into plain weights) and its mtp.json; `what` names the config
-    key that asked for it in errors."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "final" / "model.safetensors").is_file():
-        raise ConfigError(f"{what}: {run_dir} holds no finished mtp run (no final/model.safetensors)")
-    cfg, meta, state = read_final(run_dir)
-    return build_dense_model(cfg, meta, state), meta
-
-
-def initialise_from_run(model: MultitaskModel, run_dir: str | Path) -> None:
-    """Copy a finished run's encoder and the heads of `model`'s tasks into `model` (encoder.init_from)."""
-    source, _ = load_finished_run(run_dir, "encoder.init_from")
-    missing = [t for t in model.tasks if t not in source.heads]
-    if missing:
-        raise ConfigError(f"encoder.init_from: {run_dir} has no head for task {missing[0]!r}")
-    state = {k: v for k, v in source.state_dict().items()
-             if k.startswith("encoder.") or k.split(".")[1] in model.outputs}
-    target = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in
-              [*model.named_parameters(), *model.named_buffers()]}
-    for key, value in state.items():
-        if key not in target or target[key] != tuple(value.shape):
-            found = target.get(key, "absent")
-            raise ConfigError(f"encoder.init_from: {run_dir}: {key} {tuple(value.shape)} does not fit this model "
-                              f"({found})")
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 partitions: one tensor at a time
-        from mtp.training.partition import load_state_partitioned
-
-        load_state_partitioned(model, state)
-    else:
-        model.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------- (a) Hugging Face
@@ -110,10 +36,8 @@ def initialise_from_run(model: MultitaskModel, run_dir: str | Path) -> None:
 def export_hf(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str, torch.Tensor], out: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from mtp.model import load_tokenizer
-
     model = build_dense_model(cfg, meta, state)
-    tokenizer = load_tokenizer(cfg.encoder)
+    tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
     model.encoder.save_pretrained(out / "encoder")
     tokenizer.save_pretrained(out / "encoder")
     heads = {f"{name}.{k}": v.detach().contiguous() for name, head in model.heads.items()
@@ -168,9 +92,7 @@ def compact_tensors(pruning: PruningSettings, state: dict[str, torch.Tensor], mo
 
 
 def export_compact(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str, torch.Tensor], out: Path) -> None:
-    from transformers import AutoConfig
-
-    model_type = AutoConfig.from_pretrained(resolve_encoder_path(cfg.encoder.name)).model_type
+    model_type = load_hf_config(cfg.encoder.name).model_type
     tensors, formats = compact_tensors(cfg.pruning, state, model_type)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"))
@@ -191,12 +113,7 @@ def load_compact(folder: str | Path, sparse_compute: bool = True) -> MultitaskMo
     meta = info["meta"]
     cfg = saved_config(meta["config"])
     tensors = load_file(str(folder / "model.safetensors"))
-    # built on CPU, not on the meta device: HF encoders hold non-persistent buffers (position ids) that
-    # a meta build would leave uninitialised
-    encoder = load_encoder(cfg.encoder.model_copy(update={"random_init": True}))
-    tasks = {t["name"]: 1 if t["labels"] is None else len(t["labels"]) for t in meta["tasks"]}
-    model = MultitaskModel(encoder, tasks, cfg.encoder.pooling, cfg.encoder.head_dropout)
-    return install_compact(model, tensors, info["formats"], sparse_compute, f"{folder}/compact.json")
+    return install_compact(empty_model(cfg, meta), tensors, info["formats"], sparse_compute, f"{folder}/compact.json")
 
 
 def install_compact(model: MultitaskModel, tensors: dict[str, torch.Tensor], formats: dict[str, str],
@@ -245,16 +162,11 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     the end of training is reported beside it."""
     from transformers import AutoModel
 
-    from mtp.config import cache_dir
-    from mtp.data import load_tasks, tokenize_task
-    from mtp.model import load_tokenizer
-    from mtp.training import collate, evaluate_tasks
-
     run_dir, out = Path(run_dir), Path(out)
     cfg, meta, state = read_final(run_dir)
     trained = build_dense_model(cfg, meta, state)
     compact = load_compact(out / "compact")
-    tokenizer = load_tokenizer(cfg.encoder)
+    tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
     tasks = load_tasks(cfg)
     tok_id = f"{cfg.encoder.tokenizer or cfg.encoder.name}:{type(tokenizer).__name__}"
     data = {t.name: tokenize_task(t, tokenizer, cfg.data.max_seq_len, cache_dir(cfg) / "tokenized", tok_id)

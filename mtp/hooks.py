@@ -3,10 +3,12 @@
 The trainer calls these events and nothing else; it never knows which algorithm runs.
 Order within one training run:
 
+    on_phase(phase)                   the trainer enters a phase: model_build, engine_setup, train, evaluation,
+                                      checkpoint, final_save (the memory profile listens)
     setup(model)                      before DeepSpeed wraps the model: may replace modules
     param_groups(model)               optimizer groups with their own learning rates
     [resume] load_state_dict(state)   after the DeepSpeed checkpoint is loaded
-    on_train_start(step)              the loop starts (at 0, or at the resumed step)
+    on_train_start(step, max_steps)   the loop starts (at 0, or at the resumed step)
     loop over optimizer steps:
         batch_loss(task, batch, outputs, loss)  rewrites each micro-batch's task loss (distillation)
         extra_loss(model, step)       added to each micro-batch's loss (regularisers, Lagrangians)
@@ -15,11 +17,12 @@ Order within one training run:
         on_log(step, scalars)         every scalar of the log step: the trainer's and every hook's metrics()
         on_evaluate(step, results)    after every evaluation on the dev sets
         state_dict()                  into every checkpoint
-    on_train_end(model) -> dict       final projection / report, merged into results.json
+    on_train_end(model) -> dict       final projection / report: the keys it adds to results.json
     (then the final evaluation, which calls on_evaluate once more)
     on_results(results)               the run's results (results.json), finished or stopped
 
-Logging (TensorBoard, results.json, the progress bar) runs on the same events: mtp.training.loggers.
+Logging (TensorBoard, results.json, the progress bar) and the memory profile run on the same events
+(mtp.training.loggers, mtp.training.memory); mtp.training.components builds every hook of a run from its config.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class Hook:
     """Base class: every event is a no-op. Subclasses override what they need."""
 
     name = "hook"
+
+    def on_phase(self, phase: str) -> None:
+        """The trainer enters `phase` (model_build, engine_setup, train, evaluation, checkpoint, final_save)."""
 
     def setup(self, model: nn.Module) -> None:
         """Prepare the model before DeepSpeed sees it (wrap layers, add parameters)."""
@@ -59,8 +65,8 @@ class Hook:
         """Scalars to log (TensorBoard tag -> value); called on every rank (it may gather ZeRO-3 partitions)."""
         return {}
 
-    def on_train_start(self, step: int) -> None:
-        """The training loop starts at `step` (0, or the step a resumed run continues from)."""
+    def on_train_start(self, step: int, max_steps: int) -> None:
+        """The training loop starts at `step` (0, or the step a resumed run continues from) of `max_steps`."""
 
     def on_log(self, step: int, scalars: dict[str, float]) -> None:
         """Every scalar of a log step (tag -> value), the same on all ranks."""
@@ -79,5 +85,6 @@ class Hook:
         """Restore `state_dict` on resume."""
 
     def on_train_end(self, model: nn.Module) -> dict[str, Any]:
-        """Finish (e.g. project to the budget) and return a report for results.json."""
+        """Finish (e.g. project to the budget) and return the keys this hook adds to results.json (a pruning method:
+        `{"pruning": report}`, the record `mtp.run_folder.RunResults` reads)."""
         return {}

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import math
-import struct
-from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtp.schema import PROJECT_ROOT, ConfigError
-
-if TYPE_CHECKING:
-    from mtp.config import EncoderConfig
+from mtp.zero3 import full_numel
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -46,37 +40,49 @@ def resolve_encoder_path(name: str) -> str:
     return name
 
 
-def load_tokenizer(cfg: EncoderConfig) -> Any:
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a hub name or folder (encoder.tokenizer, else encoder.name)."""
     from transformers import AutoTokenizer
 
-    source = resolve_encoder_path(cfg.tokenizer or cfg.name)
+    source = resolve_encoder_path(name)
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ConfigError(f"encoder.tokenizer: cannot load {source!r}: {str(err).splitlines()[0]}") from None
 
 
-def load_encoder(cfg: EncoderConfig, pad_token_id: int | None = None) -> nn.Module:
-    """A Hugging Face encoder (no pooler): pretrained weights, or random weights from its config."""
-    from transformers import AutoConfig, AutoModel
+def load_hf_config(name: str, config_overrides: dict[str, Any] | None = None) -> Any:
+    """The transformers config of an encoder with `config_overrides` set; refuses one that cannot be read, an
+    override that is not a field, and an architecture whose blocks mtp does not map (PRUNABLE_BY_ARCH)."""
+    from transformers import AutoConfig
 
-    source = resolve_encoder_path(cfg.name)
+    source = resolve_encoder_path(name)
     try:
         hf_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ConfigError(f"encoder.name: cannot load config of {source!r}: {str(err).splitlines()[0]}") from None
-    for key, value in cfg.config_overrides.items():
+    for key, value in (config_overrides or {}).items():
         if not hasattr(hf_config, key):
             raise ConfigError(f"encoder.config_overrides.{key}: not a field of {type(hf_config).__name__}")
         setattr(hf_config, key, value)
     if hf_config.model_type not in PRUNABLE_BY_ARCH:
         raise ConfigError(f"encoder.name: architecture {hf_config.model_type!r} is not supported "
                           f"(supported: {sorted(PRUNABLE_BY_ARCH)})")
-    if cfg.random_init:
+    return hf_config
+
+
+def load_encoder(name: str, random_init: bool = False, config_overrides: dict[str, Any] | None = None,
+                 pad_token_id: int | None = None) -> nn.Module:
+    """A Hugging Face encoder (no pooler): pretrained weights, or random weights from its config."""
+    from transformers import AutoModel
+
+    hf_config = load_hf_config(name, config_overrides)
+    if random_init:
         if pad_token_id is not None:
             hf_config.pad_token_id = pad_token_id
         return AutoModel.from_config(hf_config, add_pooling_layer=False)
-    return from_pretrained_quietly(AutoModel, source, "encoder.name", config=hf_config, add_pooling_layer=False)
+    return from_pretrained_quietly(AutoModel, resolve_encoder_path(name), "encoder.name", config=hf_config,
+                                   add_pooling_layer=False)
 
 
 def from_pretrained_quietly(auto_class: Any, source: str, what: str, **kwargs: Any) -> nn.Module:
@@ -173,9 +179,7 @@ def encoder_layers(model: MultitaskModel) -> list[nn.Module]:
 
 def parameter_counts(model: MultitaskModel) -> dict[str, int]:
     """Dense parameter counts: encoder blocks (what the budget counts), embeddings, heads."""
-    def numel(p: torch.Tensor) -> int:
-        return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions hold the full size here
-
+    numel = full_numel  # ZeRO-3 partitions: the whole parameter's size
     blocks = sum(numel(p) for p in model.encoder.encoder.parameters())
     prunable = 0
     paths = PRUNABLE_BY_ARCH[model.model_type].values()
@@ -189,60 +193,3 @@ def parameter_counts(model: MultitaskModel) -> dict[str, int]:
         "embeddings": sum(numel(p) for p in model.encoder.embeddings.parameters()),
         "heads": sum(numel(p) for p in model.heads.parameters()),
     }
-
-
-def gathered(params: list[nn.Parameter]) -> Any:
-    """Gather ZeRO-3 partitioned parameters for reading; a no-op for ordinary parameters."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return nullcontext()
-
-
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
-
-
-def save_full_state(model: nn.Module, path: Path, write: bool = True) -> None:
-    """The whole state (parameters, persistent buffers) into one safetensors file, written tensor by tensor.
-
-    Under ZeRO-3 each parameter is gathered, written and released in turn, so that no rank ever holds the whole
-    model; every rank must call this (the gathers are collective) and only the one with `write` writes. The file
-    is what `safetensors.torch.save_file(full_state_dict(model), path)` writes, up to the order of the tensors."""
-    persistent = set(model.state_dict().keys())
-    entries = [(name, p, tuple(getattr(p, "ds_shape", p.shape))) for name, p in model.named_parameters()]
-    entries += [(name, b, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, tensor, shape in entries:
-        size = math.prod(shape) * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") if write else nullcontext() as out:
-        if out is not None:
-            out.write(struct.pack("<Q", len(encoded)) + encoded)
-        for _, tensor, _ in entries:
-            with gathered([tensor]) if isinstance(tensor, nn.Parameter) else nullcontext():
-                if out is not None:
-                    out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    if write:
-        partial.replace(path)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state (parameters gathered one by one under ZeRO-3, persistent buffers) as CPU tensors."""
-    persistent = set(model.state_dict().keys())
-    state = {}
-    for name, param in model.named_parameters():
-        with gathered([param]):
-            state[name] = param.detach().cpu().clone()
-    for name, buf in model.named_buffers():
-        if name in persistent:
-            state[name] = buf.detach().cpu().clone()
-    return state

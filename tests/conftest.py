@@ -48,12 +48,11 @@ def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the same weights under every ZeRO stage (random_init draws other weights under ZeRO-3's partitioned build)."""
     import torch
 
-    from mtp.config import EncoderConfig
     from mtp.model import load_encoder
 
     folder = tmp_path_factory.mktemp("tiny-pretrained")
     torch.manual_seed(0)
-    load_encoder(EncoderConfig(name=str(ROOT / "configs/arch/tiny-bert"), random_init=True)).save_pretrained(folder)
+    load_encoder(str(ROOT / "configs/arch/tiny-bert"), random_init=True).save_pretrained(folder)
     return folder
 
 

@@ -13,6 +13,8 @@ import yaml
 
 from mtp.config import ConfigError, ExperimentConfig, dump_config
 from mtp.hooks import Hook
+from mtp.pruning import first_step_at_budget
+from mtp.run_folder import RunResults, read_results_dict
 from tune.space import OVER_BUDGET, TuneConfig, absolute_if_local, experiment_for, objective, with_absolute_paths
 
 RUN_SUBDIR = "run"
@@ -46,24 +48,23 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     """One DeepSpeed rank: Ray Train has started the process group; mtp's trainer joins it."""
     import ray.train
 
-    from mtp.pruning.base import first_step_at_budget
-    from mtp.training import run_training
+    from mtp.training import run_training  # the trainer (DeepSpeed) loads in the workers only
 
     exp = ExperimentConfig.model_validate(loop_config["experiment"])
     run_dir = Path(exp.output_dir)
-    results = _read_results(run_dir)
+    results = read_results_dict(run_dir)
     if not (results and results.get("finished")):  # else: it finished before the search was interrupted
         resume = (run_dir / "checkpoints" / "latest").exists()  # a retried trial continues where it stopped
         max_steps = exp.train.max_steps or 0
         reporter = TuneReporter(max_steps, first_step_at_budget(exp.pruning, max_steps))
         results = run_training(exp, resume=resume, extra_hooks=[reporter])
-    pruning = results.get("pruning") or {}
+    record = RunResults.model_validate(results)
     # "final", never "done": Tune ends a trial that reports done=True at once, killing the TorchTrainer
     # before it releases its placement group (the CPUs/GPUs then stay reserved until the search ends)
     ray.train.report({"objective": objective(results), "mean_score": results.get("mean_score", OVER_BUDGET),
-                      "step": results["steps"], "final": True, "within_budget": pruning.get("within_budget", True),
-                      "kept_blocks": pruning.get("kept_blocks", results["params"]["encoder_blocks"]),
-                      **{f"score/{k}": v["score"] for k, v in (results.get("tasks") or {}).items()}})
+                      "step": record.steps, "final": True, "within_budget": record.within_budget,
+                      "kept_blocks": record.kept_blocks,
+                      **{f"score/{k}": v for k, v in record.task_scores().items()}})
 
 
 # ---------------------------------------------------------------- the Tune trial
@@ -211,7 +212,7 @@ def summarize(cfg: TuneConfig, grid: Any) -> dict[str, Any]:
     for result in grid:
         metrics = result.metrics or {}
         trial_dir = Path(result.path)
-        final = _read_results(trial_dir / RUN_SUBDIR)
+        final = read_results_dict(trial_dir / RUN_SUBDIR)
         rows.append({
             "trial": "_".join(trial_dir.name.split("_")[1:3]) or trial_dir.name,  # trial_<id>_<n>_<params>
             "params": {k: result.config.get(k) for k in cfg.space},
@@ -219,7 +220,7 @@ def summarize(cfg: TuneConfig, grid: Any) -> dict[str, Any]:
             "finished": bool(final and final.get("finished")),
             "scores": {k: v["score"] for k, v in ((final or {}).get("tasks") or {}).items()}
             or {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")},
-            "kept_blocks": ((final or {}).get("pruning") or {}).get("kept_blocks"),
+            "kept_blocks": RunResults.model_validate(final).kept_blocks if final and final.get("params") else None,
             "status": "error" if result.error else ("finished" if final and final.get("finished") else "stopped"),
             "attempts": _count_lines(trial_dir / ATTEMPTS),
             "step": (final or {}).get("steps") or metrics.get("step"),
@@ -246,11 +247,6 @@ def summarize(cfg: TuneConfig, grid: Any) -> dict[str, Any]:
 
 def _count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
-
-
-def _read_results(run_dir: Path) -> dict[str, Any] | None:
-    file = run_dir / "results.json"
-    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def render_table(summary: dict[str, Any], cfg: TuneConfig) -> str:

@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from mtp.config import ConfigError, ExperimentConfig, load_config
+from mtp.run_folder import RunResults
 from mtp.schema import Strict, load_yaml, resolve_path
 
 # what a trial that ends over its budget (or fails to report) scores: it can never win
@@ -159,7 +160,6 @@ def objective(results: dict[str, Any]) -> float:
     """The mean dev score; a model over its budget (or without a final evaluation) cannot win."""
     if not results.get("finished") or "mean_score" not in results:
         return OVER_BUDGET
-    pruning = results.get("pruning")
-    if pruning is not None and not pruning.get("within_budget", False):
+    if not RunResults.model_validate(results).within_budget:
         return OVER_BUDGET
     return float(results["mean_score"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mtp.checks import check_experiment
 from mtp.compare.config import load_compare_config
-from mtp.compare.plan import plan_runs
+from mtp.compare.plan import ComparePlan
 from mtp.compare.report import write_report
 from mtp.compare.runner import run_all
 from mtp.config import ConfigError, load_config
@@ -21,14 +21,12 @@ def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: s
     runs not finished yet (those matching `only`), and write the report; returns report.md."""
     cfg = load_compare_config(config, overrides)
     base = Path(cfg.base) if Path(cfg.base).is_file() else resolve_path(cfg.base, f"{config}: base")
-    exp = load_config(base, list(cfg.overrides))
-    tasks = [t.name for t in exp.tasks]
+    plan = ComparePlan.build(cfg, base)
     if "low_resource_tasks" in cfg.model_fields_set:
-        unknown = [t for t in cfg.low_resource_tasks if t not in tasks]
+        unknown = [t for t in cfg.low_resource_tasks if t not in plan.tasks]
         if unknown:
             raise ConfigError(f"{config}: low_resource_tasks: {unknown[0]!r} is not a task of {cfg.base}")
-    plan = plan_runs(cfg, tasks)
-    for spec in (plan[0], next(s for s in plan if s.task is not None)):
+    for spec in (plan.runs[0], next(s for s in plan.runs if s.task is not None)):
         run_overrides = [*cfg.overrides, *spec.overrides, "output_dir=/nonexistent/mtp-check"]
         if spec.method != "none":
             smallest = min(cfg.budgets + cfg.single_task_sizes)
@@ -37,10 +35,10 @@ def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: s
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / "compare.yaml").write_text(Path(config).read_text())
     if not report_only:
-        status = run_all(cfg, base, parallel=parallel, only=only)
+        status = run_all(plan, parallel=parallel, only=only)
         failed = {k: v for k, v in status.items() if v.startswith("failed")}
         if failed:
             print(f"mtp compare: {len(failed)} runs failed: {', '.join(failed)} (see their launch.log)",
                   file=sys.stderr)
     command = " ".join(["mtp compare --config", shlex.quote(str(config)), *map(shlex.quote, overrides)])
-    return write_report(cfg, base, command)
+    return write_report(plan, command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp.compare.config import CompareConfig
-from mtp.config import ConfigError, load_config
+from mtp.config import ConfigError, ExperimentConfig, load_config, recipe_dump
 
 
 @dataclass(frozen=True)
@@ -72,20 +73,58 @@ def plan_runs(cfg: CompareConfig, tasks: list[str]) -> list[RunSpec]:
     return planned
 
 
-def run_overrides(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> list[str]:
-    """The dotted overrides of the base experiment that make this run (all but its output dir)."""
-    args = [*cfg.overrides, *spec.overrides]
-    if spec.method != "none":
-        args += [f"pruning.method={spec.method}", f"pruning.budget={spec.size}"]
-    if spec.task is not None:
-        args.append(f"tasks={json.dumps([_task_entry(base_path, cfg, spec.task)])}")
-    return args
+@dataclass
+class ComparePlan:
+    """The comparison's plan, made once per command: its config, the base experiment (read once), every planned run,
+    and each run's recipe fingerprint (computed once, on first use). Every step of the walk (check, train, report)
+    takes this object."""
+
+    cfg: CompareConfig
+    base_path: Path
+    base: ExperimentConfig
+    runs: list[RunSpec]
+    _fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: CompareConfig, base_path: Path) -> ComparePlan:
+        base = load_config(base_path, list(cfg.overrides))
+        return cls(cfg, Path(base_path), base, plan_runs(cfg, [t.name for t in base.tasks]))
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t.name for t in self.base.tasks]
+
+    @property
+    def by_name(self) -> dict[str, RunSpec]:
+        return {s.name: s for s in self.runs}
+
+    def overrides(self, spec: RunSpec) -> list[str]:
+        """The dotted overrides of the base experiment that make this run (all but its output dir)."""
+        args = [*self.cfg.overrides, *spec.overrides]
+        if spec.method != "none":
+            args += [f"pruning.method={spec.method}", f"pruning.budget={spec.size}"]
+        if spec.task is not None:
+            args.append(f"tasks={json.dumps([self._task_entry(spec.task)])}")
+        return args
+
+    def experiment(self, spec: RunSpec, extra: list[str] | None = None) -> ExperimentConfig:
+        """The run's resolved experiment config."""
+        return load_config(self.base_path, [*self.overrides(spec), *(extra or [])])
+
+    def fingerprint(self, spec: RunSpec) -> str:
+        """A hash of the run's whole resolved experiment config (output dir aside): a changed recipe changes it."""
+        if spec.name not in self._fingerprints:
+            self._fingerprints[spec.name] = recipe_hash(self.experiment(spec, ["output_dir=."]))
+        return self._fingerprints[spec.name]
+
+    def _task_entry(self, task: str) -> dict[str, Any]:
+        """The base experiment's entry for `task` (keeps its subsampling, weight and custom-file settings)."""
+        for entry in self.base.tasks:
+            if entry.name == task:
+                return entry.model_dump(exclude_defaults=True)
+        raise ConfigError(f"compare: task {task!r} is not in {self.base_path}")
 
 
-def _task_entry(base_path: Path, cfg: CompareConfig, task: str) -> dict[str, Any]:
-    """The base experiment's entry for `task` (keeps its subsampling, weight and custom-file settings)."""
-    exp = load_config(base_path, list(cfg.overrides))
-    for entry in exp.tasks:
-        if entry.name == task:
-            return entry.model_dump(exclude_defaults=True)
-    raise ConfigError(f"compare: task {task!r} is not in {base_path}")
+def recipe_hash(exp: ExperimentConfig) -> str:
+    """The fingerprint of a resolved experiment (mtp.config.recipe_dump, hashed)."""
+    return hashlib.sha256(recipe_dump(exp).encode()).hexdigest()[:16]

@@ -9,20 +9,19 @@ from typing import Any
 
 from mtp.compare.allocation import Choice, best_allocation
 from mtp.compare.config import CompareConfig
-from mtp.compare.plan import _fmt, plan_runs
+from mtp.compare.plan import ComparePlan, _fmt
 from mtp.compare.store import finished_results, report_dir
-from mtp.config import ConfigError, load_config
+from mtp.config import ConfigError
+from mtp.run_folder import RunResults
 
 
-def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
+def build_report(plan: ComparePlan) -> dict[str, Any]:
     """Every number of the comparison from the finished runs (missing runs are reported, not fatal)."""
     import math
 
-    exp = load_config(base_path, list(cfg.overrides))
-    tasks = [t.name for t in exp.tasks]
-    plan = plan_runs(cfg, tasks)
-    by_key = {s.key: finished_results(cfg, s, base_path) for s in plan}
-    missing = sorted(s.name for s in plan if by_key[s.key] is None)
+    cfg, tasks = plan.cfg, plan.tasks
+    by_key = {s.key: finished_results(plan, s) for s in plan.runs}
+    missing = sorted(s.name for s in plan.runs if by_key[s.key] is None)
     any_result = next((r for r in by_key.values() if r), None)
     if any_result is None:
         raise ConfigError(f"compare: no finished run under {cfg.run_folder('')} (or {report_dir(cfg)}/runs) yet")
@@ -35,7 +34,7 @@ def build_report(cfg: CompareConfig, base_path: Path) -> dict[str, Any]:
     embeddings = any_result["params"]["embeddings"]
 
     def kept(r: dict[str, Any]) -> int:
-        return r["pruning"]["kept_blocks"] if r.get("pruning") else r["params"]["encoder_blocks"]
+        return RunResults.model_validate(r).kept_blocks
 
     def task_score(r: dict[str, Any] | None, task: str) -> float | None:
         return None if r is None else r["tasks"][task]["score"]
@@ -211,11 +210,12 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(cfg: CompareConfig, base_path: Path, command: str) -> Path:
+def write_report(plan: ComparePlan, command: str) -> Path:
     """report.md, report.json, mean_vs_budget.png and a TensorBoard summary in the report dir."""
     from torch.utils.tensorboard import SummaryWriter
 
-    report = build_report(cfg, base_path)
+    cfg = plan.cfg
+    report = build_report(plan)
     out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))

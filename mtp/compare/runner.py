@@ -9,37 +9,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtp.compare.config import CompareConfig
-from mtp.compare.plan import RunSpec, plan_runs, run_overrides
-from mtp.compare.store import (
-    _claim,
-    finished_results,
-    has_weights,
-    is_finished,
-    keep_results,
-    recipe_fingerprint,
-    set_aside_if_stale,
-)
-from mtp.config import load_config
+from mtp.compare.plan import ComparePlan, RunSpec
+from mtp.compare.store import claim, finished_results, keep_results, set_aside_if_stale
+from mtp.run_folder import CHECKPOINTS, has_weights, is_finished
 from mtp.schema import PROJECT_ROOT
 
 
-def launch_command(spec: RunSpec, cfg: CompareConfig, base_path: Path, port: int) -> list[str]:
+def launch_command(plan: ComparePlan, spec: RunSpec, port: int) -> list[str]:
     """The launch.sh command that trains one run (resuming it if it has checkpoints)."""
+    cfg = plan.cfg
     run_dir = cfg.run_folder(spec.name)
     args = ["bash", str(PROJECT_ROOT / "launch.sh"), "--nproc", str(cfg.nproc), "--master_port", str(port),
-            *cfg.launcher_args, "--config", str(base_path)]
-    if (run_dir / "checkpoints" / "latest").exists():
+            *cfg.launcher_args, "--config", str(plan.base_path)]
+    if (run_dir / CHECKPOINTS / "latest").exists():
         args.append("--resume")
-    return [*args, *run_overrides(spec, cfg, base_path), f"output_dir={run_dir}"]
+    return [*args, *plan.overrides(spec), f"output_dir={run_dir}"]
 
 
-def start_run(spec: RunSpec, cfg: CompareConfig, base_path: Path, port: int, parallel: int = 1) -> subprocess.Popen:
+def start_run(plan: ComparePlan, spec: RunSpec, port: int, parallel: int = 1) -> subprocess.Popen:
     """Start one run through launch.sh; runs side by side share the cores (one OpenMP pool per rank)."""
+    cfg = plan.cfg
     run_dir = cfg.run_folder(spec.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ".recipe").write_text(recipe_fingerprint(spec, cfg, base_path) + "\n")
-    args = launch_command(spec, cfg, base_path, port)
+    (run_dir / ".recipe").write_text(plan.fingerprint(spec) + "\n")
+    args = launch_command(plan, spec, port)
     log = (run_dir / "launch.log").open("a")
     log.write(f"\n$ {' '.join(args)}\n")
     log.flush()
@@ -48,25 +41,23 @@ def start_run(spec: RunSpec, cfg: CompareConfig, base_path: Path, port: int, par
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
 
 
-def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | None = None,
-            log: Any = print) -> dict[str, str]:
+def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: Any = print) -> dict[str, str]:
     """Run every planned run not yet finished (claimed one by one); returns name -> status."""
-    exp = load_config(base_path, list(cfg.overrides))
-    tasks = [t.name for t in exp.tasks]
-    plan = [s for s in plan_runs(cfg, tasks) if only is None or re.search(only, s.name)]
+    cfg = plan.cfg
+    chosen = [s for s in plan.runs if only is None or re.search(only, s.name)]
     status: dict[str, str] = {}
     pending = []
-    for spec in plan:
-        moved = set_aside_if_stale(cfg, spec, base_path)
+    for spec in chosen:
+        moved = set_aside_if_stale(plan, spec)
         if moved is not None:
             log(f"compare: {spec.name}: its run folder holds another recipe; moved to {moved}")
-        if finished_results(cfg, spec, base_path) is not None:
-            keep_results(cfg, spec, base_path)
+        if finished_results(plan, spec) is not None:
+            keep_results(plan, spec)
             status[spec.name] = "reused"
         else:
             pending.append(spec)
     to_train = len(pending)
-    by_name = {s.name: s for s in plan_runs(cfg, tasks)}
+    by_name = plan.by_name
     retrained: set[str] = set()  # teachers whose weights are gone (results kept, folder not): trained again
     for spec in list(pending):
         teacher = by_name.get(spec.teacher or "")
@@ -76,7 +67,7 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
             retrained.add(teacher.name)
             status.pop(teacher.name, None)
     again = f" (and {len(retrained)} teacher{'s' * (len(retrained) > 1)} again)" if retrained else ""
-    log(f"compare: {len(plan)} runs, {len(plan) - to_train} already finished, {to_train} to train{again}")
+    log(f"compare: {len(chosen)} runs, {len(chosen) - to_train} already finished, {to_train} to train{again}")
     active: list[tuple[RunSpec, subprocess.Popen]] = []
     base_port = 29600 + os.getpid() % 1000
     slot = 0
@@ -94,25 +85,25 @@ def run_all(cfg: CompareConfig, base_path: Path, parallel: int = 1, only: str | 
                 break
             spec = ready[0]
             pending.remove(spec)
-            if not _claim(cfg.run_folder(spec.name)):
+            if not claim(cfg.run_folder(spec.name)):
                 status[spec.name] = "claimed elsewhere"
                 continue
             done = (has_weights(cfg.run_folder(spec.name)) if spec.name in retrained  # its kept results don't count
-                    else finished_results(cfg, spec, base_path) is not None)
+                    else finished_results(plan, spec) is not None)
             if done:  # another process finished it meanwhile
                 (cfg.run_folder(spec.name) / ".claim").unlink(missing_ok=True)
-                keep_results(cfg, spec, base_path)
+                keep_results(plan, spec)
                 status[spec.name] = "reused"
                 continue
             log(f"compare: training {spec.name}")
-            active.append((spec, start_run(spec, cfg, base_path, base_port + 10 * (slot % 50), parallel)))
+            active.append((spec, start_run(plan, spec, base_port + 10 * (slot % 50), parallel)))
             slot += 1
         for item in list(active):
             spec, proc = item
             if proc.poll() is not None:
                 active.remove(item)
                 _finish(spec, proc.returncode, cfg.run_folder(spec.name), status, log)
-                keep_results(cfg, spec, base_path)
+                keep_results(plan, spec)
         if active or pending:
             time.sleep(1)
     return status

@@ -3,7 +3,6 @@ the light results folder (results_dir) whose kept results let a comparison conti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -11,16 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from mtp.compare.config import CompareConfig
-from mtp.compare.plan import RunSpec, run_overrides
-from mtp.config import load_config
+from mtp.compare.plan import ComparePlan, RunSpec, recipe_hash
+from mtp.config import saved_config
+from mtp.run_folder import FINAL, is_finished, read_results_dict
 
 
-def has_weights(run_dir: Path) -> bool:
-    """Whether a run folder holds a finished model that other runs can start from and distil from."""
-    return is_finished(run_dir) and (run_dir / "final" / "model.safetensors").is_file()
-
-
-def _claim(run_dir: Path) -> bool:
+def claim(run_dir: Path) -> bool:
     """Take the run for this process (a claim file); a claim of a dead process on this host is taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
     claim = run_dir / ".claim"
@@ -50,52 +45,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_finished(run_dir: Path) -> bool:
-    path = run_dir / "results.json"
-    return path.is_file() and json.loads(path.read_text()).get("finished", False)
-
-
 def report_dir(cfg: CompareConfig) -> Path:
     """Where the report (and, with results_dir, the kept results of finished runs) is written."""
     return Path(cfg.results_dir or cfg.output_dir)
 
 
-def _fingerprint(exp: Any) -> str:
-    from mtp.config import recipe_dump
-
-    return hashlib.sha256(recipe_dump(exp).encode()).hexdigest()[:16]
-
-
-def recipe_fingerprint(spec: RunSpec, cfg: CompareConfig, base_path: Path) -> str:
+def recipe_fingerprint(plan: ComparePlan, spec: RunSpec) -> str:
     """A hash of the run's whole resolved experiment config (output dir aside): a changed recipe changes it."""
-    return _fingerprint(load_config(base_path, [*run_overrides(spec, cfg, base_path), "output_dir=."]))
+    return plan.fingerprint(spec)
 
 
 def run_dir_recipe(run_dir: Path) -> str | None:
     """The fingerprint of the recipe a run folder was trained with: the .recipe file compare writes when it starts
     the run, else (folders from before that file) the config saved with its final model; None if neither."""
-    from mtp.config import saved_config
-
     marker = run_dir / ".recipe"
     if marker.is_file():
         return marker.read_text().strip()
-    meta = run_dir / "final" / "mtp.json"
+    meta = run_dir / FINAL / "mtp.json"
     if meta.is_file():
-        return _fingerprint(saved_config({**json.loads(meta.read_text())["config"], "output_dir": "."}))
+        return recipe_hash(saved_config({**json.loads(meta.read_text())["config"], "output_dir": "."}))
     return None
 
 
-def _current(run_dir: Path, spec: RunSpec, cfg: CompareConfig, base_path: Path) -> bool:
+def _current(run_dir: Path, spec: RunSpec, plan: ComparePlan) -> bool:
     """Whether a run folder holds this recipe's run (or one whose recipe it cannot tell)."""
     stored = run_dir_recipe(run_dir)
-    return stored is None or stored == recipe_fingerprint(spec, cfg, base_path)
+    return stored is None or stored == plan.fingerprint(spec)
 
 
-def set_aside_if_stale(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> Path | None:
+def set_aside_if_stale(plan: ComparePlan, spec: RunSpec) -> Path | None:
     """Move a run folder trained (or started) with another recipe to NAME.stale-FINGERPRINT, so that it is neither
     reused nor resumed; nothing is deleted. Returns the new place, or None if there was nothing to move."""
-    run_dir = cfg.run_folder(spec.name)
-    if not run_dir.is_dir() or (run_dir / ".claim").exists() or _current(run_dir, spec, cfg, base_path):
+    run_dir = plan.cfg.run_folder(spec.name)
+    if not run_dir.is_dir() or (run_dir / ".claim").exists() or _current(run_dir, spec, plan):
         return None  # a claimed folder is another process's to train (or a dead claim's, taken over below)
     stale = f"{spec.name}.stale-{run_dir_recipe(run_dir)}"
     target, n = run_dir.with_name(stale), 1
@@ -106,29 +88,31 @@ def set_aside_if_stale(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> Pa
     return target
 
 
-def finished_results(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> dict[str, Any] | None:
+def finished_results(plan: ComparePlan, spec: RunSpec) -> dict[str, Any] | None:
     """A finished run's results.json made by this recipe: from its run dir, else from the results folder (results
     whose recipe is unknown count as the same); None if not finished."""
+    cfg = plan.cfg
     run_dir = cfg.run_folder(spec.name)
-    if is_finished(run_dir) and _current(run_dir, spec, cfg, base_path):
-        return json.loads((run_dir / "results.json").read_text())
+    if is_finished(run_dir) and _current(run_dir, spec, plan):
+        return read_results_dict(run_dir)
     kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
     if cfg.results_dir and kept.is_file():
         results = json.loads(kept.read_text())
         stored = results.get("recipe")
-        if stored is None or stored == recipe_fingerprint(spec, cfg, base_path):
+        if stored is None or stored == plan.fingerprint(spec):
             return results
     return None
 
 
-def keep_results(cfg: CompareConfig, spec: RunSpec, base_path: Path) -> None:
+def keep_results(plan: ComparePlan, spec: RunSpec) -> None:
     """Copy a finished run's results.json into the results folder, with its recipe's fingerprint and this machine's
     data paths made portable (a GLUE folder becomes $MTP_GLUE_DIR/TASK)."""
+    cfg = plan.cfg
     run_dir = cfg.run_folder(spec.name)
-    if not cfg.results_dir or not is_finished(run_dir) or not _current(run_dir, spec, cfg, base_path):
+    if not cfg.results_dir or not is_finished(run_dir) or not _current(run_dir, spec, plan):
         return
-    results = json.loads((run_dir / "results.json").read_text())
-    results["recipe"] = recipe_fingerprint(spec, cfg, base_path)
+    results = read_results_dict(run_dir) or {}
+    results["recipe"] = plan.fingerprint(spec)
     glue = os.environ.get("MTP_GLUE_DIR")
     for entry in results.get("data", {}).values():
         source = Path(str(entry.get("source", "")))

@@ -26,6 +26,7 @@ from mtp.pruning.base import (
     PruningHook,
     PruningSettings,
     cubic_schedule,
+    first_step_at_budget,
     make_budget,
     prunable_modules,
 )
@@ -39,8 +40,8 @@ from mtp.schema import WHOLE_MESSAGE, describe_error
 
 __all__ = ["METHODS", "Budget", "ElementwisePruning", "FactorizedLinear", "MaskedLinear", "PrunableLayer",
            "PruningHook", "PruningMethod", "PruningSettings", "RankPruning", "TopK", "allocate", "build_pruning",
-           "compact_layers", "cubic_schedule", "get_method", "make_budget", "parse_settings", "prunable_modules",
-           "pruned_methods", "pruning_settings", "register", "threshold_masks", "topk_mask"]
+           "compact_layers", "cubic_schedule", "first_step_at_budget", "get_method", "make_budget", "parse_settings",
+           "prunable_modules", "pruned_methods", "pruning_settings", "register", "threshold_masks", "topk_mask"]
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,14 @@ class PruningHook(Hook):
     def kept_in(self, module: nn.Module) -> float:
         raise NotImplementedError
 
+    def final_report(self, model: nn.Module) -> dict[str, Any]:
+        """Reach the budget if the method has not yet (a final projection) and report what the model keeps (what
+        results.json holds under `pruning`: mtp.run_folder.PruningReport)."""
+        raise NotImplementedError
+
+    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+        return {"pruning": self.final_report(model)}
+
     def kept_metrics(self) -> dict[str, float]:
         """TensorBoard scalars of the kept parameters: total, per layer, per matrix type."""
         report = self.kept_report(self.model)

@@ -1,30 +1,25 @@
 """Element-wise pruning: the masked layer (its dense fold and bit-mask compact form beside it) and the hook that
-magnitude, movement and soft movement share. A method module says what ranks the entries and how masks move."""
+magnitude, movement and soft movement share: the top-k of a criterion along the cubic schedule, per matrix or over
+all matrices, and the one place that reads criteria under ZeRO-3. Each method's module owns its settings and its
+rule: what ranks the entries (`criterion`), where the top-k is taken (`scope`), how masks move (`move_masks`)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from mtp.model import gathered
 from mtp.pruning.base import PrunableLayer, PruningHook, PruningSettings, prunable_modules, replace_prunable
 from mtp.pruning.topk import TopK, allocate
+from mtp.zero3 import gathered, is_partitioned
 
 Scope = Literal["per_matrix", "global"]
-
-
-class ScoredSettings(PruningSettings):
-    """Methods that learn scores S for every weight."""
-
-    score_lr: float = Field(1e-2, gt=0.0)
-    """Learning rate of movement scores."""
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -64,13 +59,14 @@ class MaskedLinear(PrunableLayer):
         # built inside deepspeed.zero.Init under ZeRO-3 (mtp/training/partition.py): the scores are partitioned
         self.scores = nn.Parameter(torch.zeros(self.mask.shape, dtype=linear.weight.dtype,
                                                device=linear.weight.device)) if with_scores else None
-        self.track_sigmoid = False
+        # a method's term of the scores, taken in the training forward pass (where ZeRO-3 has gathered them)
+        self.score_term: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.aux: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scores is not None and self.training:
-            if self.track_sigmoid:
-                self.aux = torch.sigmoid(self.scores.float()).sum()
+            if self.score_term is not None:
+                self.aux = self.score_term(self.scores)
             weight = _StraightThroughMask.apply(self.weight, self.scores, self.mask.to(self.weight.dtype))
         else:
             weight = self.weight * self.mask.to(self.weight.dtype)
@@ -124,10 +120,11 @@ class SparseLinear(nn.Module):
 
 
 class ElementwisePruning(PruningHook):
-    """Masks over the entries of every prunable matrix, kept at the top-k of a criterion (|W| or scores S) along the
-    cubic schedule, per matrix or globally; subclasses choose the criterion and may move masks another way."""
+    """Masks over the entries of every prunable matrix, kept at the top-k of the method's criterion along the cubic
+    schedule, per matrix or globally; a method says what the criterion is and may move masks another way."""
 
     with_scores: ClassVar[bool] = False
+    """Whether the layers learn a score per weight (the criterion's parameter is then `scores`, else `weight`)."""
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
@@ -138,15 +135,17 @@ class ElementwisePruning(PruningHook):
         self.topk = [TopK() for _ in self.modules]  # per-matrix selectors (their state only makes them fast)
         self.global_topk = TopK()
 
+    # ------------------------------------------------------------ what a method defines
     @property
     def scope(self) -> Scope:
         """Where the top-k is taken: per matrix or over all matrices at once."""
-        return self.cfg.scope
+        raise NotImplementedError
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        scores = [m.scores for m in self.modules if m.scores is not None]
-        return [{"params": scores, "lr": self.cfg.score_lr, "weight_decay": 0.0, "name": "scores"}] if scores else []
+    def criterion(self, m: MaskedLinear) -> torch.Tensor:
+        """The values whose largest entries are kept (read while the criterion's parameter is gathered)."""
+        raise NotImplementedError
 
+    # ------------------------------------------------------------ the schedule and the top-k
     def progress(self) -> float:
         """0 before pruning starts, 1 from the cool-down on."""
         return 1.0 - self.schedule(self.step, 1.0, 0.0)
@@ -168,31 +167,29 @@ class ElementwisePruning(PruningHook):
         self.density = self.schedule(step, 1.0, self.budget.density)
         self.update_masks(self.density)
 
-    def _criterion(self, m: MaskedLinear) -> torch.Tensor:
-        return m.weight.detach().abs() if m.scores is None else m.scores.detach()
+    def criterion_param(self, m: MaskedLinear) -> nn.Parameter:
+        return m.weight if m.scores is None else m.scores
+
+    def criteria(self, keep: bool = False) -> Iterator[tuple[MaskedLinear, torch.Tensor]]:
+        """Each matrix with its criterion, one matrix gathered at a time under ZeRO-3 (the one place that does): with
+        `keep`, a gathered criterion is copied so that it outlives its gather."""
+        for m in self.modules:
+            source = self.criterion_param(m)
+            with gathered([source]):
+                crit = self.criterion(m)
+                yield m, crit.clone() if keep and is_partitioned(source) else crit
 
     def update_masks(self, density: float) -> None:
         """Keep the top `density` of the prunable entries, per matrix or over all matrices at once (`scope`)."""
         sizes = [m.mask.numel() for m in self.modules]
         kept_total = int(math.floor(density * sum(sizes))) if density < 1.0 else sum(sizes)
         if density < 1.0 and self.scope == "global":
-            criteria = []
-            for m in self.modules:
-                source = m.weight if m.scores is None else m.scores
-                with gathered([source]):  # under ZeRO-3 the gathered values must outlive the context
-                    crit = self._criterion(m)
-                    criteria.append(crit.clone() if hasattr(source, "ds_id") else crit)
+            criteria = [crit for _, crit in self.criteria(keep=True)]
             self.threshold = self.global_topk.select(criteria, kept_total, [m.mask for m in self.modules])
             return
-        jobs = list(zip(self.modules, allocate(kept_total, sizes, density), self.topk, strict=True))
-        if any(hasattr(m.weight, "ds_id") for m in self.modules):  # ZeRO-3: gather one matrix at a time
-            thresholds = []
-            for m, k, topk in jobs:
-                with gathered([m.weight] if m.scores is None else [m.scores]):
-                    thresholds.append(topk.select([self._criterion(m)], k, [m.mask]))
-            self._record_threshold(thresholds)
-            return
-        self._record_threshold([topk.select([self._criterion(m)], k, [m.mask]) for m, k, topk in jobs])
+        counts = allocate(kept_total, sizes, density)
+        self._record_threshold([topk.select([crit], k, [m.mask]) for (m, crit), k, topk
+                                in zip(self.criteria(), counts, self.topk, strict=True)])
 
     def _record_threshold(self, thresholds: list[float]) -> None:
         """Per matrix, the reported threshold is the median of the matrices' (0 while nothing is pruned)."""
@@ -205,7 +202,7 @@ class ElementwisePruning(PruningHook):
         self.density = self.budget.density
         self.update_masks(self.density)
 
-    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+    def final_report(self, model: nn.Module) -> dict[str, Any]:
         return {**self.kept_report(model), "fixed_masks_from_step": self.schedule_end + 1 if self.fixed else None}
 
     def kept_in(self, module: nn.Module) -> int:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 from mtp.pruning.base import PruningSettings
-from mtp.pruning.elementwise import ElementwisePruning, Scope
+from mtp.pruning.elementwise import ElementwisePruning, MaskedLinear, Scope
 
 
 class MagnitudeSettings(PruningSettings):
@@ -17,4 +19,12 @@ class MagnitudeSettings(PruningSettings):
 class MagnitudePruning(ElementwisePruning):
     """Keeps the largest |W| of every matrix (or of all of them)."""
 
+    cfg: MagnitudeSettings
     with_scores = False
+
+    @property
+    def scope(self) -> Scope:
+        return self.cfg.scope
+
+    def criterion(self, m: MaskedLinear) -> torch.Tensor:
+        return m.weight.detach().abs()

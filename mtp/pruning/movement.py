@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from mtp.pruning.elementwise import ElementwisePruning, Scope, ScoredSettings
+import torch
+from pydantic import Field
+from torch import nn
+
+from mtp.pruning.base import PruningSettings
+from mtp.pruning.elementwise import ElementwisePruning, MaskedLinear, Scope
 
 
-class MovementSettings(ScoredSettings):
+class ScoreLearning(PruningSettings):
+    """The keys of methods that learn a score S for every weight (movement, soft movement)."""
+
+    score_lr: float = Field(1e-2, gt=0.0)
+    """Learning rate of movement scores."""
+
+
+class MovementSettings(ScoreLearning):
     method: Literal["movement"] = "movement"
     scope: Scope = "per_matrix"
     """Element-wise top-k per matrix or over all prunable matrices at once."""
 
 
 class MovementPruning(ElementwisePruning):
-    """Keeps the entries with the largest scores S; S starts at 0 and learns from g * W."""
+    """Keeps the entries with the largest scores S; S starts at 0 and learns from g * W in its own optimizer group."""
 
+    cfg: ScoreLearning
     with_scores = True
+
+    @property
+    def scope(self) -> Scope:
+        return self.cfg.scope
+
+    def criterion(self, m: MaskedLinear) -> torch.Tensor:
+        return m.scores.detach()
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [m.scores for m in self.modules], "lr": self.cfg.score_lr, "weight_decay": 0.0,
+                 "name": "scores"}]

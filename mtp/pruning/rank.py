@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mtp.model import gathered
 from mtp.pruning.base import PrunableLayer, PruningHook, PruningSettings, prunable_modules, replace_prunable
+from mtp.zero3 import gathered
 
 
 class RankSettings(PruningSettings):
@@ -247,7 +247,7 @@ class RankPruning(PruningHook):
                 count += int(((m.deterministic_gates(m.log_alpha.detach().float()) == 0) & m.keep).sum())
         return count
 
-    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+    def final_report(self, model: nn.Module) -> dict[str, Any]:
         if not self.fixed:
             self.project()
         report = self.kept_report(model)

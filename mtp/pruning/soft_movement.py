@@ -10,11 +10,17 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mtp.model import gathered
-from mtp.pruning.elementwise import ElementwisePruning, Scope, ScoredSettings
+from mtp.pruning.elementwise import Scope
+from mtp.pruning.movement import MovementPruning, ScoreLearning
+from mtp.zero3 import gathered
 
 
-class SoftMovementSettings(ScoredSettings):
+def sigmoid_sum(scores: torch.Tensor) -> torch.Tensor:
+    """sum(sigmoid(S)): the regulariser's term of one matrix, in float32."""
+    return torch.sigmoid(scores.float()).sum()
+
+
+class SoftMovementSettings(ScoreLearning):
     method: Literal["soft_movement"] = "soft_movement"
     soft_threshold: float = Field(0.1, gt=0.0, lt=1.0)
     """Final tau in M = 1[sigmoid(S) > tau] (ramped from 0 by the cubic schedule; Sanh et al.: 0.1)."""
@@ -22,16 +28,16 @@ class SoftMovementSettings(ScoredSettings):
     """Final weight of mean(sigmoid(S)) in the loss (ramped with tau; Sanh et al.: 400)."""
 
 
-class SoftMovementPruning(ElementwisePruning):
+class SoftMovementPruning(MovementPruning):
     """The masks follow a threshold on the scores, not a count: the size is reached through the regulariser and the
     final projection, which keeps the budget's top-k of all scores together."""
 
-    with_scores = True
+    cfg: SoftMovementSettings
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
         for m in self.modules:
-            m.track_sigmoid = True
+            m.score_term = sigmoid_sum
 
     @property
     def scope(self) -> Scope:
@@ -53,7 +59,7 @@ class SoftMovementPruning(ElementwisePruning):
             with gathered([m.scores]):
                 torch.gt(m.scores.detach(), cut, out=m.mask)
 
-    def on_train_end(self, model: nn.Module) -> dict[str, Any]:
+    def final_report(self, model: nn.Module) -> dict[str, Any]:
         if not self.fixed:  # it does not reach the budget by itself
             self.final_masks()
-        return super().on_train_end(model)
+        return super().final_report(model)

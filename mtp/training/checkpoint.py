@@ -15,8 +15,6 @@ from mtp.hooks import Hook
 from mtp.training.distributed import terminate_after
 from mtp.training.state import TrainState
 
-CHECKPOINTS = "checkpoints"
-
 
 def save_checkpoint(engine: Any, folder: Path, state: TrainState, sampler: Any, hooks: list[Hook], rank: int,
                     keep: int) -> None:

@@ -1,13 +1,50 @@
-"""Logging as hooks on the trainer's events: TensorBoard, results.json and the progress bar. They run on rank 0
-(the trainer adds them there); every other hook's metrics reach them through `on_log`."""
+"""Logging as hooks on the trainer's events, in a small registry: TensorBoard, results.json and the progress bar.
+They run on rank 0 (`mtp.training.components` builds the ones `train.loggers` names there); every other hook's
+metrics reach them through `on_log`.
+
+A logger is a `Hook` and a factory `(cfg, ds_config) -> Hook` registered under a name with `@register_logger`:
+
+    @register_logger("jsonl")
+    def _jsonl(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> Hook:
+        return JsonLinesLogger(Path(cfg.output_dir) / "log.jsonl")
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mtp.config import ConfigError, ExperimentConfig, dump_config
 from mtp.hooks import Hook
+from mtp.run_folder import write_results
+
+LoggerFactory = Callable[[ExperimentConfig, dict[str, Any]], Hook]
+LOGGERS: dict[str, LoggerFactory] = {}
+
+
+def register_logger(name: str) -> Callable[[LoggerFactory], LoggerFactory]:
+    """Register a logger factory under `name` (what `train.loggers` lists)."""
+    def add(factory: LoggerFactory) -> LoggerFactory:
+        if name in LOGGERS and LOGGERS[name] is not factory:
+            raise ValueError(f"logger {name!r} is already registered")
+        LOGGERS[name] = factory
+        return factory
+    return add
+
+
+def check_loggers(names: list[str]) -> None:
+    """Refuse, in one line, a `train.loggers` entry that names no registered logger."""
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"train.loggers: unknown logger {unknown[0]!r} (one of {', '.join(LOGGERS)})")
+
+
+def build_loggers(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> list[Hook]:
+    """The loggers `train.loggers` names, in that order (rank 0 only: the caller decides)."""
+    check_loggers(cfg.train.loggers)
+    return [LOGGERS[name](cfg, ds_config) for name in cfg.train.loggers]
 
 
 class TensorBoardLogger(Hook):
@@ -19,7 +56,7 @@ class TensorBoardLogger(Hook):
         self.folder, self.config_yaml, self.ds_config = folder, config_yaml, ds_config
         self.writer: Any = None
 
-    def on_train_start(self, step: int) -> None:
+    def on_train_start(self, step: int, max_steps: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.folder), purge_step=step or None)
@@ -52,8 +89,7 @@ class ResultsFile(Hook):
         self.folder = folder
 
     def on_results(self, results: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "results.json").write_text(json.dumps(results, indent=2))
+        write_results(self.folder, results)
 
 
 class ProgressBar(Hook):
@@ -61,16 +97,17 @@ class ProgressBar(Hook):
 
     name = "progress"
 
-    def __init__(self, total: int, stop_at: int):
-        self.total, self.stop_at = total, stop_at
+    def __init__(self, stop_after_steps: int | None = None):
+        self.stop_after_steps = stop_after_steps
         self.bar: Any = None
 
-    def on_train_start(self, step: int) -> None:
+    def on_train_start(self, step: int, max_steps: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.total, initial=step, dynamic_ncols=True, desc="train", unit="step")
-        if self.stop_at < self.total:
-            self.bar.write(f"stopping after step {self.stop_at} of {self.total} (train.stop_after_steps)")
+        self.bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True, desc="train", unit="step")
+        stop_at = min(max_steps, self.stop_after_steps or max_steps)
+        if stop_at < max_steps:
+            self.bar.write(f"stopping after step {stop_at} of {max_steps} (train.stop_after_steps)")
 
     def on_optimizer_step(self, model: Any, step: int) -> None:
         self.bar.update(1)
@@ -83,3 +120,18 @@ class ProgressBar(Hook):
 
     def on_results(self, results: dict[str, Any]) -> None:
         self.bar.close()
+
+
+@register_logger("tensorboard")
+def _tensorboard(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> Hook:
+    return TensorBoardLogger(Path(cfg.output_dir) / "tensorboard", dump_config(cfg), ds_config)
+
+
+@register_logger("results")
+def _results(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> Hook:
+    return ResultsFile(Path(cfg.output_dir))
+
+
+@register_logger("progress")
+def _progress(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> Hook:
+    return ProgressBar(cfg.train.stop_after_steps)

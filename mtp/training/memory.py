@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtp.hooks import Hook
+
 
 class MemoryProfile:
     """Peak, median and last RSS (MiB) of every phase of this process."""
@@ -179,3 +181,17 @@ def phase(name: str) -> None:
     if _PROFILE is None:
         _PROFILE = MemoryProfile(Path(folder))
     _PROFILE.enter(name)
+
+
+class MemoryProfiler(Hook):
+    """The memory profile on the trainer's events: each phase it enters is marked (a no-op unless
+    $MTP_MEMORY_PROFILE is set), and after each optimizer step the heaps' free pages go back to the system once
+    `return_freed_memory_at_once` is on. Built on every rank."""
+
+    name = "memory"
+
+    def on_phase(self, phase_name: str) -> None:
+        phase(phase_name)
+
+    def on_optimizer_step(self, model: Any, step: int) -> None:
+        after_optimizer_step()

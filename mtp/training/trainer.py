@@ -1,7 +1,8 @@
 """The multitask trainer: one DeepSpeed engine, one shared encoder, one head per task; the loop and nothing else.
 
 Runs inside each rank started by the `deepspeed` launcher (`launch.sh`), or in a single process. The loop knows
-nothing of pruning, distillation or logging: they plug in through `mtp.hooks.Hook`.
+nothing of pruning, distillation, logging or memory profiling: they plug in through `mtp.hooks.Hook`, built from the
+config by `mtp.training.components`; what the run leaves in its folder is `mtp.run_folder`'s.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtp.config import ExperimentConfig, cache_dir, dump_config
+from mtp.config import ExperimentConfig, cache_dir
 from mtp.data import MultitaskSampler, TaskData, load_tasks, task_probabilities, tokenize_task
-from mtp.distill import build_distillation
+from mtp.evaluation import collate, evaluate_tasks, to_device
 from mtp.hooks import Hook
-from mtp.model import MultitaskModel, load_encoder, load_tokenizer, parameter_counts, save_full_state
-from mtp.pruning import build_pruning
-from mtp.training import memory
-from mtp.training.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
+from mtp.model import MultitaskModel, load_encoder, load_tokenizer, parameter_counts
+from mtp.report import print_summary
+from mtp.run_folder import CHECKPOINTS, FINAL, final_model_path, initialise_from_run, write_final_meta
+from mtp.training.checkpoint import load_checkpoint, save_checkpoint
+from mtp.training.components import build_algorithms, build_observers
 from mtp.training.distributed import init_distributed, seed_everything
-from mtp.training.evaluation import collate, evaluate_tasks, to_device
-from mtp.training.loggers import ProgressBar, ResultsFile, TensorBoardLogger
+from mtp.training.memory import return_freed_memory_at_once
 from mtp.training.optim import (
     adamw,
     build_ds_config,
@@ -40,8 +41,8 @@ from mtp.training.optim import (
     total_steps,
     zero_stage,
 )
-from mtp.training.partition import hf_zero3_build, zero3_init
 from mtp.training.state import TrainState
+from mtp.zero3 import hf_zero3_build, save_full_state, zero3_init
 
 
 @dataclass
@@ -71,49 +72,45 @@ class Trainer:
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, resume: bool = False, hooks: list[Hook] | None = None,
-              extra_hooks: list[Hook] | None = None, rank: int = 0, world: int = 1, local_rank: int = 0) -> Trainer:
-        """Data, model, hooks (`hooks`, else the config's pruning and distillation; then `extra_hooks` and, on rank
-        0, the loggers), DeepSpeed engine, and the progress of a resumed run."""
+              extra_hooks: list[Hook] | None = None, rank: int = 0, world: int = 1, local_rank: int = 0,
+              ds_config: dict[str, Any] | None = None) -> Trainer:
+        """Data, model, hooks (`hooks`, else the config's algorithms; then `extra_hooks` and the observers: the memory
+        profile and, on rank 0, the loggers), DeepSpeed engine, and the progress of a resumed run. `ds_config`: the
+        DeepSpeed config if the caller has built it already."""
         import deepspeed
 
-        memory.phase("model_build")
+        ds_config = ds_config if ds_config is not None else build_ds_config(cfg, world)
+        observers = build_observers(cfg, ds_config, rank)
+        enter_phase(observers, "model_build")
         seed_everything(cfg.train.seed)
-        tokenizer = load_tokenizer(cfg.encoder)
+        tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
         tasks = load_tasks(cfg)
         data = tokenize_all(cfg, tasks, tokenizer, local_rank)
         sizes = {t.name: len(t.train_texts) for t in tasks}
         probs = task_probabilities(cfg, sizes)
         sampler = MultitaskSampler(sizes, probs, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
         max_steps = total_steps(cfg, sizes, world)
-        ds_config = build_ds_config(cfg, world)
 
         zero3 = zero_stage(ds_config) == 3  # built partitioned from the start (mtp/training/partition.py)
         with hf_zero3_build(ds_config, zero3):
-            encoder = load_encoder(cfg.encoder, pad_token_id=tokenizer.pad_token_id)
+            encoder = load_encoder(cfg.encoder.name, cfg.encoder.random_init, cfg.encoder.config_overrides,
+                               pad_token_id=tokenizer.pad_token_id)
         with zero3_init(ds_config, zero3):  # the heads too
             model = MultitaskModel(encoder, {t.name: t.num_labels for t in tasks},
                                    pooling=cfg.encoder.pooling, head_dropout=cfg.encoder.head_dropout)
         if cfg.encoder.init_from and not resume:  # on resume the checkpoint holds the weights
-            from mtp.export import initialise_from_run
-
             initialise_from_run(model, cfg.encoder.init_from)
         param_counts = parameter_counts(model)
         if hooks is None:
-            hooks = [*build_pruning(cfg.pruning, max_steps),
-                     *build_distillation(cfg.distill, [t.name for t in tasks], torch_dtype(ds_config))]
-        hooks = [*hooks, *(extra_hooks or [])]
-        if rank == 0:
-            stop_at = min(max_steps, cfg.train.stop_after_steps or max_steps)
-            out = Path(cfg.output_dir)
-            hooks += [TensorBoardLogger(out / "tensorboard", dump_config(cfg), ds_config), ResultsFile(out),
-                      ProgressBar(max_steps, stop_at)]
+            hooks = build_algorithms(cfg, max_steps, [t.name for t in tasks], torch_dtype(ds_config))
+        hooks = [*hooks, *(extra_hooks or []), *observers]
         with zero3_init(ds_config, zero3):  # layers the hooks swap in get partitioned parameters
             for hook in hooks:
                 hook.setup(model)
         held_at_build = held_elements(model)
         groups = split_param_groups(model, hooks, cfg.train.weight_decay)
         warmup = int(cfg.train.warmup_ratio * max_steps)
-        memory.phase("engine_setup")
+        enter_phase(hooks, "engine_setup")
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds_config,
             optimizer=None if "optimizer" in ds_config else adamw(groups, cfg),
@@ -130,21 +127,21 @@ class Trainer:
     # ------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self) -> dict[str, Any]:
         """Dev metrics for every task, each rank scoring its share; all ranks get the same result."""
-        memory.phase("evaluation")
+        self.phase("evaluation")
         self.engine.eval()
         results = evaluate_tasks(self.engine, self.tasks, self.data, self.tokenizer, self.cfg.train.eval_batch_size,
                                  self.engine.device, self.rank, self.world)
         if zero_stage(self.ds_config) == 3:  # parameters prefetched for a forward pass that never came: released
             self.engine.empty_partition_cache()
         self.engine.train()
-        memory.phase("train")
+        self.phase("train")
         return results
 
     def save_checkpoint(self) -> None:
-        memory.phase("checkpoint")
+        self.phase("checkpoint")
         save_checkpoint(self.engine, self.out / CHECKPOINTS, self.state, self.sampler, self.hooks, self.rank,
                         self.cfg.train.keep_checkpoints)
-        memory.phase("train")
+        self.phase("train")
 
     # ------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
@@ -155,10 +152,10 @@ class Trainer:
         weights = {t.name: t.weight for t in self.tasks}
         stop_at = min(self.max_steps, cfg.train.stop_after_steps or self.max_steps)
         self.engine.train()
-        memory.phase("train")
+        self.phase("train")
         self.state.started = time.time()
         for hook in self.hooks:
-            hook.on_train_start(self.state.step)
+            hook.on_train_start(self.state.step, self.max_steps)
         # loss sums, counts, tokens; on the device, so that no step waits to read its loss and NCCL can reduce it
         window = torch.zeros(2 * len(names) + 1, dtype=torch.float64, device=self.engine.device)
         window_start = time.time()
@@ -185,7 +182,6 @@ class Trainer:
                 window[-1] += tokens
             self.state.step += 1
             step = self.state.step
-            memory.after_optimizer_step()
             for hook in self.hooks:
                 hook.on_optimizer_step(self.engine.module, step)
             if step % cfg.train.log_every == 0 or step == stop_at:
@@ -197,37 +193,33 @@ class Trainer:
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < stop_at:
                 self.save_checkpoint()
         finished = self.state.step >= self.max_steps
-        hook_report: dict[str, Any] = {}
+        reports: dict[str, Any] = {}  # what the hooks add to results.json (a pruning method: "pruning")
         if finished:
             for hook in self.hooks:
-                report = hook.on_train_end(self.engine.module)
-                if report:
-                    hook_report[hook.name] = report
+                reports.update(hook.on_train_end(self.engine.module) or {})
             self._record_eval(self.evaluate())
-            self.save_final_model(hook_report)
+            self.save_final_model(reports.get("pruning"))
         self.save_checkpoint()
-        results = self.results(finished, hook_report)
+        results = self.results(finished, reports)
         for hook in self.hooks:
             hook.on_results(results)
         return results
 
-    def save_final_model(self, hook_report: dict[str, Any]) -> None:
+    def save_final_model(self, pruning_report: dict[str, Any] | None) -> None:
         """final/model.safetensors (every parameter and buffer: masks, gates) and final/mtp.json, for export."""
-        import json
-
-        memory.phase("final_save")
-        final = self.out / "final"
+        self.phase("final_save")
         if self.rank == 0:
-            final.mkdir(parents=True, exist_ok=True)
+            (self.out / FINAL).mkdir(parents=True, exist_ok=True)
         # collective under ZeRO-3 (every rank takes part in the gathers); one parameter held at a time
-        save_full_state(self.engine.module, final / "model.safetensors", write=self.rank == 0)
-        if self.rank != 0:
-            return
-        meta = {"config": self.cfg.model_dump(mode="json"), "steps": self.state.step,
-                "tasks": [{"name": t.name, "labels": t.labels, "metric": t.metric} for t in self.tasks],
-                "pruning": hook_report.get("pruning"),
-                "dev_scores": {k: v["score"] for k, v in self.state.last_eval.items()}}
-        (final / "mtp.json").write_text(json.dumps(meta, indent=2))
+        save_full_state(self.engine.module, final_model_path(self.out), write=self.rank == 0)
+        if self.rank == 0:
+            write_final_meta(self.out, self.cfg, self.state.step,
+                             [{"name": t.name, "labels": t.labels, "metric": t.metric} for t in self.tasks],
+                             pruning_report, {k: v["score"] for k, v in self.state.last_eval.items()})
+
+    def phase(self, name: str) -> None:
+        """Tell the hooks the phase the trainer enters (the memory profile listens)."""
+        enter_phase(self.hooks, name)
 
     def _log_window(self, window: torch.Tensor, names: list[str], seconds: float) -> None:
         """Reduce the window's losses and counts over the ranks and hand every scalar of the step to the hooks."""
@@ -265,7 +257,7 @@ class Trainer:
         for hook in self.hooks:
             hook.on_evaluate(self.state.step, results)
 
-    def results(self, finished: bool, hook_report: dict[str, Any]) -> dict[str, Any]:
+    def results(self, finished: bool, reports: dict[str, Any]) -> dict[str, Any]:
         """What results.json holds."""
         state = self.state
         results: dict[str, Any] = {
@@ -281,7 +273,7 @@ class Trainer:
             results["mean_score"] = float(np.mean([r["score"] for r in state.last_eval.values()]))
         if zero_stage(self.ds_config) == 3:
             results["zero3_parameters"] = self.partition_report()
-        results.update(hook_report)
+        results.update(reports)
         return results
 
     def partition_report(self) -> dict[str, Any]:
@@ -294,6 +286,11 @@ class Trainer:
         return {"total": total, "held_at_build_per_rank": [b for b, _ in per_rank],
                 "held_per_rank": [e for _, e in per_rank],
                 "largest_share": max(max(b, e) for b, e in per_rank) / total}
+
+
+def enter_phase(hooks: list[Hook], name: str) -> None:
+    for hook in hooks:
+        hook.on_phase(name)
 
 
 def held_elements(model: torch.nn.Module) -> int:
@@ -320,14 +317,13 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, extra_hooks: list[
     from deepspeed.accelerator import get_accelerator
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher
-    if get_accelerator().device_name() == "cpu" and zero_stage(build_ds_config(cfg, world_size)) == 3:
-        memory.return_freed_memory_at_once()  # before the process group's threads make their heaps
+    ds_config = build_ds_config(cfg, world_size)
+    if get_accelerator().device_name() == "cpu" and zero_stage(ds_config) == 3:
+        return_freed_memory_at_once()  # before the process group's threads make their heaps
     rank, world, local_rank = init_distributed()
     trainer = Trainer.build(cfg, resume=resume, extra_hooks=list(extra_hooks or []), rank=rank, world=world,
-                            local_rank=local_rank)
+                            local_rank=local_rank, ds_config=ds_config if world == world_size else None)
     results = trainer.train()
     if rank == 0:
-        from mtp.report import print_summary
-
         print_summary(results, cfg)
     return results

@@ -16,15 +16,16 @@ from scipy.special import log_softmax, softmax
 
 from mtp.config import ConfigError, DistillConfig, EncoderConfig, ExperimentConfig
 from mtp.distill import Distillation, hidden_loss, logit_loss
-from mtp.export import initialise_from_run
-from mtp.model import MultitaskModel, full_state_dict, load_encoder
+from mtp.model import MultitaskModel, load_encoder
 from mtp.pruning import build_pruning, pruning_settings
+from mtp.run_folder import initialise_from_run
+from mtp.zero3 import full_state_dict
 from tests.conftest import ROOT
 
 
 def tiny_model(seed: int = 0, tasks: tuple[tuple[str, int], ...] = (("rte", 2), ("stsb", 1))) -> MultitaskModel:
     torch.manual_seed(seed)
-    encoder = load_encoder(EncoderConfig(name="configs/arch/tiny-bert", random_init=True))
+    encoder = load_encoder("configs/arch/tiny-bert", random_init=True)
     return MultitaskModel(encoder, dict(tasks))
 
 

@@ -100,7 +100,8 @@ def test_export_is_smaller_loads_with_transformers_and_scores_the_same(method_ru
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from mtp.export import build_dense_model, load_compact, read_final
+    from mtp.export import load_compact
+    from mtp.run_folder import build_dense_model, read_final
 
     run = method_runs[method]
     export = tmp_path / "export"

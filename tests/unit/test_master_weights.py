@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtp.model import gathered
 from mtp.training.distributed import init_distributed
 from mtp.training.optim import release_gradients_between_steps, share_master_weights
+from mtp.zero3 import gathered
 
 
 def _train(stage: int, share: bool, release: bool = False, accum: int = 1) -> tuple[int, list[torch.Tensor]]:

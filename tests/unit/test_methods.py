@@ -13,12 +13,13 @@ from typing import Literal
 import pytest
 import torch
 
-from mtp.config import EncoderConfig
-from mtp.export import compact_tensors, dense_state, install_compact
-from mtp.model import MultitaskModel, full_state_dict, load_encoder
+from mtp.export import compact_tensors, install_compact
+from mtp.model import MultitaskModel, load_encoder
 from mtp.pruning import METHODS, PruningMethod, build_pruning, pruned_methods, pruning_settings
 from mtp.pruning.base import PruningSettings
 from mtp.pruning.elementwise import ElementwisePruning, MaskedLinear
+from mtp.run_folder import dense_state
+from mtp.zero3 import full_state_dict
 
 
 class ToySettings(PruningSettings):
@@ -56,7 +57,7 @@ def toy_method() -> None:
 
 def tiny_model(seed: int = 0) -> MultitaskModel:
     torch.manual_seed(seed)
-    encoder = load_encoder(EncoderConfig(name="configs/arch/tiny-bert", random_init=True))
+    encoder = load_encoder("configs/arch/tiny-bert", random_init=True)
     return MultitaskModel(encoder, {"rte": 2, "stsb": 1}, head_dropout=0.0)
 
 

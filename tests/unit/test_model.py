@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtp.config import EncoderConfig
-from mtp.model import MultitaskModel, load_encoder, parameter_counts
+from mtp.model import DEFAULT_ENCODER, MultitaskModel, load_encoder, parameter_counts
 
 
 def _block_params(hidden: int, inter: int, layers: int) -> int:
@@ -22,7 +21,7 @@ def _block_params(hidden: int, inter: int, layers: int) -> int:
     ("roberta-base", 768, 3072, 12), ("roberta-large", 1024, 4096, 24)])
 def test_large_architectures_build_from_their_configs(arch: str, hidden: int, inter: int, layers: int) -> None:
     with torch.device("meta"):
-        encoder = load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True))
+        encoder = load_encoder(f"configs/arch/{arch}", random_init=True)
     model = MultitaskModel(encoder, {"rte": 2, "stsb": 1})
     counts = parameter_counts(model)
     assert counts["encoder_blocks"] == _block_params(hidden, inter, layers)
@@ -32,7 +31,7 @@ def test_large_architectures_build_from_their_configs(arch: str, hidden: int, in
 
 
 def test_minilm_is_the_packaged_pretrained_encoder() -> None:
-    encoder = load_encoder(EncoderConfig())
+    encoder = load_encoder(DEFAULT_ENCODER)
     model = MultitaskModel(encoder, {"rte": 2})
     counts = parameter_counts(model)
     assert counts["encoder_blocks"] == _block_params(384, 1536, 6)
@@ -48,7 +47,7 @@ def test_minilm_is_the_packaged_pretrained_encoder() -> None:
 
 
 def test_every_head_gets_a_gradient_whatever_the_task() -> None:
-    encoder = load_encoder(EncoderConfig(name="configs/arch/tiny-bert", random_init=True))
+    encoder = load_encoder("configs/arch/tiny-bert", random_init=True)
     model = MultitaskModel(encoder, {"rte": 2, "stsb": 1})
     batch = {"input_ids": torch.randint(1, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
     out = model("stsb", **batch, labels=torch.tensor([0.5, 1.0, 4.0]))
@@ -71,7 +70,7 @@ def test_the_streamed_final_state_is_the_safetensors_file_of_the_full_state(tmp_
     every parameter and persistent buffer, of every dtype, with its shape and values (non-persistent buffers out)."""
     from safetensors.torch import load_file, save_file
 
-    from mtp.model import full_state_dict, save_full_state
+    from mtp.zero3 import full_state_dict, save_full_state
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))

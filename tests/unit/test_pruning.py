@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtp.config import ConfigError, EncoderConfig
+from mtp.config import ConfigError
 from mtp.model import MultitaskModel, load_encoder, parameter_counts
 from mtp.pruning import (
     FactorizedLinear,
@@ -27,7 +27,7 @@ from mtp.pruning import (
 
 def tiny_model(arch: str = "tiny-bert") -> MultitaskModel:
     torch.manual_seed(0)
-    encoder = load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True))
+    encoder = load_encoder(f"configs/arch/{arch}", random_init=True)
     return MultitaskModel(encoder, {"rte": 2, "stsb": 1})
 
 
@@ -146,7 +146,7 @@ def test_first_step_at_budget_by_hand() -> None:
 
 def test_budget_arithmetic_for_bert_base_by_hand() -> None:
     with torch.device("meta"):
-        model = MultitaskModel(load_encoder(EncoderConfig(name="configs/arch/bert-base-uncased", random_init=True)),
+        model = MultitaskModel(load_encoder("configs/arch/bert-base-uncased", random_init=True),
                                {"rte": 2})
     counts = parameter_counts(model)
     # per block: Q, K, V, attention output 768x768; FFN 3072x768 and 768x3072
@@ -259,7 +259,7 @@ def test_lagrangian_ascent_raises_multipliers_when_over_target() -> None:
 @pytest.mark.parametrize("arch", ["bert-large-uncased", "roberta-large"])
 def test_large_architectures_are_pruned_by_architecture_map(arch: str) -> None:
     with torch.device("meta"):
-        model = MultitaskModel(load_encoder(EncoderConfig(name=f"configs/arch/{arch}", random_init=True)),
+        model = MultitaskModel(load_encoder(f"configs/arch/{arch}", random_init=True),
                                {"rte": 2})
     hook = build_pruning(pruning_settings(method="movement", budget=0.1), 100)[0]
     hook.setup(model)
@@ -270,8 +270,7 @@ def test_large_architectures_are_pruned_by_architecture_map(arch: str) -> None:
 
 def test_rank_factorisation_of_a_roberta_base_block() -> None:
     torch.manual_seed(0)
-    encoder = load_encoder(EncoderConfig(name="configs/arch/roberta-base", random_init=True,
-                                         config_overrides={"num_hidden_layers": 1}))
+    encoder = load_encoder("configs/arch/roberta-base", random_init=True, config_overrides={"num_hidden_layers": 1})
     model = MultitaskModel(encoder, {"rte": 2}).eval()
     x = torch.randint(5, 1000, (2, 11))
     before = model("rte", input_ids=x, attention_mask=torch.ones_like(x))["logits"]

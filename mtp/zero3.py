@@ -1,0 +1,142 @@
+"""ZeRO-3 parameters, read and written without any rank holding the whole model: the build contexts (under stage 3
+the encoder is built partitioned: transformers' DeepSpeed integration runs `from_pretrained` / `from_config` inside
+`deepspeed.zero.Init`, pretrained weights loaded one tensor at a time; the layers the pruning hooks swap in are made
+inside `deepspeed.zero.Init` too), gathering for reading, and whole states saved or loaded one tensor at a time.
+Every helper is a no-op for ordinary parameters, so the layers above call them under every stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether `param` is a ZeRO-3 partition (its data lives spread over the ranks)."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole parameter (a ZeRO-3 partition's local tensor is empty)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """The element count of the whole parameter."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def gathered(params: list[nn.Parameter]) -> Any:
+    """Gather ZeRO-3 partitioned parameters for reading; a no-op for ordinary parameters."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return nullcontext()
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def save_full_state(model: nn.Module, path: Path, write: bool = True) -> None:
+    """The whole state (parameters, persistent buffers) into one safetensors file, written tensor by tensor.
+
+    Under ZeRO-3 each parameter is gathered, written and released in turn, so that no rank ever holds the whole
+    model; every rank must call this (the gathers are collective) and only the one with `write` writes. The file
+    is what `safetensors.torch.save_file(full_state_dict(model), path)` writes, up to the order of the tensors."""
+    persistent = set(model.state_dict().keys())
+    entries = [(name, p, tuple(getattr(p, "ds_shape", p.shape))) for name, p in model.named_parameters()]
+    entries += [(name, b, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor, shape in entries:
+        size = math.prod(shape) * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") if write else nullcontext() as out:
+        if out is not None:
+            out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for _, tensor, _ in entries:
+            with gathered([tensor]) if isinstance(tensor, nn.Parameter) else nullcontext():
+                if out is not None:
+                    out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if write:
+        partial.replace(path)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state (parameters gathered one by one under ZeRO-3, persistent buffers) as CPU tensors."""
+    persistent = set(model.state_dict().keys())
+    state = {}
+    for name, param in model.named_parameters():
+        with gathered([param]):
+            state[name] = param.detach().cpu().clone()
+    for name, buf in model.named_buffers():
+        if name in persistent:
+            state[name] = buf.detach().cpu().clone()
+    return state
+
+
+@contextmanager
+def hf_zero3_build(ds_config: dict[str, Any], enabled: bool) -> Iterator[None]:
+    """Inside: transformers builds and loads models partitioned (stage 3 only), without touching the global RNG.
+    Outside again, it builds plain modules (teachers, exports). Pretrained weights load exactly as under stages
+    0-2; random weights (`encoder.random_init`) are other draws than under stages 0-2 (transformers initialises the
+    partitioned modules one by one)."""
+    if not enabled:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: alive only while this one is
+    try:
+        # a partitioned build draws random numbers where a plain load of pretrained weights draws none: the heads,
+        # built next, then start as under stages 0-2
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        del keep
+        unset_hf_deepspeed_config()
+
+
+def zero3_init(ds_config: dict[str, Any], enabled: bool) -> Any:
+    """`deepspeed.zero.Init` for stage 3 (modules built inside get partitioned parameters), else nothing."""
+    if not enabled:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def load_state_partitioned(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state, strict=True)` for a model whose parameters may be ZeRO-3 partitions: each is
+    gathered alone, rank 0's copy is written, and DeepSpeed scatters it back."""
+    import deepspeed
+    import torch.distributed as dist
+
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        raise KeyError(f"state and model differ: {sorted(set(state) ^ expected)[:3]}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in params and hasattr(params[name], "ds_id"):
+                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                    if rank == 0:
+                        params[name].data.copy_(value.to(params[name].dtype))
+            else:
+                (params.get(name) if name in params else buffers[name]).data.copy_(value)
