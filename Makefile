@@ -22,8 +22,10 @@ run: setup
 test: setup lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# ruff, and the import graph: no circles, the layers of pyproject.toml's [tool.importlinter]
 lint: setup
 	$(PYTHON) -m ruff check mtp tune bench tests
+	lint-imports
 
 # the fast layer alone (no GLUE data, no DeepSpeed launches): about a minute
 unit: setup

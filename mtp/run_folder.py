@@ -37,10 +37,10 @@ class PruningReport(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    method: str
-    budget: int
     kept_blocks: int
-    within_budget: bool
+    method: str | None = None
+    budget: int | None = None
+    within_budget: bool | None = None
     dense_blocks: int | None = None
     kept_fraction: float | None = None
 
@@ -65,7 +65,7 @@ class RunResults(BaseModel):
 
     @property
     def within_budget(self) -> bool:
-        return self.pruning.within_budget if self.pruning else True
+        return bool(self.pruning.within_budget) if self.pruning else True  # a report that does not say: not within
 
     def task_scores(self) -> dict[str, float]:
         """Each task's headline dev score at the end (empty while unfinished)."""

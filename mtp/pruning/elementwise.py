@@ -22,6 +22,13 @@ from mtp.zero3 import gathered, is_partitioned
 Scope = Literal["per_matrix", "global"]
 
 
+class ScopeSetting(PruningSettings):
+    """The key of methods whose top-k scope is the user's choice (magnitude, movement)."""
+
+    scope: Scope = "per_matrix"
+    """Element-wise top-k per matrix or over all prunable matrices at once."""
+
+
 class _StraightThroughMask(torch.autograd.Function):
     """W * M in the forward pass; dL/dW = g * M and dL/dS = dL/dM = g * W in the backward pass (fused)."""
 
@@ -56,7 +63,7 @@ class MaskedLinear(PrunableLayer):
             self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=linear.weight.device))
         else:
             self.register_buffer("mask", torch.ones_like(linear.weight))
-        # built inside deepspeed.zero.Init under ZeRO-3 (mtp/training/partition.py): the scores are partitioned
+        # built inside deepspeed.zero.Init under ZeRO-3 (mtp/zero3.py): the scores are partitioned
         self.scores = nn.Parameter(torch.zeros(self.mask.shape, dtype=linear.weight.dtype,
                                                device=linear.weight.device)) if with_scores else None
         # a method's term of the scores, taken in the training forward pass (where ZeRO-3 has gathered them)
@@ -211,3 +218,13 @@ class ElementwisePruning(PruningHook):
     def metrics(self) -> dict[str, float]:
         assert self.budget is not None
         return {**self.kept_metrics(), "pruning/target_density": self.density, "pruning/threshold": self.threshold}
+
+
+class ScopedElementwisePruning(ElementwisePruning):
+    """Element-wise pruning whose top-k scope is `pruning.scope` (ScopeSetting)."""
+
+    cfg: ScopeSetting
+
+    @property
+    def scope(self) -> Scope:
+        return self.cfg.scope

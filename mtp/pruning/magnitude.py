@@ -6,25 +6,17 @@ from typing import Literal
 
 import torch
 
-from mtp.pruning.base import PruningSettings
-from mtp.pruning.elementwise import ElementwisePruning, MaskedLinear, Scope
+from mtp.pruning.elementwise import MaskedLinear, ScopedElementwisePruning, ScopeSetting
 
 
-class MagnitudeSettings(PruningSettings):
+class MagnitudeSettings(ScopeSetting):
     method: Literal["magnitude"] = "magnitude"
-    scope: Scope = "per_matrix"
-    """Element-wise top-k per matrix or over all prunable matrices at once."""
 
 
-class MagnitudePruning(ElementwisePruning):
-    """Keeps the largest |W| of every matrix (or of all of them)."""
+class MagnitudePruning(ScopedElementwisePruning):
+    """Keeps the largest |W| of every matrix (or of all of them): no parameter of its own."""
 
-    cfg: MagnitudeSettings
     with_scores = False
-
-    @property
-    def scope(self) -> Scope:
-        return self.cfg.scope
 
     def criterion(self, m: MaskedLinear) -> torch.Tensor:
         return m.weight.detach().abs()

@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from mtp.pruning.base import PruningSettings
-from mtp.pruning.elementwise import ElementwisePruning, MaskedLinear, Scope
+from mtp.pruning.elementwise import MaskedLinear, ScopedElementwisePruning, ScopeSetting
 
 
 class ScoreLearning(PruningSettings):
@@ -19,21 +19,15 @@ class ScoreLearning(PruningSettings):
     """Learning rate of movement scores."""
 
 
-class MovementSettings(ScoreLearning):
+class MovementSettings(ScopeSetting, ScoreLearning):
     method: Literal["movement"] = "movement"
-    scope: Scope = "per_matrix"
-    """Element-wise top-k per matrix or over all prunable matrices at once."""
 
 
-class MovementPruning(ElementwisePruning):
+class MovementPruning(ScopedElementwisePruning):
     """Keeps the entries with the largest scores S; S starts at 0 and learns from g * W in its own optimizer group."""
 
-    cfg: ScoreLearning
+    cfg: MovementSettings
     with_scores = True
-
-    @property
-    def scope(self) -> Scope:
-        return self.cfg.scope
 
     def criterion(self, m: MaskedLinear) -> torch.Tensor:
         return m.scores.detach()

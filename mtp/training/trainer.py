@@ -91,7 +91,7 @@ class Trainer:
         sampler = MultitaskSampler(sizes, probs, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
         max_steps = total_steps(cfg, sizes, world)
 
-        zero3 = zero_stage(ds_config) == 3  # built partitioned from the start (mtp/training/partition.py)
+        zero3 = zero_stage(ds_config) == 3  # built partitioned from the start (mtp/zero3.py)
         with hf_zero3_build(ds_config, zero3):
             encoder = load_encoder(cfg.encoder.name, cfg.encoder.random_init, cfg.encoder.config_overrides,
                                pad_token_id=tokenizer.pad_token_id)

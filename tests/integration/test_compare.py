@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mtp.compare import plan_runs
+from mtp.compare import ComparePlan, plan_runs
 from mtp.config import ConfigError
 from tests.conftest import ROOT
 
@@ -57,10 +57,9 @@ def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
 
     changed = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={out}", f"results_dir={kept}",
                                                                       "single_task_overrides=[train.lr=0.002]"])
-    plan = {s.name: s for s in plan_runs(changed, ["rte", "stsb"])}
-    base = ROOT / changed.base
-    assert finished_results(changed, plan["mt-movement-0.5"], base) is not None
-    assert finished_results(changed, plan["st-rte-movement-0.25"], base) is None
+    plan = ComparePlan.build(changed, ROOT / changed.base)
+    assert finished_results(plan, plan.by_name["mt-movement-0.5"]) is not None
+    assert finished_results(plan, plan.by_name["st-rte-movement-0.25"]) is None
 
 
 def test_compare_config_errors_exit_2(tmp_path: Path) -> None:
@@ -102,7 +101,7 @@ def test_only_selects_runs_by_regular_expression(tmp_path: Path) -> None:
     for name in wanted:  # finished, so selecting them trains nothing
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "results.json").write_text(json.dumps({"finished": True}))
-    status = run_all(cfg, ROOT / cfg.base, only="rank|dense", log=lambda _: None)
+    status = run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="rank|dense", log=lambda _: None)
     assert status == dict.fromkeys(wanted, "reused")
 
 
@@ -125,35 +124,33 @@ def test_a_run_folder_from_another_recipe_is_set_aside_not_reused(tmp_path: Path
     """Run folders are checked like kept results: one made by another recipe (its .recipe file, or the config saved
     with its final model) is neither reused nor resumed; it is moved aside, and nothing is deleted."""
     from mtp.compare import finished_results, load_compare_config, recipe_fingerprint, set_aside_if_stale
-    from mtp.config import load_config
 
     cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}"])
-    base = ROOT / cfg.base
-    spec = {s.name: s for s in plan_runs(cfg, ["rte", "stsb"])}["st-rte-movement-0.25"]
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    spec = plan.by_name["st-rte-movement-0.25"]
     run_dir = tmp_path / "runs" / spec.name
     run_dir.mkdir(parents=True)
     (run_dir / "results.json").write_text(json.dumps({"finished": True, "mean_score": 50.0}))
     (run_dir / ".recipe").write_text("0123456789abcdef\n")  # another recipe
-    assert finished_results(cfg, spec, base) is None
-    moved = set_aside_if_stale(cfg, spec, base)
+    assert finished_results(plan, spec) is None
+    moved = set_aside_if_stale(plan, spec)
     assert moved == tmp_path / "runs" / f"{spec.name}.stale-0123456789abcdef" and not run_dir.exists()
     assert json.loads((moved / "results.json").read_text())["mean_score"] == 50.0
     # a folder from before .recipe files: its recipe is read from the final model's config
-    from mtp.compare import run_overrides
-
-    exp = load_config(base, [*run_overrides(spec, cfg, base), f"output_dir={run_dir}"])
+    exp = plan.experiment(spec, [f"output_dir={run_dir}"])
     (run_dir / "final").mkdir(parents=True)
     (run_dir / "results.json").write_text(json.dumps({"finished": True, "mean_score": 60.0}))
     (run_dir / "final" / "mtp.json").write_text(json.dumps({"config": exp.model_dump(mode="json")}))
-    assert finished_results(cfg, spec, base)["mean_score"] == 60.0 and set_aside_if_stale(cfg, spec, base) is None
-    (run_dir / ".recipe").write_text(recipe_fingerprint(spec, cfg, base))
-    assert finished_results(cfg, spec, base)["mean_score"] == 60.0
+    assert finished_results(plan, spec)["mean_score"] == 60.0 and set_aside_if_stale(plan, spec) is None
+    (run_dir / ".recipe").write_text(recipe_fingerprint(plan, spec))
+    assert finished_results(plan, spec)["mean_score"] == 60.0
     changed = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}",
                                                                       "single_task_overrides=[train.lr=0.002]"])
-    changed_spec = {s.name: s for s in plan_runs(changed, ["rte", "stsb"])}[spec.name]
-    assert finished_results(changed, changed_spec, base) is None
-    old_recipe = recipe_fingerprint(spec, cfg, base)
-    assert set_aside_if_stale(changed, changed_spec, base).name == f"{spec.name}.stale-{old_recipe}"
+    changed_plan = ComparePlan.build(changed, ROOT / changed.base)
+    changed_spec = changed_plan.by_name[spec.name]
+    assert finished_results(changed_plan, changed_spec) is None
+    old_recipe = recipe_fingerprint(plan, spec)
+    assert set_aside_if_stale(changed_plan, changed_spec).name == f"{spec.name}.stale-{old_recipe}"
 
 
 def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tmp_path: Path, monkeypatch) -> None:
@@ -163,7 +160,7 @@ def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tmp_path: 
     from mtp.compare import runner
 
     cfg = compare.load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path}", "teachers=false"])
-    claim = runner._claim
+    claim = runner.claim
 
     def finished_by_another_process(run_dir: Path) -> bool:
         (run_dir.parent).mkdir(parents=True, exist_ok=True)
@@ -174,9 +171,9 @@ def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tmp_path: 
     def no_training(*_args, **_kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(runner, "_claim", finished_by_another_process)
+    monkeypatch.setattr(runner, "claim", finished_by_another_process)
     monkeypatch.setattr(runner, "start_run", no_training)
-    status = compare.run_all(cfg, ROOT / cfg.base, only="^st-rte-", log=lambda _: None)
+    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^st-rte-", log=lambda _: None)
     assert status and set(status.values()) == {"reused"}
     assert not any((tmp_path / "runs").glob("*/.claim"))
 
@@ -210,12 +207,12 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
         def poll(self) -> int:
             return 0
 
-    def fake_start(spec, *_args, **_kwargs):
+    def fake_start(_plan, spec, *_args, **_kwargs):
         started.append(spec.name)
         return Finished(spec)
 
     monkeypatch.setattr(runner, "start_run", fake_start)
-    status = compare.run_all(cfg, ROOT / cfg.base, parallel=2, log=lambda _: None)
+    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), parallel=2, log=lambda _: None)
     for name, spec in plan.items():
         if spec.teacher and spec.teacher != "st-stsb-dense":
             assert started.index(spec.teacher) < started.index(name)
@@ -229,7 +226,7 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
     (tmp_path / "kept" / "runs" / "mt-movement-0.2.json").unlink()
     started.clear()
     lines: list[str] = []
-    status = compare.run_all(cfg, ROOT / cfg.base, only="^mt-movement-0.2$", log=lines.append)
+    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^mt-movement-0.2$", log=lines.append)
     assert started == ["mt-dense", "mt-movement-0.2"]
     assert status == {"mt-dense": "trained", "mt-movement-0.2": "trained"}
     assert "compare: 1 runs, 0 already finished, 1 to train (and 1 teacher again)" in lines
@@ -251,7 +248,7 @@ def test_extra_seeds_give_the_multitask_spread_and_the_report_the_retained_fract
             "finished": True, "mean_score": mean, "params": {"encoder_blocks": 1000, "embeddings": 10},
             "tasks": {"rte": {"score": mean}, "stsb": {"score": mean}},
             "pruning": None if name == "mt-dense" else {"kept_blocks": 500}}))
-    report = build_report(cfg, ROOT / cfg.base)
+    report = build_report(ComparePlan.build(cfg, ROOT / cfg.base))
     assert report["spread"] == [{"method": "movement", "budget": 0.5, "runs": 3, "means": [70.0, 72.0, 74.0],
                                  "mean": 72.0, "stdev": 2.0, "range": 4.0}]
     assert report["methods"]["movement"][0]["multitask"]["retained"] == pytest.approx(70.0 / 80.0)
@@ -268,8 +265,8 @@ def test_a_best_ensemble_over_a_partial_grid_is_marked_a_lower_bound(tmp_path: P
     kept = tmp_path / "kept"
     cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [
         f"output_dir={tmp_path / 'out'}", f"results_dir={kept}", "single_task_sizes=[0.1, 0.25]"])
-    plan = plan_runs(cfg, ["rte", "stsb"])
-    single = [s for s in plan if s.task is not None and s.method == "movement"]
+    compare_plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    single = [s for s in compare_plan.runs if s.task is not None and s.method == "movement"]
     (kept / "runs").mkdir(parents=True)
 
     def write(name: str, score: float, kept_blocks: int | None) -> None:
@@ -285,14 +282,14 @@ def test_a_best_ensemble_over_a_partial_grid_is_marked_a_lower_bound(tmp_path: P
     for spec in single:
         if spec.name not in ("st-stsb-movement-0.25", "st-rte-movement-0.5"):
             write(spec.name, 50.0 + 10 * spec.size, int(spec.size * 1000))
-    row = next(r for r in build_report(cfg, ROOT / cfg.base)["methods"]["movement"] if r["budget"] == 0.5)
+    row = next(r for r in build_report(compare_plan)["methods"]["movement"] if r["budget"] == 0.5)
     best = row["best_ensemble"]
     assert best["allocation"] == {"rte": "0.25", "stsb": "0.1"}  # the best of the finished runs
     assert best["complete"] is False and best["unfinished_runs"] == ["st-stsb-movement-0.25"]
-    md = render_markdown(build_report(cfg, ROOT / cfg.base), cfg, "mtp compare")
+    md = render_markdown(build_report(ComparePlan.build(cfg, ROOT / cfg.base)), cfg, "mtp compare")
     assert "over a partial grid (1 single-task runs not finished): a lower bound" in md
 
     write("st-stsb-movement-0.25", 52.5, 250)
-    row = next(r for r in build_report(cfg, ROOT / cfg.base)["methods"]["movement"] if r["budget"] == 0.5)
+    row = next(r for r in build_report(compare_plan)["methods"]["movement"] if r["budget"] == 0.5)
     assert row["best_ensemble"]["complete"] is True and row["best_ensemble"]["unfinished_runs"] == []
     assert row["best_ensemble"]["allocation"] == {"rte": "0.25", "stsb": "0.25"}

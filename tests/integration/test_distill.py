@@ -220,7 +220,7 @@ def test_element_wise_masks_are_fixed_for_the_final_fine_tuning() -> None:
     for step in range(16, 21):
         hook.on_optimizer_step(model, step)
     assert all(torch.equal(a, m.mask) for a, m in zip(before, hook.modules, strict=True))
-    report = hook.on_train_end(model)
+    report = hook.final_report(model)
     assert report["within_budget"] and report["fixed_masks_from_step"] == 15
     resumed = build_pruning(cfg, 20)[0]
     resumed.load_state_dict(hook.state_dict())
@@ -251,7 +251,7 @@ def test_rank_gates_are_deterministic_off_the_ramp_and_ranks_fixed_for_the_fine_
             m.log_alpha.add_(torch.randn_like(m.log_alpha))
     for step in range(18, 21):
         hook.on_optimizer_step(model, step)
-    report = hook.on_train_end(model)
+    report = hook.final_report(model)
     assert all(torch.equal(a, m.keep) for a, m in zip(keep, hook.modules, strict=True))
     assert report["within_budget"] and report["fixed_ranks_from_step"] == 17
 

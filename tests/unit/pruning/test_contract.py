@@ -39,7 +39,7 @@ class ToyRandomPruning(ElementwisePruning):
     def scope(self) -> str:
         return "per_matrix"
 
-    def _criterion(self, m: MaskedLinear) -> torch.Tensor:
+    def criterion(self, m: MaskedLinear) -> torch.Tensor:
         return self.random[self.modules.index(m)]
 
 
@@ -111,7 +111,7 @@ def test_a_method_ends_within_its_budget_and_resumes_to_the_same_masks(name: str
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(hook.state_dict()),
              copy.deepcopy(optimizer.state_dict()), torch.get_rng_state())
     train(model, hook, STEPS // 2 + 1, STEPS, optimizer)
-    report = hook.on_train_end(model)
+    report = hook.final_report(model)
     assert report["method"] == name and report["within_budget"], report
     assert report["kept_blocks"] <= report["budget"]
 
@@ -121,7 +121,7 @@ def test_a_method_ends_within_its_budget_and_resumes_to_the_same_masks(name: str
     resumed_optimizer.load_state_dict(saved[2])
     torch.set_rng_state(saved[3])
     train(resumed, resumed_hook, STEPS // 2 + 1, STEPS, resumed_optimizer)
-    assert resumed_hook.on_train_end(resumed) == report
+    assert resumed_hook.final_report(resumed) == report
     for key, value in model.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
@@ -131,7 +131,7 @@ def test_the_dense_fold_and_the_compact_form_give_the_trained_models_outputs(nam
     torch.manual_seed(1)
     model, hook, optimizer = start(name)
     train(model, hook, 1, STEPS, optimizer)
-    hook.on_train_end(model)
+    hook.final_report(model)
     expected = outputs(model)
     state = full_state_dict(model)
 
@@ -159,7 +159,7 @@ def test_a_state_saved_in_half_precision_folds_and_compacts_to_the_same_float32_
     torch.manual_seed(1)
     model, hook, optimizer = start(name)
     train(model, hook, 1, STEPS, optimizer)
-    hook.on_train_end(model)
+    hook.final_report(model)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full_state_dict(model).items()}
     folded = tiny_model(seed=7)
     folded.load_state_dict(dense_state(hook.cfg, state, folded.model_type), strict=True)

@@ -1,0 +1,70 @@
+"""Element-wise methods (magnitude, movement, soft movement): exact budgets, masks in the forward pass, straight-through
+scores, soft movement's projection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtp.pruning import (
+    MaskedLinear,
+    build_pruning,
+    prunable_modules,
+    pruning_settings,
+)
+from tests.unit.pruning.tiny import tiny_model
+
+
+@pytest.mark.parametrize("scope", ["per_matrix", "global"])
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_elementwise_masks_hit_the_budget_exactly(method: str, scope: str) -> None:
+    model = tiny_model()
+    hook = build_pruning(pruning_settings(method=method, budget=0.3, scope=scope), 10)[0]
+    hook.setup(model)
+    modules = [m for _, _, m in prunable_modules(model)]
+    assert all(isinstance(m, MaskedLinear) for m in modules)
+    for m in modules:
+        if m.scores is not None:
+            m.scores.data.normal_()
+    hook.on_optimizer_step(model, 10)  # past the cool-down start: the final density
+    report = hook.kept_report(model)
+    budget = hook.budget
+    assert report["kept_blocks"] == budget.non_prunable + math.floor(budget.density * budget.prunable)
+    assert report["within_budget"] and budget.target - report["kept_blocks"] <= 1
+    if scope == "per_matrix":
+        for m in modules:
+            assert abs(int(m.mask.sum()) - budget.density * m.mask.numel()) <= 1
+
+
+def test_masks_act_in_the_forward_pass_with_straight_through_scores() -> None:
+    torch.manual_seed(0)
+    layer = MaskedLinear(nn.Linear(6, 4), with_scores=True).train()
+    layer.mask[:, :3] = False
+    x = torch.randn(2, 6)
+    expected = x @ (layer.weight * layer.mask).T + layer.bias
+    out = layer(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    # dL/dS = dL/dM = dL/dW_eff * W: nonzero for pruned entries too (they can come back)
+    grad_weff = torch.ones(2, 4).T @ x
+    torch.testing.assert_close(layer.scores.grad, grad_weff * layer.weight.detach())
+    torch.testing.assert_close(layer.weight.grad, grad_weff * layer.mask)
+
+
+def test_soft_movement_projects_to_the_budget_at_the_end() -> None:
+    model = tiny_model()
+    hook = build_pruning(pruning_settings(method="soft_movement", budget=0.25), 10)[0]
+    hook.setup(model)
+    for _, _, m in prunable_modules(model):
+        m.scores.data.normal_()
+    for step in (0, 5, 10):  # the mask is 1[sigmoid(S) > tau_t], computed as S > logit(tau_t)
+        hook.on_optimizer_step(model, step)
+        for _, _, m in prunable_modules(model):
+            assert torch.equal(m.mask.bool(), torch.sigmoid(m.scores.detach()) > hook.threshold)
+    assert 0 < hook.threshold == hook.cfg.soft_threshold
+    report = hook.final_report(model)
+    assert report["within_budget"]
+    assert hook.budget.target - report["kept_blocks"] <= 1
