@@ -1,0 +1,58 @@
+"""A run's hooks built from its config in one place: the loggers from their registry (rank 0 only), the memory
+profile on every rank, a new logger added without touching the trainer, a name that is not registered refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mtp.config import ConfigError, ExperimentConfig, load_config, recipe_dump
+from mtp.hooks import Hook
+from mtp.training.components import build_observers
+from mtp.training.loggers import LOGGERS, ProgressBar, ResultsFile, TensorBoardLogger, check_loggers, register_logger
+from mtp.training.memory import MemoryProfiler
+from tests.conftest import ROOT
+
+
+def config(*overrides: str) -> ExperimentConfig:
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={Path('/nonexistent')}", *overrides])
+
+
+def test_rank_0_gets_the_memory_profile_and_the_default_loggers_in_order_the_others_the_profile_only() -> None:
+    hooks = build_observers(config(), {}, rank=0)
+    assert [type(h) for h in hooks] == [MemoryProfiler, TensorBoardLogger, ResultsFile, ProgressBar]
+    assert [type(h) for h in build_observers(config(), {}, rank=1)] == [MemoryProfiler]
+    assert [type(h) for h in build_observers(config("train.loggers=[results]"), {}, rank=0)] == [MemoryProfiler,
+                                                                                                 ResultsFile]
+
+
+def test_a_new_logger_is_registered_and_named_without_touching_the_trainer() -> None:
+    class Lines(Hook):
+        name = "lines"
+
+        def __init__(self, folder: Path) -> None:
+            self.folder = folder
+
+    @register_logger("lines")
+    def _lines(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> Hook:
+        return Lines(Path(cfg.output_dir))
+
+    try:
+        hooks = build_observers(config("train.loggers=[results, lines]"), {}, rank=0)
+        assert [type(h) for h in hooks] == [MemoryProfiler, ResultsFile, Lines]
+        assert hooks[-1].folder.name == "nonexistent"
+    finally:
+        del LOGGERS["lines"]
+
+
+def test_an_unknown_logger_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^train.loggers: unknown logger 'wandb' \(one of tensorboard, results, "
+                                          r"progress\)$"):
+        check_loggers(config("train.loggers=[results, wandb]").train.loggers)
+
+
+def test_the_default_loggers_leave_the_recipe_fingerprint_as_it_was() -> None:
+    assert "loggers" not in recipe_dump(config())
+    assert "loggers" in recipe_dump(config("train.loggers=[results]"))
