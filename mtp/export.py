@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from mtp.config import ConfigError, ExperimentConfig, cache_dir, saved_config
 from mtp.data import load_tasks, tokenize_task
 from mtp.evaluation import collate, evaluate_tasks
-from mtp.model import MultitaskModel, load_hf_config, load_tokenizer
+from mtp.model import MultitaskModel, encoder_layers, load_hf_config, load_tokenizer
+from mtp.pruned_encoder import PRUNED_CLASSES, kept_shapes
 from mtp.pruning import PruningSettings, compact_layers, get_method
 from mtp.run_folder import build_dense_model, dense_state, empty_model, prunable_paths, read_final
 
@@ -33,12 +35,31 @@ COMPACT_FORMAT = "mtp-compact-v1"
 # ---------------------------------------------------------------- (a) Hugging Face
 
 
+def pruned_hf_encoder(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """The encoder at its kept per-layer shapes, as a transformers model whose code (mtp/pruned_encoder.py) is saved
+    beside its weights: what a structured run exports as `hf/encoder`."""
+    tensors, formats = compact_tensors(cfg.pruning, state, load_hf_config(cfg.encoder.name).model_type)
+    compact = install_compact(empty_model(cfg, meta), tensors, formats).encoder
+    heads, units = kept_shapes(compact)
+    config_class, model_class, classifier_class = PRUNED_CLASSES[compact.config.model_type]
+    dense = {k: v for k, v in compact.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    config = config_class(heads_per_layer=heads, intermediate_per_layer=units, **dense)
+    encoder = model_class(config)
+    encoder.load_state_dict(compact.state_dict(), strict=True)
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModel")
+    classifier_class.register_for_auto_class("AutoModelForSequenceClassification")
+    return encoder.eval()
+
+
 def export_hf(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str, torch.Tensor], out: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
     model = build_dense_model(cfg, meta, state)
     tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
-    model.encoder.save_pretrained(out / "encoder")
+    layer = get_method(cfg.pruning.method).layer
+    encoder = pruned_hf_encoder(cfg, meta, state) if layer is not None and layer.shrinks_blocks else model.encoder
+    encoder.save_pretrained(out / "encoder")
     tokenizer.save_pretrained(out / "encoder")
     heads = {f"{name}.{k}": v.detach().contiguous() for name, head in model.heads.items()
              for k, v in head.state_dict().items()}
@@ -50,17 +71,20 @@ def export_hf(cfg: ExperimentConfig, meta: dict[str, Any], state: dict[str, torc
         return
     for task in meta["tasks"]:  # cls pooling + dense/tanh/projection is exactly HF's sequence-classification head
         labels = task["labels"]
-        config = model.encoder.config.__class__.from_dict(model.encoder.config.to_dict())
+        config = encoder.config.__class__.from_dict(encoder.config.to_dict())
         config.num_labels = 1 if labels is None else len(labels)
         config.problem_type = "regression" if labels is None else "single_label_classification"
         if labels:
             config.id2label = dict(enumerate(labels))
             config.label2id = {v: i for i, v in enumerate(labels)}
-        hf = AutoModelForSequenceClassification.from_config(config)
+        if encoder is model.encoder:
+            hf = AutoModelForSequenceClassification.from_config(config)
+        else:
+            hf = PRUNED_CLASSES[model.model_type][2](config)
         base = getattr(hf, hf.base_model_prefix)
-        base.load_state_dict(model.encoder.state_dict(), strict=False)
+        base.load_state_dict(encoder.state_dict(), strict=False)
         head = model.heads[task["name"]]
-        if config.model_type == "bert":
+        if model.model_type == "bert":
             hf.bert.pooler.dense.load_state_dict(head[1].state_dict())
             hf.classifier.load_state_dict(head[4].state_dict())
         else:
@@ -133,6 +157,9 @@ def install_compact(model: MultitaskModel, tensors: dict[str, torch.Tensor], for
         parent_path, _, child = path.rpartition(".")
         bias = tensors.pop(f"{path}.bias", None)
         setattr(model.get_submodule(parent_path), child, layers[fmt].from_compact(tensors, path, bias, sparse_compute))
+    for fmt in sorted({f for f in formats.values() if f != "dense"}):
+        for block in encoder_layers(model):
+            layers[fmt].compact_block(block, model.model_type)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     replaced = {p for p, f in formats.items() if f != "dense"}
     leftovers = [k for k in missing if k.rpartition(".")[0] not in replaced]
@@ -179,7 +206,9 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     if low_precision:
         trained_scores = evaluate_tasks(trained, tasks, data, tokenizer, cfg.train.eval_batch_size)
         reference = {k: v["score"] for k, v in trained_scores.items()}
-    hf_encoder = AutoModel.from_pretrained(out / "hf" / "encoder", add_pooling_layer=False).eval()
+    # a structured export ships its modeling code (mtp/pruned_encoder.py) in the folder
+    hf_encoder = AutoModel.from_pretrained(out / "hf" / "encoder", add_pooling_layer=False,
+                                           trust_remote_code=True).eval()
     max_logit_diff = 0.0
     max_hidden_diff = 0.0
     with torch.no_grad():

@@ -37,7 +37,7 @@ class PruningReport(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    kept_blocks: int
+    kept_blocks: int | None = None
     method: str | None = None
     budget: int | None = None
     within_budget: bool | None = None
@@ -61,7 +61,9 @@ class RunResults(BaseModel):
     @property
     def kept_blocks(self) -> int:
         """Encoder-block parameters the final model keeps (the dense count for a dense run)."""
-        return self.pruning.kept_blocks if self.pruning else self.params["encoder_blocks"]
+        if self.pruning is not None and self.pruning.kept_blocks is not None:
+            return self.pruning.kept_blocks
+        return self.params["encoder_blocks"]
 
     @property
     def within_budget(self) -> bool:

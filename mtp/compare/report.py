@@ -60,7 +60,7 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
             choices = []
             for t in tasks:
                 opts = []
-                for spec in plan:
+                for spec in plan.runs:
                     r = by_key[spec.key]
                     if spec.task == t and spec.method == method and r is not None:
                         opts.append(Choice(kept(r), task_score(r, t), _fmt(spec.size)))
@@ -69,7 +69,8 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
             # single-task runs of this method that could be ensemble members at this budget but are not finished
             # (a member leaves room for the smallest planned run of every other task): a best ensemble found
             # without them is a lower bound on the grid's
-            members = [spec for spec in plan if spec.task is not None and spec.method == method and spec.seed is None]
+            members = [spec for spec in plan.runs
+                       if spec.task is not None and spec.method == method and spec.seed is None]
             smallest = {t: min((s.size for s in members if s.task == t), default=0.0) for t in tasks}
             unfinished = [spec.name for spec in members if by_key[spec.key] is None
                           and spec.size + sum(smallest[t] for t in tasks if t != spec.task) <= budget + 1e-9]

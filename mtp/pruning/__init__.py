@@ -7,7 +7,8 @@ the comparison and the search find methods through this registry and nothing els
 Masks and gates act in the forward pass (never by writing zeros into weights), so ZeRO's master copy cannot undo
 them. Masks are recomputed once per optimizer step from the (gathered, under ZeRO-3) scores or weights.
 Methods (Xia & Shin 2021, after Sanh et al. 2020 and Wang et al. 2020; docs/pruning.md): magnitude, movement,
-soft_movement (element-wise) and rank (hard-concrete gates over the SVD's ranks).
+soft_movement (element-wise), rank (hard-concrete gates over the SVD's ranks) and structured (whole heads and FFN
+units, for a physically smaller encoder).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mtp.pruning.magnitude import MagnitudePruning, MagnitudeSettings
 from mtp.pruning.movement import MovementPruning, MovementSettings
 from mtp.pruning.rank import FactorizedLinear, RankPruning, RankSettings
 from mtp.pruning.soft_movement import SoftMovementPruning, SoftMovementSettings
+from mtp.pruning.structured import GroupMaskedLinear, StructuredPruning, StructuredSettings
 from mtp.pruning.topk import TopK, allocate, threshold_masks, topk_mask
 from mtp.schema import WHOLE_MESSAGE, describe_error
 
@@ -71,7 +73,8 @@ for _method in (PruningMethod("none", NoPruning, None, None),
                 PruningMethod("magnitude", MagnitudeSettings, MagnitudePruning, MaskedLinear),
                 PruningMethod("movement", MovementSettings, MovementPruning, MaskedLinear),
                 PruningMethod("soft_movement", SoftMovementSettings, SoftMovementPruning, MaskedLinear),
-                PruningMethod("rank", RankSettings, RankPruning, FactorizedLinear)):
+                PruningMethod("rank", RankSettings, RankPruning, FactorizedLinear),
+                PruningMethod("structured", StructuredSettings, StructuredPruning, GroupMaskedLinear)):
     register(_method)
 
 

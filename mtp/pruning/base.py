@@ -103,12 +103,19 @@ def cubic_schedule(step: int, total: int, warmup: int, cooldown: int, start: flo
 
 class PrunableLayer(nn.Module):
     """A prunable linear map swapped in for nn.Linear, with its merge beside it: `fold` gives the dense weight from a
-    saved state (for plain transformers), `compact` its small stored form, `from_compact` the inference module."""
+    saved state (for plain transformers), `compact` its small stored form, `from_compact` the inference module.
+
+    A method that acts on a block rather than on one map (a head spans the query, key, value and output maps, an FFN
+    unit the two FFN maps) is given each map's kind when it builds its layers (`replace_prunable`), and may change a
+    whole block once all of its maps have their inference modules (`compact_block`)."""
 
     compact_format: ClassVar[str]
     """The name of the compact form in compact.json (a format written is read back by the layer that owns it)."""
     state_suffixes: ClassVar[tuple[str, ...]]
     """The layer's own state keys (after `path.`) that the dense fold replaces by `weight`."""
+    shrinks_blocks: ClassVar[bool] = False
+    """Whether the compact form is a stock block at smaller shapes (whole heads and FFN units removed): the export
+    then writes its Hugging Face encoder at those shapes (mtp/pruned_encoder.py), not a dense fold with zeros."""
 
     @classmethod
     def fold(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> torch.Tensor:
@@ -126,6 +133,11 @@ class PrunableLayer(nn.Module):
         """The inference module for the compact tensors under `path` (taken out of `tensors`)."""
         raise NotImplementedError
 
+    @classmethod
+    def compact_block(cls, block: nn.Module, model_type: str) -> None:
+        """Change one encoder block (a transformers layer) whose prunable maps are all inference modules now, e.g. an
+        attention left with no heads; nothing by default."""
+
 
 def prunable_modules(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
     """(matrix type, layer index, module) for the six prunable maps of every block."""
@@ -137,12 +149,13 @@ def prunable_modules(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
 
 
 def replace_prunable(model: nn.Module, make: Any) -> None:
-    """Swap every prunable nn.Linear of the encoder for `make(linear, layer_index)`."""
+    """Swap every prunable nn.Linear of the encoder for `make(linear, layer_index, kind)` (kind: query, key, value,
+    attn_out, ffn_in, ffn_out)."""
     for idx, layer in enumerate(encoder_layers(model)):
-        for path in PRUNABLE_BY_ARCH[model.model_type].values():
+        for kind, path in PRUNABLE_BY_ARCH[model.model_type].items():
             parent_path, _, child = path.rpartition(".")
             parent = layer.get_submodule(parent_path)
-            setattr(parent, child, make(getattr(parent, child), idx))
+            setattr(parent, child, make(getattr(parent, child), idx, kind))
 
 
 # ---------------------------------------------------------------- the hook

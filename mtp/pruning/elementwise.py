@@ -135,7 +135,7 @@ class ElementwisePruning(PruningHook):
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
-        replace_prunable(model, lambda linear, _idx: MaskedLinear(linear, self.with_scores))
+        replace_prunable(model, lambda linear, _idx, _kind: MaskedLinear(linear, self.with_scores))
         self.modules = [m for _, _, m in prunable_modules(model)]
         self.density = 1.0
         self.threshold = 0.0

@@ -147,8 +147,11 @@ class RankPruning(PruningHook):
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
         c = self.cfg
-        replace_prunable(model, lambda linear, _idx: FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high),
-                                                              c.log_alpha_init))
+
+        def factorised(linear: nn.Linear, _idx: int, _kind: str) -> FactorizedLinear:
+            return FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high), c.log_alpha_init)
+
+        replace_prunable(model, factorised)
         self.modules = [m for _, _, m in prunable_modules(model)]
         self.lambda1 = 0.0
         # lambda2 starts as a real quadratic penalty (method of multipliers): its pull 2 lambda2 (s - t) follows the

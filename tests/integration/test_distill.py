@@ -178,7 +178,7 @@ def test_task_teachers_are_checked_before_anything_loads(tmp_path: Path) -> None
     from mtp.checks import check_sources
 
     cases = {str(own_run): "distill.task_teachers.stsb: .* has no head for task 'stsb'",
-             str(tmp_path): "distill.task_teachers.stsb: .* is not a finished mtp run"}
+             str(tmp_path): "distill.task_teachers.stsb: .* holds no finished mtp run .*, so it has no task head"}
     for folder, message in cases.items():
         cfg = ExperimentConfig(tasks=[{"name": "rte"}, {"name": "stsb"}],
                                distill={"task_teachers": {"rte": str(own_run), "stsb": folder}})
@@ -274,32 +274,36 @@ def test_gate_groups_keep_a_constant_learning_rate() -> None:
 def test_recipes_that_leave_the_new_keys_alone_keep_their_fingerprints() -> None:
     """The committed results of the long comparison carry the fingerprints of their recipes: the dense and movement
     runs still match after distillation, init_from, finetune_ratio and the soft-movement defaults were added."""
-    from mtp.compare import load_compare_config, plan_runs, recipe_fingerprint
+    from mtp.compare import ComparePlan, load_compare_config, recipe_fingerprint
 
     cfg = load_compare_config(ROOT / "configs/compare_minilm_long.yaml")
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
     kept = ROOT / cfg.results_dir / "runs"
     checked = 0
-    for spec in plan_runs(cfg, ["rte", "mrpc", "stsb", "cola", "sst2"]):
+    for spec in plan.runs:
         if spec.method in ("none", "movement"):
             stored = json.loads((kept / f"{spec.name}.json").read_text())["recipe"]
-            assert recipe_fingerprint(spec, cfg, ROOT / cfg.base) == stored, spec.name
+            assert recipe_fingerprint(plan, spec) == stored, spec.name
             checked += 1
     assert checked == 30
-    spec = plan_runs(cfg, ["rte"])[0]
+    spec = plan.runs[0]
     with_teacher = cfg.model_copy(update={"overrides": [*cfg.overrides, "distill.teacher=runs/x"]})
-    assert recipe_fingerprint(spec, with_teacher, ROOT / cfg.base) != recipe_fingerprint(spec, cfg, ROOT / cfg.base)
+    assert recipe_fingerprint(ComparePlan.build(with_teacher, ROOT / cfg.base), spec) != recipe_fingerprint(plan, spec)
     distilled = load_compare_config(ROOT / "configs/compare_minilm_distill.yaml")  # kept after task_teachers came
+    distilled_plan = ComparePlan.build(distilled, ROOT / distilled.base)
     kept = ROOT / distilled.results_dir / "runs"
-    runs = [s for s in plan_runs(distilled, ["rte", "mrpc", "stsb", "cola", "sst2"]) if s.method != "movement"
-            and s.seed is None and (kept / f"{s.name}.json").is_file()]
+    runs = [s for s in distilled_plan.runs if s.method != "movement" and s.seed is None
+            and (kept / f"{s.name}.json").is_file()]
     assert len(runs) >= 40
     for spec in runs:
         stored = json.loads((kept / f"{spec.name}.json").read_text())["recipe"]
-        assert recipe_fingerprint(spec, distilled, ROOT / distilled.base) == stored, spec.name
+        assert recipe_fingerprint(distilled_plan, spec) == stored, spec.name
     spec = next(s for s in runs if s.name == "mt-magnitude-0.5")
-    per_task = distilled.model_copy(update={"overrides": [*distilled.overrides, 'distill.task_teachers={"rte": "x"}']})
-    assert recipe_fingerprint(spec, per_task, ROOT / distilled.base) != recipe_fingerprint(spec, distilled,
-                                                                                           ROOT / distilled.base)
+    per_task = distilled.model_copy(update={"pruned_overrides": [*distilled.pruned_overrides,
+                                                                 'distill.task_teachers={"rte": "x"}']})
+    per_task_plan = ComparePlan.build(per_task, ROOT / distilled.base)
+    assert recipe_fingerprint(per_task_plan, per_task_plan.by_name[spec.name]) != recipe_fingerprint(distilled_plan,
+                                                                                                     spec)
 
 
 def test_a_hugging_face_encoder_teaches_hidden_states(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from mtp.pruning import pruned_methods
 from tests.conftest import ROOT, launch, results
 from tests.integration.conftest import PRUNE
 
@@ -24,7 +25,10 @@ def masks(out: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in state.items() if k.endswith(".mask") or k.endswith(".keep")}
 
 
-METHODS = {"magnitude": [], "movement": ["pruning.scope=global"], "soft_movement": [], "rank": []}
+# every registered method, with the extra keys its run here takes
+METHODS = {method: {"movement": ["pruning.scope=global"]}.get(method, []) for method in pruned_methods()}
+# how far below the budget a method may end: one rank of the largest tiny matrix, one head (4 x 32 x 16 + 3 x 16)
+GRANULARITY = {"rank": 32 + 64, "structured": 4 * 32 * 16 + 3 * 16}
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +50,11 @@ def test_every_method_lands_within_the_budget(method_runs: dict[str, Path], meth
     report = res["pruning"]
     assert report["method"] == method and report["within_budget"]
     assert report["kept_blocks"] <= report["budget"] == int(0.3 * res["params"]["encoder_blocks"])
-    granularity = 1 if method != "rank" else 32 + 64  # one rank of the largest tiny matrix
-    assert report["budget"] - report["kept_blocks"] < granularity
-    assert sum(report["kept_prunable_per_type"].values()) + report["non_prunable"] == report["kept_blocks"]
+    assert report["budget"] - report["kept_blocks"] < GRANULARITY.get(method, 1)
+    if method == "structured":  # a removed head or unit takes its biases with it: kept counts them, per_type not
+        assert len(report["kept_heads_per_layer"]) == len(report["kept_units_per_layer"]) == 2
+    else:
+        assert sum(report["kept_prunable_per_type"].values()) + report["non_prunable"] == report["kept_blocks"]
     assert set(report["kept_prunable_per_layer"]) == {"0", "1"}
     if method == "rank":
         assert "lambda1" in report and sum(report["kept_ranks"].values()) > 0
@@ -58,8 +64,9 @@ def test_every_method_lands_within_the_budget(method_runs: dict[str, Path], meth
 
     tags = set(EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
     expected = {"pruning/kept_blocks", "pruning/budget", "pruning/kept_per_layer/1", "pruning/kept_per_type/ffn_in"}
-    expected |= {"pruning/lambda1", "pruning/lambda2", "pruning/target_fraction"} if method == "rank" else {
-        "pruning/threshold", "pruning/target_density"}
+    expected |= {"rank": {"pruning/lambda1", "pruning/lambda2", "pruning/target_fraction"},
+                 "structured": {"pruning/kept_heads", "pruning/kept_units"}}.get(
+                     method, {"pruning/threshold", "pruning/target_density"})
     assert expected <= tags, sorted(tags)
 
 
@@ -75,7 +82,8 @@ def test_same_seed_and_data_give_the_same_masks_under_every_zero_stage(zero_runs
         assert results(zero_runs[stage])["pruning"]["kept_blocks"] == results(zero_runs[0])["pruning"]["kept_blocks"]
 
 
-@pytest.mark.parametrize(("arch", "method", "stage"), [("tiny-bert", "movement", 2), ("tiny-roberta", "rank", 3)])
+@pytest.mark.parametrize(("arch", "method", "stage"), [("tiny-bert", "movement", 2), ("tiny-roberta", "rank", 3),
+                                                       ("tiny-roberta", "structured", 3)])
 def test_pruning_under_bf16(tmp_path: Path, arch: str, method: str, stage: int) -> None:
     ds = json.loads((ROOT / "ds_configs" / f"cpu_zero{stage}.json").read_text())
     ds["bf16"] = {"enabled": True}
@@ -85,7 +93,7 @@ def test_pruning_under_bf16(tmp_path: Path, arch: str, method: str, stage: int) 
             f"train.deepspeed_config={tmp_path}/bf16.json", f"output_dir={out}"])
     res = results(out)
     assert res["precision"] == "bf16" and res["zero_stage"] == stage and res["pruning"]["within_budget"]
-    assert res["pruning"]["budget"] - res["pruning"]["kept_blocks"] < 96
+    assert res["pruning"]["budget"] - res["pruning"]["kept_blocks"] < GRANULARITY.get(method, 96)
     # the run saves bf16 weights; its export computes in float32 and scores as those weights do in float32
     proc = subprocess.run([sys.executable, "-m", "mtp", "export", str(out), "--verify"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -94,7 +102,7 @@ def test_pruning_under_bf16(tmp_path: Path, arch: str, method: str, stage: int) 
     assert report["ok"] and report["trained_in"] == ["bfloat16"], report
 
 
-@pytest.mark.parametrize("method", ["movement", "rank"])
+@pytest.mark.parametrize("method", ["movement", "rank", "structured"])
 def test_export_is_smaller_loads_with_transformers_and_scores_the_same(method_runs: dict[str, Path],
                                                                        method: str, tmp_path: Path) -> None:
     import torch
@@ -112,13 +120,19 @@ def test_export_is_smaller_loads_with_transformers_and_scores_the_same(method_ru
     assert report["ok"] and report["max_logit_diff_compact"] <= 1e-4 and report["max_score_diff"] <= 1e-2
     # really smaller: the compact encoder blocks take less disk than the dense ones
     compact_bytes = (export / "compact" / "model.safetensors").stat().st_size
-    dense_bytes = (export / "hf" / "encoder" / "model.safetensors").stat().st_size
-    assert compact_bytes < dense_bytes
-    # plain transformers: the encoder, and a sequence-classification model per task (cls pooling)
     cfg, meta, state = read_final(run)
     trained = build_dense_model(cfg, meta, state)
-    assert isinstance(AutoModel.from_pretrained(export / "hf" / "encoder"), torch.nn.Module)
-    clf = AutoModelForSequenceClassification.from_pretrained(export / "hf" / "rte").eval()
+    dense_bytes = 4 * sum(p.numel() for p in trained.parameters())  # the dense fold, float32
+    assert compact_bytes < dense_bytes
+    # plain transformers: the encoder, and a sequence-classification model per task (cls pooling)
+    # (a structured export ships its modeling code: the encoder at its kept shapes, really smaller on disk)
+    encoder = AutoModel.from_pretrained(export / "hf" / "encoder", trust_remote_code=True)
+    dense_blocks = sum(p.numel() for p in trained.encoder.encoder.parameters())
+    if method == "structured":
+        assert sum(p.numel() for p in encoder.encoder.parameters()) == results(run)["pruning"]["kept_blocks"]
+    else:
+        assert sum(p.numel() for p in encoder.encoder.parameters()) == dense_blocks
+    clf = AutoModelForSequenceClassification.from_pretrained(export / "hf" / "rte", trust_remote_code=True).eval()
     x = torch.randint(1000, 2000, (2, 9))
     mask = torch.ones_like(x)
     with torch.no_grad():

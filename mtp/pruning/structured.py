@@ -1,0 +1,225 @@
+"""Structured pruning: whole attention heads and FFN units leave the encoder, so that the pruned model is physically
+smaller (fewer heads, narrower FFNs) and faster in any runtime. One set of group masks is shared by every task.
+
+A head spans rows of the query, key and value maps (and their biases) and columns of the attention output map; an
+FFN unit a row (and bias) of the FFN input map and a column of the FFN output map. Each map is a `GroupMaskedLinear`
+whose 0/1 mask runs over its rows or its columns; the hook writes the same group mask into the maps of a block.
+Groups are ranked by their importance per parameter (the mean |W| over the group's weights, compared across heads
+and units and across layers) and the most important ones are kept while they fit the cubic schedule's allowance,
+so that every step's model is within that step's size and the final one within B, short of it by less than one
+group's cost. A block left with no heads computes no attention; one left with no FFN units computes no FFN: only
+the sublayer's output bias and LayerNorm remain (what the budget counts as the block's fixed part).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp.model import encoder_layers
+from mtp.pruned_encoder import NoHeads
+from mtp.pruning.base import PrunableLayer, PruningHook, PruningSettings, prunable_modules, replace_prunable
+from mtp.zero3 import full_shape, gathered
+
+# which side of each map a group occupies: rows (output features) or columns (input features)
+ROWS_OF = ("query", "key", "value", "ffn_in")
+COLUMNS_OF = ("attn_out", "ffn_out")
+HEAD_MAPS = ("query", "key", "value", "attn_out")
+UNIT_MAPS = ("ffn_in", "ffn_out")
+
+
+class StructuredSettings(PruningSettings):
+    method: Literal["structured"] = "structured"
+
+
+class GroupMaskedLinear(PrunableLayer):
+    """y = (W * m) x + b * m with a 0/1 mask m over the rows (output features: the bias is masked with them) or
+    W (x * m) + b with one over the columns (input features); the compact form keeps the unmasked rows or columns."""
+
+    compact_format = "structured"
+    state_suffixes = ("group_mask", "group_rows")
+    shrinks_blocks = True
+
+    def __init__(self, linear: nn.Linear, rows: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.rows = rows
+        size = full_shape(linear.weight)[0 if rows else 1]
+        self.register_buffer("group_mask", torch.ones(size, dtype=linear.weight.dtype, device=linear.weight.device))
+        self.register_buffer("group_rows", torch.tensor(rows, device=linear.weight.device))  # saved: export reads it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.group_mask.to(self.weight.dtype)
+        if self.rows:
+            bias = None if self.bias is None else self.bias * mask
+            return F.linear(x, self.weight * mask[:, None], bias)
+        return F.linear(x, self.weight * mask, self.bias)
+
+    @staticmethod
+    def _is_rows(state: dict[str, torch.Tensor], path: str) -> bool:
+        return bool(state[f"{path}.group_rows"])
+
+    @classmethod
+    def fold(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> torch.Tensor:
+        """Zeros in the removed rows or columns (a removed row's bias stays: its column partner is zero, so nothing
+        of it reaches the output)."""
+        weight, mask = state[f"{path}.weight"], state[f"{path}.group_mask"].to(state[f"{path}.weight"].dtype)
+        return weight * (mask[:, None] if cls._is_rows(state, path) else mask)
+
+    @classmethod
+    def compact(cls, state: dict[str, torch.Tensor], path: str, settings: PruningSettings) -> dict[str, torch.Tensor]:
+        """The kept rows or columns of the weight, their indices, and which side they are (1: rows)."""
+        rows = cls._is_rows(state, path)
+        kept = torch.nonzero(state[f"{path}.group_mask"] > 0).flatten()
+        weight = state[f"{path}.weight"]
+        values = weight[kept] if rows else weight[:, kept]
+        return {f"{path}.values": values.contiguous(), f"{path}.kept": kept.to(torch.int64),
+                f"{path}.rows": torch.tensor([int(rows)], dtype=torch.int64)}
+
+    @classmethod
+    def from_compact(cls, tensors: dict[str, torch.Tensor], path: str, bias: torch.Tensor | None,
+                     sparse_compute: bool) -> nn.Module:
+        """A plain nn.Linear of the kept shape (the same module whatever `sparse_compute` says)."""
+        values, kept = tensors.pop(f"{path}.values"), tensors.pop(f"{path}.kept")
+        rows = bool(tensors.pop(f"{path}.rows")[0])
+        if rows and bias is not None:
+            bias = bias[kept]
+        linear = nn.Linear(values.shape[1], values.shape[0], bias=bias is not None, dtype=values.dtype)
+        linear.load_state_dict({"weight": values} | ({"bias": bias} if bias is not None else {}))
+        return linear
+
+    @classmethod
+    def compact_block(cls, block: nn.Module, model_type: str) -> None:
+        """A block left with no heads computes no attention (its output map adds only its bias)."""
+        attention = block.attention.self
+        if attention.query.out_features == 0:
+            block.attention.self = NoHeads()
+
+
+class StructuredPruning(PruningHook):
+    """Heads and FFN units kept by their importance per parameter along the cubic schedule, to the budget."""
+
+    cfg: StructuredSettings
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        replace_prunable(model, lambda linear, _idx, kind: GroupMaskedLinear(linear, rows=kind in ROWS_OF))
+        config = model.encoder.config
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.maps: list[dict[str, GroupMaskedLinear]] = [{} for _ in encoder_layers(model)]
+        for kind, idx, module in prunable_modules(model):
+            self.maps[idx][kind] = module
+        hidden = config.hidden_size
+        self.units = full_shape(self.maps[0]["ffn_in"].weight)[0]
+        self.head_cost = 4 * hidden * self.head_dim + 3 * self.head_dim  # Q, K, V rows and biases, O columns
+        self.unit_cost = 2 * hidden + 1  # an FFN input row and bias, an FFN output column
+        layers = len(self.maps)
+        self.removable = layers * (self.heads * self.head_cost + self.units * self.unit_cost)
+        assert self.budget is not None
+        self.fixed_part = self.budget.dense_blocks - self.removable  # LayerNorms and the output maps' biases
+        self.allowance = self.budget.target - self.fixed_part
+        self.kept_heads = torch.ones(layers, self.heads, dtype=torch.bool)
+        self.kept_units = torch.ones(layers, self.units, dtype=torch.bool)
+        self.size = self.removable  # the removable parameters kept now
+
+    # ------------------------------------------------------------ importance and selection
+    def importance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean |W| over each head's and each unit's weights: (layers x heads, layers x units)."""
+        heads, units = [], []
+        for maps in self.maps:
+            head = torch.zeros(self.heads)
+            unit = torch.zeros(self.units)
+            for kind, module in maps.items():
+                with gathered([module.weight]):
+                    magnitude = module.weight.detach().float().abs().sum(1 if module.rows else 0).cpu()
+                if kind in HEAD_MAPS:
+                    head += magnitude.reshape(self.heads, self.head_dim).sum(1)
+                else:
+                    unit += magnitude
+            heads.append(head)
+            units.append(unit)
+        hidden = self.maps[0]["query"].in_features
+        return torch.stack(heads) / (4 * hidden * self.head_dim), torch.stack(units) / (2 * hidden)
+
+    def select(self, allowance: int) -> None:
+        """Keep the most important groups per parameter while their cost fits `allowance` (greedy, in order)."""
+        heads, units = self.importance()
+        costs = torch.cat([torch.full((heads.numel(),), self.head_cost), torch.full((units.numel(),), self.unit_cost)])
+        order = torch.argsort(torch.cat([heads.flatten(), units.flatten()]), descending=True, stable=True)
+        keep = torch.zeros(costs.numel(), dtype=torch.bool)
+        room = allowance
+        for index in order.tolist():
+            cost = int(costs[index])
+            if cost <= room:
+                keep[index] = True
+                room -= cost
+        self.kept_heads = keep[:heads.numel()].reshape(heads.shape)
+        self.kept_units = keep[heads.numel():].reshape(units.shape)
+        self.size = allowance - room
+        self._write_masks()
+
+    def _write_masks(self) -> None:
+        for maps, heads, units in zip(self.maps, self.kept_heads, self.kept_units, strict=True):
+            head_mask = heads.repeat_interleave(self.head_dim)
+            for kind in HEAD_MAPS:
+                maps[kind].group_mask.copy_(head_mask)
+            for kind in UNIT_MAPS:
+                maps[kind].group_mask.copy_(units)
+
+    # ------------------------------------------------------------ the schedule
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        self.step = step
+        if self.fixed:
+            return
+        if self.in_fixed_phase(step):  # the final groups, kept from here on
+            self.select(self.allowance)
+            self.fixed = True
+            return
+        target = int(self.schedule(step, float(self.removable), float(self.allowance)))
+        if target < self.removable:
+            self.select(target)
+
+    def final_report(self, model: nn.Module) -> dict[str, Any]:
+        if not self.fixed:
+            self.select(self.allowance)
+        heads = self.kept_heads.sum(1).tolist()
+        units = self.kept_units.sum(1).tolist()
+        return {**self.kept_report(model), "kept_heads_per_layer": heads, "kept_units_per_layer": units,
+                "blocks_without_attention": [i for i, h in enumerate(heads) if h == 0],
+                "blocks_without_ffn": [i for i, u in enumerate(units) if u == 0],
+                "fixed_groups_from_step": self.schedule_end + 1 if self.fixed else None}
+
+    def kept_report(self, model: nn.Module) -> dict[str, Any]:
+        """Kept parameters as the budget counts them: the kept groups' weights and biases, and the fixed part."""
+        report = super().kept_report(model)
+        groups = int(self.kept_heads.sum()) * self.head_cost + int(self.kept_units.sum()) * self.unit_cost
+        kept = self.fixed_part + groups
+        assert self.budget is not None
+        return {**report, "kept_blocks": kept, "kept_fraction": kept / self.budget.dense_blocks,
+                "within_budget": kept <= self.budget.target}
+
+    def kept_in(self, module: nn.Module) -> int:
+        """Kept weight entries of one map (its kept rows or columns times the other side)."""
+        out, inp = full_shape(module.weight)
+        kept = int(module.group_mask.count_nonzero())
+        return kept * (inp if module.rows else out)
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.kept_metrics(), "pruning/kept_heads": float(self.kept_heads.sum()),
+                "pruning/kept_units": float(self.kept_units.sum())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kept_heads": self.kept_heads.tolist(), "kept_units": self.kept_units.tolist(),
+                "size": self.size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "kept_heads" in state:  # the masks themselves come back with the checkpoint's buffers
+            self.kept_heads = torch.tensor(state["kept_heads"], dtype=torch.bool)
+            self.kept_units = torch.tensor(state["kept_units"], dtype=torch.bool)
+            self.size = state["size"]
