@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     parser.add_argument("--taylor-batches", type=int, default=64)
-    parser.add_argument("--latency-threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--latency-threads", type=int, nargs="*", default=[1, 2], help="none: no timing")
     parser.add_argument("--out", default="bench/results/structured_one_shot.json")
     args = parser.parse_args()
 
