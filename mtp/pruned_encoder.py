@@ -43,24 +43,22 @@ def shrink_blocks(encoder: nn.Module, config: Any) -> None:
         layer.output.dense = nn.Linear(units, hidden)
 
 
-class PrunedBertConfig(BertConfig):
+class KeptShapes:
+    """A config's `heads_per_layer` and `intermediate_per_layer` (the dense sizes where not given)."""
+
+    def __init__(self, heads_per_layer: list[int] | None = None, intermediate_per_layer: list[int] | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.heads_per_layer = heads_per_layer or [self.num_attention_heads] * self.num_hidden_layers
+        self.intermediate_per_layer = intermediate_per_layer or [self.intermediate_size] * self.num_hidden_layers
+
+
+class PrunedBertConfig(KeptShapes, BertConfig):
     model_type = "mtp_pruned_bert"
 
-    def __init__(self, heads_per_layer: list[int] | None = None, intermediate_per_layer: list[int] | None = None,
-                 **kwargs: Any):
-        super().__init__(**kwargs)
-        self.heads_per_layer = heads_per_layer or [self.num_attention_heads] * self.num_hidden_layers
-        self.intermediate_per_layer = intermediate_per_layer or [self.intermediate_size] * self.num_hidden_layers
 
-
-class PrunedRobertaConfig(RobertaConfig):
+class PrunedRobertaConfig(KeptShapes, RobertaConfig):
     model_type = "mtp_pruned_roberta"
-
-    def __init__(self, heads_per_layer: list[int] | None = None, intermediate_per_layer: list[int] | None = None,
-                 **kwargs: Any):
-        super().__init__(**kwargs)
-        self.heads_per_layer = heads_per_layer or [self.num_attention_heads] * self.num_hidden_layers
-        self.intermediate_per_layer = intermediate_per_layer or [self.intermediate_size] * self.num_hidden_layers
 
 
 class PrunedBertModel(BertModel):
