@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from mtp.export import export_run, verify_export
 
-    out = export_run(args.run_dir, args.out)
+    out = export_run(args.run_dir, args.out, onnx=not args.no_onnx)
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*.safetensors")) for p in (out / "hf", out / "compact")}
     print(f"exported {args.run_dir} to {out}: hf/ {sizes['hf'] / 1e6:.1f} MB of safetensors, "
           f"compact/ {sizes['compact'] / 1e6:.1f} MB")
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a finished run as a Hugging Face checkpoint and a compact model")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, default=None, help="export folder (default: RUN_DIR/export)")
+    export.add_argument("--no-onnx", action="store_true", help="skip onnx/encoder.onnx (its export takes the longest)")
     export.add_argument("--verify", action="store_true",
                         help="score the compact model on the dev sets and compare with the end of training")
     export.set_defaults(func=_cmd_export)

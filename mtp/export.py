@@ -1,12 +1,14 @@
-"""`mtp export RUN_DIR`: the pruned model as (a) a plain Hugging Face checkpoint and (b) a compact form.
+"""`mtp export RUN_DIR`: the pruned model as (a) a Hugging Face checkpoint, (b) a compact form and (c) ONNX.
 
 (a) `hf/encoder/`: masked weights as zeros and rank factors multiplied back, loadable with
     `transformers.AutoModel` alone (`from_pretrained(path, add_pooling_layer=False)`: the encoder has no pooler,
-    the task heads pool); `hf/heads.safetensors` + `hf/heads.json` hold the task heads;
+    the task heads pool); a structured run's encoder at its kept per-layer shapes, with its modeling code in the
+    folder (`trust_remote_code=True`); `hf/heads.safetensors` + `hf/heads.json` hold the task heads;
     with `cls` pooling each task also gets `hf/<task>/`, an `AutoModelForSequenceClassification` folder.
 (b) `compact/`: each prunable layer in its method layer's compact form (element-wise: a packed bit mask plus the
     kept values; rank: two thin matrices P (d_out x r) and Q (r x d_in) with the gates folded in); everything else
     dense. `load_compact` runs it with the layers' inference modules (CSR sparse, low-rank).
+(c) `onnx/encoder.onnx`: the compact encoder through torch.onnx, run by onnxruntime (hidden states out).
 Safetensors and JSON only: nothing is loaded through pickle.
 """
 
@@ -168,8 +170,53 @@ def install_compact(model: MultitaskModel, tensors: dict[str, torch.Tensor], for
     return model.eval()
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write `hf/` and `compact/` for a finished run; returns the export folder."""
+# ---------------------------------------------------------------- (c) ONNX
+
+
+class EncoderGraph(nn.Module):
+    """The encoder as ONNX sees it: token ids and attention mask (and segment ids where the encoder has them) in,
+    every token's last hidden state out (the task heads pool and project it: hf/heads.safetensors)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.segments = getattr(encoder.config, "type_vocab_size", 1) > 1
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if self.segments else {}
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", *(["token_type_ids"] if self.segments else [])]
+
+
+def export_onnx(compact_folder: Path, out: Path) -> Path:
+    """The compact encoder (dense kernels: ONNX has no CSR layers) as `encoder.onnx`, batch and length dynamic,
+    through torch.onnx's exporter; onnxruntime runs it."""
+    graph = EncoderGraph(load_compact(compact_folder, sparse_compute=False).encoder).eval()
+    names = graph.input_names()
+    example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "encoder.onnx"
+    torch.onnx.export(graph, example, str(path), input_names=names, output_names=["last_hidden_state"],
+                      dynamic_shapes={name: dims for name in names}, dynamo=True, verbose=False)
+    return path
+
+
+def onnx_hidden_states(path: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`encoder.onnx` run by onnxruntime on a batch (the inputs it declares, taken from `batch`)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: batch[i.name].numpy() if i.name in batch else torch.zeros_like(batch["input_ids"]).numpy()
+             for i in session.get_inputs()}
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, onnx: bool = True) -> Path:
+    """Write `hf/`, `compact/` and (with `onnx`) `onnx/` for a finished run; returns the export folder."""
     run_dir = Path(run_dir)
     cfg, meta, state = read_final(run_dir)
     out = Path(out) if out else run_dir / "export"
@@ -177,6 +224,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         shutil.rmtree(out)
     export_hf(cfg, meta, state, out / "hf")
     export_compact(cfg, meta, state, out / "compact")
+    if onnx:
+        export_onnx(out / "compact", out / "onnx")
     return out
 
 
@@ -211,6 +260,8 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
                                            trust_remote_code=True).eval()
     max_logit_diff = 0.0
     max_hidden_diff = 0.0
+    onnx_path = out / "onnx" / "encoder.onnx"
+    max_onnx_diff = 0.0 if onnx_path.is_file() else None
     with torch.no_grad():
         for task in tasks:
             split = data[task.name][f"dev_{next(iter(task.dev))}"]
@@ -224,11 +275,16 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
             h1 = hf_encoder(**kwargs).last_hidden_state
             h2 = trained.encoder(**kwargs).last_hidden_state
             max_hidden_diff = max(max_hidden_diff, float((h1 - h2).abs().max()))
+            if max_onnx_diff is not None:
+                h3 = onnx_hidden_states(onnx_path, batch)
+                h4 = compact.encoder(**kwargs).last_hidden_state
+                max_onnx_diff = max(max_onnx_diff, float((h3 - h4).abs().max()))
     score_diff = max(abs(compact_scores[k] - reference[k]) for k in compact_scores)
     report = {"dev_scores_at_end_of_training": meta["dev_scores"], "dev_scores_compact": compact_scores,
               "max_score_diff": score_diff, "max_logit_diff_compact": max_logit_diff,
-              "max_hidden_diff_hf_encoder": max_hidden_diff,
-              "ok": score_diff <= 1e-4 * 100 and max_logit_diff <= 1e-4 and max_hidden_diff <= 1e-4}
+              "max_hidden_diff_hf_encoder": max_hidden_diff, "max_hidden_diff_onnx": max_onnx_diff,
+              "ok": score_diff <= 1e-4 * 100 and max_logit_diff <= 1e-4 and max_hidden_diff <= 1e-4
+              and (max_onnx_diff is None or max_onnx_diff <= 1e-4)}
     if low_precision:
         report |= {"trained_in": low_precision, "dev_scores_trained_fp32": reference,
                    "max_gap_to_end_of_training": max(abs(reference[k] - meta["dev_scores"][k]) for k in reference)}

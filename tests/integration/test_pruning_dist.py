@@ -95,7 +95,7 @@ def test_pruning_under_bf16(tmp_path: Path, arch: str, method: str, stage: int) 
     assert res["precision"] == "bf16" and res["zero_stage"] == stage and res["pruning"]["within_budget"]
     assert res["pruning"]["budget"] - res["pruning"]["kept_blocks"] < GRANULARITY.get(method, 96)
     # the run saves bf16 weights; its export computes in float32 and scores as those weights do in float32
-    proc = subprocess.run([sys.executable, "-m", "mtp", "export", str(out), "--verify"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "mtp", "export", str(out), "--verify", "--no-onnx"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -118,6 +118,8 @@ def test_export_is_smaller_loads_with_transformers_and_scores_the_same(method_ru
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert report["ok"] and report["max_logit_diff_compact"] <= 1e-4 and report["max_score_diff"] <= 1e-2
+    # the ONNX form of the compact encoder, run by onnxruntime, gives its hidden states
+    assert (export / "onnx" / "encoder.onnx").is_file() and report["max_hidden_diff_onnx"] <= 1e-4
     # really smaller: the compact encoder blocks take less disk than the dense ones
     compact_bytes = (export / "compact" / "model.safetensors").stat().st_size
     cfg, meta, state = read_final(run)
