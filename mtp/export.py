@@ -27,6 +27,7 @@ from mtp.config import ConfigError, ExperimentConfig, cache_dir, saved_config
 from mtp.data import load_tasks, tokenize_task
 from mtp.evaluation import collate, evaluate_tasks
 from mtp.model import MultitaskModel, encoder_layers, load_hf_config, load_tokenizer
+from mtp.model_card import latency_against_dense, write_model_card
 from mtp.pruned_encoder import PRUNED_CLASSES, kept_shapes
 from mtp.pruning import PruningSettings, compact_layers, get_method
 from mtp.run_folder import build_dense_model, dense_state, empty_model, prunable_paths, read_final
@@ -226,6 +227,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, onnx: bool = 
     export_compact(cfg, meta, state, out / "compact")
     if onnx:
         export_onnx(out / "compact", out / "onnx")
+    write_model_card(out, cfg, meta)
     return out
 
 
@@ -288,4 +290,6 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     if low_precision:
         report |= {"trained_in": low_precision, "dev_scores_trained_fp32": reference,
                    "max_gap_to_end_of_training": max(abs(reference[k] - meta["dev_scores"][k]) for k in reference)}
+    report["latency"] = latency_against_dense(compact, trained)
+    write_model_card(out, cfg, meta, report["latency"])
     return report

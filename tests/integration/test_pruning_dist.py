@@ -120,6 +120,10 @@ def test_export_is_smaller_loads_with_transformers_and_scores_the_same(method_ru
     assert report["ok"] and report["max_logit_diff_compact"] <= 1e-4 and report["max_score_diff"] <= 1e-2
     # the ONNX form of the compact encoder, run by onnxruntime, gives its hidden states
     assert (export / "onnx" / "encoder.onnx").is_file() and report["max_hidden_diff_onnx"] <= 1e-4
+    # the model card: method, budget, what is kept, the dev scores, latency against dense, the command
+    card = (export / "README.md").read_text()
+    assert f"| method | `{method}` |" in card and "## Dev scores" in card and "## Latency" in card
+    assert report["latency"]["latency_ratio"] > 0 and "bash launch.sh --config config.yaml" in card
     # really smaller: the compact encoder blocks take less disk than the dense ones
     compact_bytes = (export / "compact" / "model.safetensors").stat().st_size
     cfg, meta, state = read_final(run)
