@@ -42,6 +42,10 @@ def digest(run: Path) -> dict:
 
     results = json.loads((run / "results.json").read_text())
     results.pop("wall_time_s", None)
+    glue = os.environ.get("MTP_GLUE_DIR")
+    for entry in results.get("data", {}).values():  # this machine's data folder, as a committed digest names it
+        if glue and str(entry.get("source", "")).startswith(glue.rstrip("/") + "/"):
+            entry["source"] = "$MTP_GLUE_DIR/" + entry["source"][len(glue.rstrip("/")) + 1:]
     state = load_file(str(run / "final" / "model.safetensors"))
     results["tensors"] = {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
                           for k, v in sorted(state.items())}
