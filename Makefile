@@ -25,7 +25,7 @@ test: setup lint
 # ruff, and the import graph: no circles, the layers of pyproject.toml's [tool.importlinter]
 lint: setup
 	$(PYTHON) -m ruff check mtp tune bench tests
-	lint-imports
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 # the fast layer alone (no GLUE data, no DeepSpeed launches): about a minute
 unit: setup
