@@ -9,14 +9,15 @@
 #   --no_ssh           start this node only: run launch.sh on every node with its own --node_rank
 #   --node_rank R      this node's rank in the hostfile (with --no_ssh)
 #   --master_addr A    address of node 0 (default: 127.0.0.1 on one node)
-#   --master_port P    rendezvous port (default: 29500)
+#   --master_port P    rendezvous port (one node: a free port is picked, and a given one that is taken is refused;
+#                      several nodes: 29500)
 #   --command CMD      mtp sub-command to run on every rank (default: train)
 # Everything else goes to `mtp CMD`: --config, --resume and dotted overrides.
 # The config is checked once before any process starts; a bad config exits with code 2.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-nproc=""; hostfile=""; no_ssh=0; node_rank=""; master_addr=""; master_port="${MASTER_PORT:-29500}"
+nproc=""; hostfile=""; no_ssh=0; node_rank=""; master_addr=""; master_port="${MASTER_PORT:-}"
 command="train"; config="configs/default.yaml"; resume=""; passthrough=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -76,6 +77,30 @@ if [[ -n "$hostfile" ]]; then
   [[ $no_ssh -eq 1 && -z "$master_addr" ]] && master_addr=$(grep -oE '^[^#[:space:]]+' "$hostfile" | head -1)
 else
   world=$nproc
+fi
+
+# The rendezvous port. On one node a second job must not die on the first one's port (EADDRINUSE in a DeepSpeed
+# traceback): a free port is picked unless one is given, and a given port that is taken is refused here. Several
+# nodes must agree on theirs without asking each other: 29500 unless given.
+if [[ -z "$hostfile" ]]; then
+  if [[ -z "$master_port" ]]; then
+    master_port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  elif ! "$PYTHON" - "$master_port" <<'PY'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free; a listening one is not
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except (OSError, ValueError, OverflowError):
+    sys.exit(1)
+PY
+  then
+    echo "launch.sh: error: --master_port $master_port is taken (another job on this machine?): give a free port," \
+         "or leave --master_port out and a free one is picked" >&2
+    exit 2
+  fi
+else
+  master_port="${master_port:-29500}"
 fi
 
 # Check everything that can be checked before any process group starts (exit 2 on a bad input).
