@@ -12,6 +12,7 @@ A logger is a `Hook` and a factory `(cfg, ds_config) -> Hook` registered under a
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,33 +94,51 @@ class ResultsFile(Hook):
 
 
 class ProgressBar(Hook):
-    """A tqdm bar over the optimizer steps with the last window's loss, tokens/s and task mix."""
+    """A tqdm bar over the optimizer steps with the last window's loss, tokens/s and task mix, on a terminal. Where
+    the output goes to a file (a scheduler's log), a bar's carriage-return redraws would pile up in one line there:
+    one plain line per log step instead."""
 
     name = "progress"
 
-    def __init__(self, stop_after_steps: int | None = None):
+    def __init__(self, stop_after_steps: int | None = None, stream: Any = None):
         self.stop_after_steps = stop_after_steps
+        self.stream = stream if stream is not None else sys.stderr
         self.bar: Any = None
+        self.max_steps = 0
 
     def on_train_start(self, step: int, max_steps: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True, desc="train", unit="step")
+        self.max_steps = max_steps
+        if self.stream.isatty():
+            self.bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True, desc="train", unit="step",
+                            file=self.stream)
         stop_at = min(max_steps, self.stop_after_steps or max_steps)
         if stop_at < max_steps:
-            self.bar.write(f"stopping after step {stop_at} of {max_steps} (train.stop_after_steps)")
+            self._line(f"stopping after step {stop_at} of {max_steps} (train.stop_after_steps)")
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def on_optimizer_step(self, model: Any, step: int) -> None:
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def on_log(self, step: int, scalars: dict[str, float]) -> None:
         mix = " ".join(f"{tag.rsplit('/', 1)[1]}:{int(value)}" for tag, value in scalars.items()
                        if tag.startswith("train/batches/"))
-        self.bar.set_postfix_str(f"loss={scalars['train/loss']:.3f} tok/s={scalars['train/tokens_per_s']:.0f} "
-                                 f"mix[{mix}]", refresh=False)
+        status = f"loss={scalars['train/loss']:.3f} tok/s={scalars['train/tokens_per_s']:.0f} mix[{mix}]"
+        if self.bar is not None:
+            self.bar.set_postfix_str(status, refresh=False)
+        else:
+            self._line(f"train: step {step}/{self.max_steps} {status}")
 
     def on_results(self, results: dict[str, Any]) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 @register_logger("tensorboard")

@@ -56,3 +56,25 @@ def test_an_unknown_logger_is_refused_in_one_line() -> None:
 def test_the_default_loggers_leave_the_recipe_fingerprint_as_it_was() -> None:
     assert "loggers" not in recipe_dump(config())
     assert "loggers" in recipe_dump(config("train.loggers=[results]"))
+
+
+def test_the_progress_logger_writes_plain_lines_to_a_file_and_a_bar_to_a_terminal() -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    scalars = {"train/loss": 0.5, "train/tokens_per_s": 900.0, "train/batches/rte": 3.0, "train/batches/stsb": 7.0}
+    for stream, tty in ((io.StringIO(), False), (Terminal(), True)):
+        bar = ProgressBar(stop_after_steps=None, stream=stream)
+        bar.on_train_start(0, 20)
+        for step in range(1, 11):
+            bar.on_optimizer_step(None, step)
+        bar.on_log(10, scalars)
+        bar.on_results({})
+        text = stream.getvalue()
+        if tty:
+            assert "\r" in text and "10/20" in text
+        else:  # one plain line per log step, no redraws
+            assert text == "train: step 10/20 loss=0.500 tok/s=900 mix[rte:3 stsb:7]\n"
