@@ -26,7 +26,7 @@ from mtp.report import print_summary
 from mtp.run_folder import CHECKPOINTS, FINAL, final_model_path, initialise_from_run, write_final_meta
 from mtp.training.checkpoint import load_checkpoint, save_checkpoint
 from mtp.training.components import build_algorithms, build_observers
-from mtp.training.distributed import init_distributed, seed_everything
+from mtp.training.distributed import init_distributed, seed_everything, shutdown_distributed
 from mtp.training.memory import return_freed_memory_at_once
 from mtp.training.optim import (
     adamw,
@@ -326,4 +326,5 @@ def run_training(cfg: ExperimentConfig, resume: bool = False, extra_hooks: list[
     results = trainer.train()
     if rank == 0:
         print_summary(results, cfg)
+    shutdown_distributed()
     return results
