@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from common import machine
 
-from mtp.config import cache_dir
-from mtp.data import load_tasks, tokenize_task
+from mtp.data import load_tasks, tokenize_tasks
 from mtp.evaluation import evaluate_tasks
 from mtp.model import load_tokenizer
 from mtp.pruning import prunable_modules
@@ -73,9 +72,7 @@ def main() -> None:
     cfg, meta, state = read_final(Path(args.run_dir))
     tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
     tasks = load_tasks(cfg)
-    tok_id = f"{cfg.encoder.tokenizer or cfg.encoder.name}:{type(tokenizer).__name__}"
-    data = {t.name: tokenize_task(t, tokenizer, cfg.data.max_seq_len, cache_dir(cfg) / "tokenized", tok_id)
-            for t in tasks}
+    data = tokenize_tasks(cfg, tasks, tokenizer)
     model = build_dense_model(cfg, meta, state)
     found = prunable_modules(model)
     names = [f"layer.{idx}.{kind}" for kind, idx, _ in found]

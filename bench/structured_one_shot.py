@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 from common import machine
 
-from mtp.config import cache_dir
-from mtp.data import MultitaskSampler, load_tasks, task_probabilities, tokenize_task
+from mtp.data import MultitaskSampler, load_tasks, task_probabilities, tokenize_tasks
 from mtp.evaluation import collate, evaluate_tasks
 from mtp.export import compact_tensors, install_compact
 from mtp.model import load_tokenizer
@@ -84,9 +83,7 @@ def main() -> None:
     cfg, meta, state = read_final(Path(args.run_dir))
     tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
     tasks = load_tasks(cfg)
-    tok_id = f"{cfg.encoder.tokenizer or cfg.encoder.name}:{type(tokenizer).__name__}"
-    data = {t.name: tokenize_task(t, tokenizer, cfg.data.max_seq_len, cache_dir(cfg) / "tokenized", tok_id)
-            for t in tasks}
+    data = tokenize_tasks(cfg, tasks, tokenizer)
     dense = build_dense_model(cfg, meta, state)
     sizes = {t.name: len(t.train_texts) for t in tasks}
     sampler = MultitaskSampler(sizes, task_probabilities(cfg, sizes), cfg.train.micro_batch_size, 0, 1, seed=0)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mtp.config import ConfigError, ExperimentConfig, TaskConfig, glue_dir, resolve_path
+from mtp.config import ConfigError, ExperimentConfig, TaskConfig, cache_dir, glue_dir, resolve_path
 from mtp.glue import GLUE, GlueSpec, canonical_task_name
 
 csv.field_size_limit(1 << 24)
@@ -234,6 +234,14 @@ def load_tasks(cfg: ExperimentConfig) -> list[TaskData]:
 
 
 # ---------------------------------------------------------------- tokenization
+
+
+def tokenize_tasks(cfg: ExperimentConfig, tasks: list[TaskData], tokenizer: Any) -> dict[str, dict]:
+    """Every task's tokenized splits through the on-disk cache of the config (one process; the trainer's ranks take
+    turns filling it)."""
+    tok_id = f"{cfg.encoder.tokenizer_name}:{type(tokenizer).__name__}"
+    cache = cache_dir(cfg) / "tokenized"
+    return {t.name: tokenize_task(t, tokenizer, cfg.data.max_seq_len, cache, tok_id) for t in tasks}
 
 
 def tokenize_task(task: TaskData, tokenizer: Any, max_len: int, cache: Path, tokenizer_id: str) -> dict:

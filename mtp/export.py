@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtp.config import ConfigError, ExperimentConfig, cache_dir, saved_config
-from mtp.data import load_tasks, tokenize_task
+from mtp.config import ConfigError, ExperimentConfig, saved_config
+from mtp.data import load_tasks, tokenize_tasks
 from mtp.evaluation import collate, evaluate_tasks
 from mtp.model import MultitaskModel, encoder_layers, load_hf_config, load_tokenizer
 from mtp.model_card import latency_against_dense, write_model_card
@@ -246,9 +246,7 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     compact = load_compact(out / "compact")
     tokenizer = load_tokenizer(cfg.encoder.tokenizer_name)
     tasks = load_tasks(cfg)
-    tok_id = f"{cfg.encoder.tokenizer or cfg.encoder.name}:{type(tokenizer).__name__}"
-    data = {t.name: tokenize_task(t, tokenizer, cfg.data.max_seq_len, cache_dir(cfg) / "tokenized", tok_id)
-            for t in tasks}
+    data = tokenize_tasks(cfg, tasks, tokenizer)
     scores = evaluate_tasks(compact, tasks, data, tokenizer, cfg.train.eval_batch_size)
     compact_scores = {k: v["score"] for k, v in scores.items()}
     low_precision = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
