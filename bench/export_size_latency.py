@@ -1,13 +1,19 @@
-"""Size on disk and CPU latency of the compact export against the dense model, at several budgets.
+"""Size on disk and CPU latency of pruned exports against the dense model's, in PyTorch and in onnxruntime.
 
-    python bench/export_size_latency.py [--budgets 0.5 0.25 0.1] [--batch 8] [--seq 128] [--repeats 20]
+    python bench/export_size_latency.py --dense RUN_DIR [--runs RUN_DIR ...] [--one-shot magnitude rank structured]
+        [--budgets 0.5 0.25 0.1] [--threads 1 2] [--batches 1 32] [--seq 128] [--repeats 10]
 
-The pruned models are made in one shot from the pretrained encoder (no training): element-wise by
-magnitude, rank by keeping the largest singular values over all matrices; size and latency depend
-only on the kept structure, not on how it was learnt. Each model goes through the same export code
-as `mtp export` (safetensors), is loaded back with `mtp.export.load_compact`, and timed on one batch of
-`--batch` x `--seq` tokens (median of `--repeats` forward passes, inference mode, all cores).
-Writes bench/results/export.json.
+Every model goes through `mtp export` (mtp.export.export_run: the compact form and its ONNX file); the dense side is
+the export of the dense run `--dense` (the teacher), so both sides take the same export path. `--runs` are finished
+pruned runs (what a user would serve); `--one-shot` methods are pruned here in one shot from the dense run's
+weights at each of `--budgets` (no training: their latency depends only on the kept structure), for methods
+whose trained weights are not at hand; their rows say `"run": "one-shot"`.
+
+Each model is timed in PyTorch eager (the compact model with dense kernels, the same attention implementation as
+the dense side; magnitude also with its CSR kernels, runtime `pytorch-sparse`) and in onnxruntime (CPU provider),
+at each thread count and batch size, `--seq` tokens: the median of `--repeats` forward passes after a warm-up,
+dense and pruned timed alternately. Writes bench/results/export.json: rows with `method`, `budget`, `runtime`,
+`threads`, `batch`, `latency_ratio` (pruned over dense seconds), `run`.
 """
 
 from __future__ import annotations
@@ -20,117 +26,165 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mtp.config import ExperimentConfig, load_config  # noqa: E402
-from mtp.export import compact_tensors, load_compact  # noqa: E402
-from mtp.model import MultitaskModel, load_encoder  # noqa: E402
+from common import machine  # noqa: E402
+
+from mtp.export import compact_tensors, export_onnx, export_run, load_compact  # noqa: E402
 from mtp.pruning import build_pruning, prunable_modules, pruning_settings  # noqa: E402
+from mtp.run_folder import build_dense_model, read_final, read_results  # noqa: E402
 from mtp.zero3 import full_state_dict  # noqa: E402
 
 
-def one_shot(base: MultitaskModel, method: str, budget: float) -> MultitaskModel:
+def one_shot(base: torch.nn.Module, method: str, budget: float) -> tuple[torch.nn.Module, Any]:
+    """`base` pruned to `budget` without training: magnitude by |W|, rank by singular value, structured by the
+    mean |W| of each head and unit (the kept structure is what the latency depends on)."""
     model = copy.deepcopy(base)
-    pcfg = pruning_settings(method=method, budget=budget, warmup_ratio=0.0, cooldown_ratio=0.0)
-    hook = build_pruning(pcfg, 1)[0]
+    extra = {"criterion": "magnitude"} if method == "structured" else {}
+    settings = pruning_settings(method=method, budget=budget, warmup_ratio=0.0, cooldown_ratio=0.0, **extra)
+    hook = build_pruning(settings, 1)[0]
     hook.setup(model)
-    if method == "magnitude":
-        hook.on_optimizer_step(model, 1)
-    else:
-        with torch.no_grad():  # rank by singular value: gate logits ordered like log sigma
+    if method == "rank":
+        with torch.no_grad():  # gate logits ordered like log sigma
             for _, _, m in prunable_modules(model):
                 sigma = (m.P.float().norm(dim=0) * m.Q.float().norm(dim=1)).clamp_min(1e-12)
                 m.log_alpha.copy_(sigma.log())
         hook.project()
+    else:
+        hook.on_optimizer_step(model, 1)
     report = hook.kept_report(model)
     assert report["within_budget"], report
-    return model.eval()
+    return model.eval(), settings
 
 
-def block_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Bytes of the encoder blocks' tensors (what the budget counts), apart from embeddings and heads."""
+def save_one_shot(dense_run: Path, model: torch.nn.Module, settings: Any, folder: Path) -> None:
+    """The compact export (and its ONNX file) of a one-shot model, as `mtp export` writes a run's."""
+    from safetensors.torch import save_file
+
+    cfg, meta, _ = read_final(dense_run)
+    cfg = cfg.model_copy(update={"pruning": settings})
+    tensors, formats = compact_tensors(settings, full_state_dict(model), model.model_type)
+    compact = folder / "compact"
+    compact.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(compact / "model.safetensors"))
+    meta = {**meta, "config": cfg.model_dump(mode="json")}
+    (compact / "compact.json").write_text(json.dumps({"format": "mtp-compact-v1", "formats": formats, "meta": meta}))
+    export_onnx(compact, folder / "onnx")
+
+
+def block_bytes(folder: Path) -> int:
+    """Bytes of the encoder blocks' tensors in a compact export (what the budget counts)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "compact" / "model.safetensors"))
     return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("encoder.encoder."))
 
 
-def save_compact(cfg: ExperimentConfig, model: MultitaskModel, folder: Path, meta: dict) -> tuple[int, int]:
-    from safetensors.torch import save_file
+class Timed:
+    """One exported model in one runtime: `run(batch)` does a forward pass."""
 
-    tensors, formats = compact_tensors(cfg.pruning, full_state_dict(model), model.model_type)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "compact.json").write_text(json.dumps({"format": "mtp-compact-v1", "formats": formats, "meta": meta}))
-    return (folder / "model.safetensors").stat().st_size, block_bytes(tensors)
+    def __init__(self, folder: Path, runtime: str, threads: int):
+        self.runtime = runtime
+        if runtime == "onnxruntime":
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            self.session = onnxruntime.InferenceSession(str(folder / "onnx" / "encoder.onnx"), options,
+                                                        providers=["CPUExecutionProvider"])
+            self.inputs = [i.name for i in self.session.get_inputs()]
+        else:
+            self.model = load_compact(folder / "compact", sparse_compute=runtime == "pytorch-sparse").eval()
+            self.task = next(iter(self.model.heads))
+
+    def run(self, batch: dict[str, torch.Tensor]) -> None:
+        if self.runtime == "onnxruntime":
+            feeds = {n: (batch[n] if n in batch else torch.zeros_like(batch["input_ids"])).numpy() for n in self.inputs}
+            self.session.run(None, feeds)
+        else:
+            with torch.inference_mode():
+                self.model(self.task, **batch)
 
 
-def latency(model: torch.nn.Module, batch: dict, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            model("rte", **batch)
-        times = []
-        for _ in range(repeats):
+def paired_latency(dense: Timed, pruned: Timed, batch: dict[str, torch.Tensor], repeats: int) -> tuple[float, float]:
+    """Median seconds of each model, timed alternately after two warm-up passes each."""
+    for _ in range(2):
+        dense.run(batch)
+        pruned.run(batch)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(repeats):
+        for side, model in enumerate((dense, pruned)):
             start = time.perf_counter()
-            model("rte", **batch)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            model.run(batch)
+            times[side].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--dense", required=True, help="the finished dense run (the teacher)")
+    parser.add_argument("--runs", nargs="*", default=[], help="finished pruned runs")
+    parser.add_argument("--one-shot", nargs="*", default=[], choices=["magnitude", "rank", "structured"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="bench/results/export.json")
     args = parser.parse_args()
 
-    cfg = load_config(args.config)
-    torch.manual_seed(0)
-    encoder = load_encoder(cfg.encoder.name, cfg.encoder.random_init, cfg.encoder.config_overrides)
-    base = MultitaskModel(encoder, {"rte": 2}, cfg.encoder.pooling).eval()
-    meta = {"config": cfg.model_dump(mode="json"),
-            "tasks": [{"name": "rte", "labels": ["a", "b"], "metric": "accuracy"}]}
-    batch = {"input_ids": torch.randint(1000, 20000, (args.batch, args.seq)),
-             "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)}
+    dense_run = Path(args.dense)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        from safetensors.torch import save_file
-
-        dense_file = Path(tmp) / "dense.safetensors"
-        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(dense_file))
-        dense_bytes = dense_file.stat().st_size
-        dense_blocks = block_bytes(base.state_dict())
-        dense_s = latency(base, batch, args.repeats)
-        for budget in args.budgets:
-            for method in ("magnitude", "rank"):
-                pruned = one_shot(base, method, budget)
-                folder = Path(tmp) / f"{method}-{budget}"
-                size, blocks = save_compact(cfg, pruned, folder, meta)
-                row = {"budget": budget, "method": method, "compact_bytes": size, "dense_bytes": dense_bytes,
-                       "size_ratio": size / dense_bytes, "compact_block_bytes": blocks,
-                       "dense_block_bytes": dense_blocks, "block_size_ratio": blocks / dense_blocks,
-                       "dense_latency_s": dense_s}
-                if method == "magnitude":
-                    sparse = load_compact(folder, sparse_compute=True)
-                    as_dense = load_compact(folder, sparse_compute=False)
-                    row["compact_latency_s"] = latency(sparse, batch, args.repeats)
-                    row["compact_dense_kernels_latency_s"] = latency(as_dense, batch, args.repeats)
-                    check = as_dense
-                else:
-                    check = load_compact(folder)
-                    row["compact_latency_s"] = latency(check, batch, args.repeats)
-                row["latency_ratio"] = row["compact_latency_s"] / dense_s
-                with torch.inference_mode():
-                    diff = (check("rte", **batch)["logits"] - pruned("rte", **batch)["logits"]).abs().max()
-                row["max_logit_diff_vs_pruned_model"] = float(diff)
-                rows.append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
-    report = {"benchmark": "export_size_latency", "encoder": cfg.encoder.name, "batch": args.batch, "seq": args.seq,
-              "threads": torch.get_num_threads(), "rows": rows,
-              "note": "sizes include embeddings and heads (unpruned) as well as the encoder blocks"}
+        dense_folder = export_run(dense_run, Path(tmp) / "dense")
+        models: list[tuple[str, float, str, Path]] = []
+        for run in map(Path, args.runs):
+            results = read_results(run)
+            pruning = None if results is None else results.pruning
+            assert pruning is not None and pruning.method and pruning.budget and pruning.dense_blocks, \
+                f"{run}: not a finished pruned run"
+            models.append((pruning.method, round(pruning.budget / pruning.dense_blocks, 4), str(run),
+                           export_run(run, Path(tmp) / run.name)))
+        if args.one_shot:
+            cfg, meta, state = read_final(dense_run)
+            base = build_dense_model(cfg, meta, state).eval()
+            for method in args.one_shot:
+                for budget in args.budgets:
+                    model, settings = one_shot(base, method, budget)
+                    folder = Path(tmp) / f"one-shot-{method}-{budget}"
+                    save_one_shot(dense_run, model, settings, folder)
+                    models.append((method, budget, "one-shot", folder))
+        dense_bytes = block_bytes(dense_folder)
+        for method, budget, run, folder in models:
+            size = {"compact_block_bytes": block_bytes(folder), "dense_block_bytes": dense_bytes,
+                    "block_size_ratio": round(block_bytes(folder) / dense_bytes, 4)}
+            runtimes = ["pytorch-eager", "onnxruntime"] + (["pytorch-sparse"] if method == "magnitude" else [])
+            for runtime in runtimes:
+                for threads in args.threads:
+                    torch.set_num_threads(threads)
+                    dense_side = Timed(dense_folder, "onnxruntime" if runtime == "onnxruntime" else "pytorch-eager",
+                                       threads)
+                    pruned = Timed(folder, runtime, threads)
+                    for batch_size in args.batches:
+                        x = torch.randint(1000, 20000, (batch_size, args.seq),
+                                          generator=torch.Generator().manual_seed(0))
+                        batch = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+                        dense_s, pruned_s = paired_latency(dense_side, pruned, batch, args.repeats)
+                        rows.append({"method": method, "budget": budget, "runtime": runtime, "threads": threads,
+                                     "batch": batch_size, "tokens": args.seq,
+                                     "latency_ratio": round(pruned_s / dense_s, 4),
+                                     "dense_seconds": round(dense_s, 5), "pruned_seconds": round(pruned_s, 5),
+                                     "run": run, **size})
+                        print(json.dumps(rows[-1]), flush=True)
+    report = {"benchmark": "export_size_latency", "dense_run": str(dense_run), "repeats": args.repeats,
+              "command": " ".join(["python bench/export_size_latency.py", *sys.argv[1:]]), **machine(), "rows": rows,
+              "note": "latency_ratio: the pruned export's median seconds over the dense export's, same runtime, "
+                      "threads and batch, timed alternately in one process; block bytes: encoder blocks only"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 

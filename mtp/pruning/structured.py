@@ -4,11 +4,20 @@ smaller (fewer heads, narrower FFNs) and faster in any runtime. One set of group
 A head spans rows of the query, key and value maps (and their biases) and columns of the attention output map; an
 FFN unit a row (and bias) of the FFN input map and a column of the FFN output map. Each map is a `GroupMaskedLinear`
 whose 0/1 mask runs over its rows or its columns; the hook writes the same group mask into the maps of a block.
-Groups are ranked by their importance per parameter (the mean |W| over the group's weights, compared across heads
-and units and across layers) and the most important ones are kept while they fit the cubic schedule's allowance,
+Groups are ranked by their importance per parameter, compared across heads and units and across layers, and the most
+important ones are kept while they fit the cubic schedule's allowance,
 so that every step's model is within that step's size and the final one within B, short of it by less than one
 group's cost. A block left with no heads computes no attention; one left with no FFN units computes no FFN: only
 the sublayer's output bias and LayerNorm remain (what the budget counts as the block's fixed part).
+
+Importance (`pruning.criterion`):
+- `taylor` (default): the first-order estimate of what removing a group costs the training loss (Molchanov et al.
+  2019; Michel et al. 2019 for heads): |dL/dg| for a gate g = 1 on the group's output (a head's columns of the
+  attention output map, a unit's column of the FFN output map), per optimizer step, summed over the ranks and
+  averaged along the run (an exponential moving average, `taylor_decay`). The gate multiplies the weight, not the
+  activations, so it costs one weight-sized product; it is read only while groups are being chosen.
+- `magnitude`: the mean |W| over the group's weights (no data).
+docs/pruning.md gives the measurement that chose the default.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from mtp.model import encoder_layers
@@ -33,6 +44,10 @@ UNIT_MAPS = ("ffn_in", "ffn_out")
 
 class StructuredSettings(PruningSettings):
     method: Literal["structured"] = "structured"
+    criterion: Literal["taylor", "magnitude"] = "taylor"
+    """How groups are ranked: first-order Taylor estimate of the loss change (`taylor`), or mean |W| (`magnitude`)."""
+    taylor_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    """The moving average's decay per optimizer step for `taylor` (0.99: about the last 100 steps)."""
 
 
 class GroupMaskedLinear(PrunableLayer):
@@ -51,13 +66,23 @@ class GroupMaskedLinear(PrunableLayer):
         size = full_shape(linear.weight)[0 if rows else 1]
         self.register_buffer("group_mask", torch.ones(size, dtype=linear.weight.dtype, device=linear.weight.device))
         self.register_buffer("group_rows", torch.tensor(rows, device=linear.weight.device))  # saved: export reads it
+        self.group_size = 1
+        self.taylor: torch.Tensor | None = None  # set by the hook while it chooses groups: |dL/dg| per group, summed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.group_mask.to(self.weight.dtype)
         if self.rows:
             bias = None if self.bias is None else self.bias * mask
             return F.linear(x, self.weight * mask[:, None], bias)
+        if self.taylor is not None and self.training and torch.is_grad_enabled():
+            gate = torch.ones_like(mask, requires_grad=True)  # dL/dgate_j = sum_i W_ij dL/dW'_ij: removing column j
+            gate.register_hook(self._add_taylor)
+            mask = mask * gate
         return F.linear(x, self.weight * mask, self.bias)
+
+    def _add_taylor(self, grad: torch.Tensor) -> None:
+        assert self.taylor is not None
+        self.taylor += grad.detach().float().view(-1, self.group_size).sum(1).abs()
 
     @staticmethod
     def _is_rows(state: dict[str, torch.Tensor], path: str) -> bool:
@@ -126,9 +151,47 @@ class StructuredPruning(PruningHook):
         self.kept_heads = torch.ones(layers, self.heads, dtype=torch.bool)
         self.kept_units = torch.ones(layers, self.units, dtype=torch.bool)
         self.size = self.removable  # the removable parameters kept now
+        self.taylor_average: torch.Tensor | None = None  # heads then units of every layer, per parameter
+        self._probe(self.cfg.criterion == "taylor")
 
     # ------------------------------------------------------------ importance and selection
+    def _probe(self, on: bool) -> None:
+        """Attach (or drop) the Taylor accumulators of the output maps: heads' columns in groups of head_dim."""
+        for maps in self.maps:
+            for kind, group_size in (("attn_out", self.head_dim), ("ffn_out", 1)):
+                module = maps[kind]
+                module.group_size = group_size
+                size = module.in_features // group_size
+                module.taylor = torch.zeros(size, device=module.group_mask.device) if on else None
+
+    def _step_taylor(self) -> None:
+        """Fold this step's |dL/dg| (summed over the ranks) into the moving average and reset the accumulators."""
+        outputs = [module for maps in self.maps for module in (maps["attn_out"], maps["ffn_out"])]
+        if any(m.taylor is None for m in outputs):
+            return
+        heads = torch.stack([maps["attn_out"].taylor for maps in self.maps]).flatten() / self.head_cost
+        units = torch.stack([maps["ffn_out"].taylor for maps in self.maps]).flatten() / self.unit_cost
+        step = torch.cat([heads, units])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(step)
+        for module in outputs:
+            module.taylor.zero_()
+        decay = self.cfg.taylor_decay
+        if self.taylor_average is None:
+            self.taylor_average = step
+        else:
+            self.taylor_average.mul_(decay).add_(step, alpha=1.0 - decay)
+
     def importance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Importance per parameter of each head and each unit: (layers x heads, layers x units)."""
+        if self.cfg.criterion == "taylor" and self.taylor_average is not None:
+            average = self.taylor_average.cpu()
+            layers = len(self.maps)
+            return average[:layers * self.heads].reshape(layers, self.heads), \
+                average[layers * self.heads:].reshape(layers, self.units)
+        return self.magnitude_importance()
+
+    def magnitude_importance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean |W| over each head's and each unit's weights: (layers x heads, layers x units)."""
         heads, units = [], []
         for maps in self.maps:
@@ -149,18 +212,11 @@ class StructuredPruning(PruningHook):
     def select(self, allowance: int) -> None:
         """Keep the most important groups per parameter while their cost fits `allowance` (greedy, in order)."""
         heads, units = self.importance()
-        costs = torch.cat([torch.full((heads.numel(),), self.head_cost), torch.full((units.numel(),), self.unit_cost)])
-        order = torch.argsort(torch.cat([heads.flatten(), units.flatten()]), descending=True, stable=True)
-        keep = torch.zeros(costs.numel(), dtype=torch.bool)
-        room = allowance
-        for index in order.tolist():
-            cost = int(costs[index])
-            if cost <= room:
-                keep[index] = True
-                room -= cost
+        keep = greedy_fill(torch.cat([heads.flatten(), units.flatten()]), heads.numel(), self.head_cost,
+                           self.unit_cost, allowance)
         self.kept_heads = keep[:heads.numel()].reshape(heads.shape)
         self.kept_units = keep[heads.numel():].reshape(units.shape)
-        self.size = allowance - room
+        self.size = int(self.kept_heads.sum()) * self.head_cost + int(self.kept_units.sum()) * self.unit_cost
         self._write_masks()
 
     def _write_masks(self) -> None:
@@ -176,9 +232,11 @@ class StructuredPruning(PruningHook):
         self.step = step
         if self.fixed:
             return
+        self._step_taylor()
         if self.in_fixed_phase(step):  # the final groups, kept from here on
             self.select(self.allowance)
             self.fixed = True
+            self._probe(False)
             return
         target = int(self.schedule(step, float(self.removable), float(self.allowance)))
         if target < self.removable:
@@ -214,8 +272,9 @@ class StructuredPruning(PruningHook):
                 "pruning/kept_units": float(self.kept_units.sum())}
 
     def state_dict(self) -> dict[str, Any]:
+        average = None if self.taylor_average is None else self.taylor_average.cpu().tolist()
         return {**super().state_dict(), "kept_heads": self.kept_heads.tolist(), "kept_units": self.kept_units.tolist(),
-                "size": self.size}
+                "size": self.size, "taylor_average": average}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -223,3 +282,30 @@ class StructuredPruning(PruningHook):
             self.kept_heads = torch.tensor(state["kept_heads"], dtype=torch.bool)
             self.kept_units = torch.tensor(state["kept_units"], dtype=torch.bool)
             self.size = state["size"]
+        if state.get("taylor_average") is not None:
+            device = self.maps[0]["ffn_out"].group_mask.device
+            self.taylor_average = torch.tensor(state["taylor_average"], dtype=torch.float32, device=device)
+        if self.fixed:
+            self._probe(False)
+
+
+def greedy_fill(importance: torch.Tensor, heads: int, head_cost: int, unit_cost: int, allowance: int) -> torch.Tensor:
+    """Which groups to keep (the first `heads` entries are heads): most important first while each fits what is
+    left of `allowance`, skipping those that do not (the loop over groups, vectorised: once a group does not fit,
+    only groups of the smaller cost can, and they are taken in order)."""
+    costs = torch.full((importance.numel(),), unit_cost, dtype=torch.int64)
+    costs[:heads] = head_cost
+    order = torch.argsort(importance, descending=True, stable=True)
+    spent = torch.cumsum(costs[order], 0)
+    fits = spent <= allowance
+    first_miss = int(fits.logical_not().nonzero()[0]) if not bool(fits.all()) else len(order)
+    keep = torch.zeros(importance.numel(), dtype=torch.bool)
+    keep[order[:first_miss]] = True
+    room = allowance - (int(spent[first_miss - 1]) if first_miss > 0 else 0)
+    small = min(head_cost, unit_cost)
+    rest = order[first_miss:]
+    smaller = rest[costs[rest] == small]
+    if small == max(head_cost, unit_cost):
+        smaller = rest
+    keep[smaller[:room // small]] = True
+    return keep
