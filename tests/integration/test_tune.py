@@ -104,6 +104,18 @@ def test_trial_experiment_carries_sampled_values_and_evaluations() -> None:
     assert exp.output_dir == "/tmp/x"
 
 
+def test_structured_pruning_keys_are_searchable(tmp_path: Path) -> None:
+    """The structured method's own keys (its criterion, the Taylor average's decay) are points of a search space."""
+    tree = {"base": "configs/tiny.yaml", "overrides": ["train.max_steps=8", "pruning.method=structured",
+                                                      "pruning.budget=0.3"],
+            "space": {"pruning.taylor_decay": {"uniform": [0.9, 0.999]},
+                      "pruning.criterion": {"choice": ["taylor", "magnitude"]}}}
+    cfg = load_tune_config(write(tmp_path, tree))
+    assert check_space(cfg).pruning.method == "structured"
+    exp = experiment_for(cfg, {"pruning.taylor_decay": 0.95, "pruning.criterion": "magnitude"}, "/tmp/x")
+    assert exp.pruning.taylor_decay == 0.95 and exp.pruning.criterion == "magnitude"
+
+
 def test_trials_get_the_local_paths_the_driver_sees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial runs in its own folder (Ray moves it there): a teacher named relative to where the search was started
     must reach it as an absolute path; a path that does not exist from there is left to the trainer's lookup."""
