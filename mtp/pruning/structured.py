@@ -148,9 +148,9 @@ class StructuredPruning(PruningHook):
         assert self.budget is not None
         self.fixed_part = self.budget.dense_blocks - self.removable  # LayerNorms and the output maps' biases
         self.allowance = self.budget.target - self.fixed_part
-        self.kept_heads = torch.ones(layers, self.heads, dtype=torch.bool)
-        self.kept_units = torch.ones(layers, self.units, dtype=torch.bool)
-        self.size = self.removable  # the removable parameters kept now
+        device = self.maps[0]["ffn_out"].group_mask.device
+        self.kept_heads = torch.ones(layers, self.heads, dtype=torch.bool, device=device)  # on the device: choosing
+        self.kept_units = torch.ones(layers, self.units, dtype=torch.bool, device=device)  # groups never waits on it
         self.taylor_average: torch.Tensor | None = None  # heads then units of every layer, per parameter
         self._probe(self.cfg.criterion == "taylor")
 
@@ -185,7 +185,7 @@ class StructuredPruning(PruningHook):
     def importance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Importance per parameter of each head and each unit: (layers x heads, layers x units)."""
         if self.cfg.criterion == "taylor" and self.taylor_average is not None:
-            average = self.taylor_average.cpu()
+            average = self.taylor_average
             layers = len(self.maps)
             return average[:layers * self.heads].reshape(layers, self.heads), \
                 average[layers * self.heads:].reshape(layers, self.units)
@@ -195,11 +195,12 @@ class StructuredPruning(PruningHook):
         """Mean |W| over each head's and each unit's weights: (layers x heads, layers x units)."""
         heads, units = [], []
         for maps in self.maps:
-            head = torch.zeros(self.heads)
-            unit = torch.zeros(self.units)
+            device = maps["ffn_out"].group_mask.device
+            head = torch.zeros(self.heads, device=device)
+            unit = torch.zeros(self.units, device=device)
             for kind, module in maps.items():
                 with gathered([module.weight]):
-                    magnitude = module.weight.detach().float().abs().sum(1 if module.rows else 0).cpu()
+                    magnitude = module.weight.detach().float().abs().sum(1 if module.rows else 0)
                 if kind in HEAD_MAPS:
                     head += magnitude.reshape(self.heads, self.head_dim).sum(1)
                 else:
@@ -216,7 +217,6 @@ class StructuredPruning(PruningHook):
                            self.unit_cost, allowance)
         self.kept_heads = keep[:heads.numel()].reshape(heads.shape)
         self.kept_units = keep[heads.numel():].reshape(units.shape)
-        self.size = int(self.kept_heads.sum()) * self.head_cost + int(self.kept_units.sum()) * self.unit_cost
         self._write_masks()
 
     def _write_masks(self) -> None:
@@ -274,14 +274,14 @@ class StructuredPruning(PruningHook):
     def state_dict(self) -> dict[str, Any]:
         average = None if self.taylor_average is None else self.taylor_average.cpu().tolist()
         return {**super().state_dict(), "kept_heads": self.kept_heads.tolist(), "kept_units": self.kept_units.tolist(),
-                "size": self.size, "taylor_average": average}
+                "taylor_average": average}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if "kept_heads" in state:  # the masks themselves come back with the checkpoint's buffers
-            self.kept_heads = torch.tensor(state["kept_heads"], dtype=torch.bool)
-            self.kept_units = torch.tensor(state["kept_units"], dtype=torch.bool)
-            self.size = state["size"]
+            device = self.kept_heads.device
+            self.kept_heads = torch.tensor(state["kept_heads"], dtype=torch.bool, device=device)
+            self.kept_units = torch.tensor(state["kept_units"], dtype=torch.bool, device=device)
         if state.get("taylor_average") is not None:
             device = self.maps[0]["ffn_out"].group_mask.device
             self.taylor_average = torch.tensor(state["taylor_average"], dtype=torch.float32, device=device)
@@ -291,21 +291,17 @@ class StructuredPruning(PruningHook):
 
 def greedy_fill(importance: torch.Tensor, heads: int, head_cost: int, unit_cost: int, allowance: int) -> torch.Tensor:
     """Which groups to keep (the first `heads` entries are heads): most important first while each fits what is
-    left of `allowance`, skipping those that do not (the loop over groups, vectorised: once a group does not fit,
-    only groups of the smaller cost can, and they are taken in order)."""
-    costs = torch.full((importance.numel(),), unit_cost, dtype=torch.int64)
+    left of `allowance`, skipping those that do not. The loop over groups, vectorised on the groups' device (no
+    value is read back): the groups before the first that does not fit are kept; after it only groups of the
+    smaller cost can fit, and the next ones of that cost are taken while the room left holds them."""
+    costs = torch.full((importance.numel(),), unit_cost, dtype=torch.int64, device=importance.device)
     costs[:heads] = head_cost
     order = torch.argsort(importance, descending=True, stable=True)
-    spent = torch.cumsum(costs[order], 0)
-    fits = spent <= allowance
-    first_miss = int(fits.logical_not().nonzero()[0]) if not bool(fits.all()) else len(order)
-    keep = torch.zeros(importance.numel(), dtype=torch.bool)
-    keep[order[:first_miss]] = True
-    room = allowance - (int(spent[first_miss - 1]) if first_miss > 0 else 0)
+    ordered = costs[order]
+    spent = torch.cumsum(ordered, 0)
+    prefix = torch.cumprod((spent <= allowance).to(torch.int64), 0).bool()
+    room = allowance - (spent * prefix).max()  # what the kept prefix leaves
     small = min(head_cost, unit_cost)
-    rest = order[first_miss:]
-    smaller = rest[costs[rest] == small]
-    if small == max(head_cost, unit_cost):
-        smaller = rest
-    keep[smaller[:room // small]] = True
-    return keep
+    candidates = ~prefix & (ordered == small)
+    taken = candidates & (torch.cumsum(candidates.to(torch.int64), 0) <= torch.div(room, small, rounding_mode="floor"))
+    return torch.zeros_like(prefix).scatter(0, order, prefix | taken)
