@@ -26,9 +26,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtp.training import run_training
+    from mtp.training.trainer import LossNotFinite
 
     cfg = load_config(args.config, args.overrides)
-    run_training(cfg, resume=args.resume)
+    try:
+        run_training(cfg, resume=args.resume)
+    except LossNotFinite as err:
+        print(f"mtp train: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

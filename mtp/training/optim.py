@@ -55,6 +55,11 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         node[keys[-1]] = value
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
+    bf16 = ds.get("bf16")
+    if isinstance(bf16, dict) and bf16.get("enabled"):
+        # bf16 has fp32's range and no loss scale to adjust: DeepSpeed's overflow check (on by default) only adds
+        # per-step reductions and a host sync; a non-finite loss still stops the run at its next log step
+        bf16.setdefault("check_grad_overflow", False)
     return ds
 
 

@@ -232,6 +232,7 @@ class Trainer:
         counts = window[n:2 * n] / self.world  # every rank counted the same micro-steps
         steps_in_window = max(1.0, float(counts.sum()))
         mean_loss = float(window[:n].sum() / self.world / steps_in_window)
+        check_finite_loss(self.state.step, mean_loss, {name: float(window[i]) for i, name in enumerate(names)})
         self.state.loss_history.append({"step": self.state.step, "loss": mean_loss})
         scalars: dict[str, float] = {"train/loss": mean_loss}
         for i, name in enumerate(names):
@@ -286,6 +287,21 @@ class Trainer:
         return {"total": total, "held_at_build_per_rank": [b for b, _ in per_rank],
                 "held_per_rank": [e for _, e in per_rank],
                 "largest_share": max(max(b, e) for b, e in per_rank) / total}
+
+
+class LossNotFinite(RuntimeError):
+    """The training loss became inf or NaN (the last checkpoint is kept; resume from it with other settings)."""
+
+
+def check_finite_loss(step: int, mean_loss: float, task_loss_sums: dict[str, float]) -> None:
+    """Stop the run in one line, naming the tasks, once a log step's loss is not finite (no step skips a
+    non-finite loss by default: bf16 runs train without DeepSpeed's overflow check, see build_ds_config)."""
+    if np.isfinite(mean_loss):
+        return
+    bad = [name for name, value in task_loss_sums.items() if not np.isfinite(value)]
+    raise LossNotFinite(f"step {step}: the training loss is {mean_loss} (tasks: {', '.join(bad) or 'none'}); the "
+                        "last checkpoint is kept. Lower train.lr or, in bf16, set bf16.check_grad_overflow: true "
+                        "in the DeepSpeed config to skip such steps")
 
 
 def enter_phase(hooks: list[Hook], name: str) -> None:
