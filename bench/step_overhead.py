@@ -236,23 +236,26 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args.child_out).write_text(json.dumps(rows))
         return
-    rows = []
-    for model_name in args.models:
-        rows.append(step_row(model_name, "plain", None, args))
-        print(json.dumps(rows[-1]), flush=True)
-        for zero in args.zero:
-            rows.append(step_row(model_name, "mtp", zero, args))
-            print(json.dumps(rows[-1]), flush=True)
-    if 2 in args.world:
-        rows += world_two(args)
-    largest = args.models[-1]
-    report = {"benchmark": "step_overhead", "command": " ".join(["python bench/step_overhead.py", *sys.argv[1:]]),
-              "tasks": list(TASKS), **machine(), "rows": rows, "pruning": pruning_rows(largest, args),
-              "proxy_check": proxy_check(args),
-              "gpu_profile_operators_per_step": 84861}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    report: dict[str, Any] = {"benchmark": "step_overhead",
+                              "command": " ".join(["python bench/step_overhead.py", *sys.argv[1:]]),
+                              "tasks": list(TASKS), **machine(), "gpu_profile_operators_per_step": 84861, "rows": []}
 
+    def save() -> None:  # after every section: a run stopped part-way keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+    report["proxy_check"] = proxy_check(args)
+    save()
+    for model_name in args.models:
+        for path, zero in [("plain", None), *(("mtp", z) for z in args.zero)]:
+            report["rows"].append(step_row(model_name, path, zero, args))
+            print(json.dumps(report["rows"][-1]), flush=True)
+            save()
+    if 2 in args.world:
+        report["rows"] += world_two(args)
+        save()
+    report["pruning"] = pruning_rows(args.models[-1], args)
+    save()
 
 if __name__ == "__main__":
     main()
