@@ -32,11 +32,10 @@ from typing import Any
 import torch
 from common import fastest
 from gpu import alternated, collectives, environment, guarded, peak_memory_gib, reset_memory, sync, timed
-from pruning_overhead import close_gates_to, engine_step
+from pruning_overhead import engine_step, pruned_path
 
 from mtp.config import load_config
 from mtp.model import MultitaskModel, load_encoder
-from mtp.pruning import build_pruning, pruning_settings
 from mtp.training.distributed import init_distributed
 
 TASKS = {"rte": 2, "mrpc": 2, "stsb": 1, "cola": 2, "sst2": 2}
@@ -184,18 +183,7 @@ def pruning(arch: str, micro_batch: int, args) -> dict[str, Any]:
     paths = {"dense": engine_step(cfg, copy.deepcopy(base), [])}
     for name, settings in PRUNING_PATHS.items():
         for phase in ("ramp", "at_budget"):
-            model = copy.deepcopy(base)
-            hooks = build_pruning(pruning_settings(**settings, budget=args.budget, warmup_ratio=0.0,
-                                                   cooldown_ratio=0.0), total)
-            for hook in hooks:
-                hook.setup(model)
-            hook = hooks[0]
-            if phase == "at_budget":
-                if name == "rank":
-                    close_gates_to(hook, hook.budget.target / hook.budget.dense_blocks)
-                else:
-                    hook.final_masks()
-                    hook.fixed = True
+            model, hooks = pruned_path(base, settings, args.budget, total, phase)
             paths[f"{name}:{phase}"] = engine_step(cfg, model, hooks)
     del base
     seconds = alternated(paths, batches, args.warmup, args.rounds)

@@ -116,6 +116,25 @@ def close_gates_to(hook, fraction: float) -> None:
     hook.budget, hook.projected = budget, False
 
 
+def pruned_path(base, settings: dict, budget: float, total: int, phase: str):
+    """A copy of `base` with the hook of `settings` set up, along its ramp (`phase` "ramp": masks move every step)
+    or at the budget ("at_budget": rank's gates beyond it closed, the other methods' final masks fixed)."""
+    from mtp.pruning import build_pruning
+
+    model = copy.deepcopy(base)
+    hooks = build_pruning(pruning_settings(**settings, budget=budget, warmup_ratio=0.0, cooldown_ratio=0.0), total)
+    for hook in hooks:
+        hook.setup(model)
+    hook = hooks[0]
+    if phase == "at_budget":
+        if settings["method"] == "rank":
+            close_gates_to(hook, hook.budget.target / hook.budget.dense_blocks)
+        else:
+            hook.final_masks()
+            hook.fixed = True
+    return model, hooks
+
+
 def run_mean(times: dict[float, float], warmup: float, cooldown: float) -> float:
     """Mean step time over a whole run whose schedule is timed at ramp positions 0..1 (trapezoid over the ramp):
     the full-rank start for the dense warmup, the budget for the cool-down."""

@@ -40,9 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine  # noqa: E402
 from gpu_efficiency import TASKS, build_model, experiment, packed_batches, plain_step  # noqa: E402
-from pruning_overhead import close_gates_to, engine_step  # noqa: E402
+from pruning_overhead import engine_step, pruned_path  # noqa: E402
 
-from mtp.pruning import build_pruning, pruning_settings  # noqa: E402
 from mtp.training.distributed import init_distributed  # noqa: E402
 
 SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
@@ -126,22 +125,7 @@ def pruning_rows(model_name: str, args: argparse.Namespace) -> list[dict[str, An
     rows = []
     for name, settings in PRUNING_PATHS.items():
         for phase in ("ramp", "at_budget"):
-            model = copy.deepcopy(base)
-            hooks = build_pruning(pruning_settings(**settings, budget=args.budget, warmup_ratio=0.0,
-                                                   cooldown_ratio=0.0), 10 ** 6)
-            for hook in hooks:
-                hook.setup(model)
-            hook = hooks[0]
-            if phase == "at_budget":
-                if name == "rank":
-                    close_gates_to(hook, hook.budget.target / hook.budget.dense_blocks)
-                elif name == "structured":
-                    hook.final_report(model)
-                    hook.fixed = True
-                    hook._probe(False)
-                else:
-                    hook.final_masks()
-                    hook.fixed = True
+            model, hooks = pruned_path(base, settings, args.budget, 10 ** 6, phase)
             measured = profile_steps(engine_step(cfg, model, hooks), batches, args.warmup, args.steps)
             rows.append({"model": model_name, "method": name, "phase": phase, "zero": 2, **measured,
                          "operators_over_dense": round(measured["operators_per_step"] / dense["operators_per_step"], 3),

@@ -234,13 +234,17 @@ class StructuredPruning(PruningHook):
             return
         self._step_taylor()
         if self.in_fixed_phase(step):  # the final groups, kept from here on
-            self.select(self.allowance)
+            self.final_masks()
             self.fixed = True
-            self._probe(False)
             return
         target = int(self.schedule(step, float(self.removable), float(self.allowance)))
         if target < self.removable:
             self.select(target)
+
+    def final_masks(self) -> None:
+        """The groups of the budget, and no more Taylor accumulation (what the fixed-mask phase trains with)."""
+        self.select(self.allowance)
+        self._probe(False)
 
     def final_report(self, model: nn.Module) -> dict[str, Any]:
         if not self.fixed:
