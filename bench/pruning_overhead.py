@@ -36,6 +36,7 @@ from common import base_model, draw_batches, fastest, machine, time_paths
 
 from mtp.config import load_config
 from mtp.pruning import pruning_settings
+from mtp.training import zero_step
 from mtp.training.distributed import init_distributed
 from mtp.training.optim import build_ds_config, lr_lambda, skip_single_rank_reduction, split_param_groups
 
@@ -50,6 +51,7 @@ def engine_step(cfg, model, hooks, ds_extra=None):
     import deepspeed
 
     ds = build_ds_config(cfg, 1) | (ds_extra or {})
+    zero_step.install()  # as the trainer does
     engine, *_ = deepspeed.initialize(model=model, config=ds,
                                       model_parameters=split_param_groups(model, hooks, cfg.train.weight_decay),
                                       lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(0, 10**6)))
@@ -127,8 +129,11 @@ def pruned_path(base, settings: dict, budget: float, total: int, phase: str):
         hook.setup(model)
     hook = hooks[0]
     if phase == "at_budget":
-        if settings["method"] == "rank":
+        if settings["method"] == "rank":  # as a run at its budget: gates beyond it closed, then the projection
             close_gates_to(hook, hook.budget.target / hook.budget.dense_blocks)
+            hook.project()
+            hook.fixed = True
+            hook._set_sampling()
         else:
             hook.final_masks()
             hook.fixed = True

@@ -23,7 +23,6 @@ Writes bench/results/step_overhead.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -42,6 +41,7 @@ from common import machine  # noqa: E402
 from gpu_efficiency import TASKS, build_model, experiment, packed_batches, plain_step  # noqa: E402
 from pruning_overhead import engine_step, pruned_path  # noqa: E402
 
+from mtp.pruning import accelerator_paths  # noqa: E402
 from mtp.training.distributed import init_distributed  # noqa: E402
 
 SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
@@ -116,23 +116,47 @@ def step_row(model_name: str, path: str, zero: int | None, args: argparse.Namesp
     return row
 
 
-def pruning_rows(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Each method's operators and host syncs per step over dense (ZeRO-2), along the ramp and at the budget."""
+def pruning_row(model_name: str, method: str | None, phase: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Operators and host syncs per step of mtp's step (ZeRO-2) with `method`'s hook (None: dense), on the paths an
+    accelerator takes (`accelerator_paths`)."""
     batches = packed_batches(args.warmup + args.steps, args.micro_batch, args.seq_len, "cpu")
     cfg = experiment(model_name, args.micro_batch, bf16_config(2), args)
     base = build_model(model_name)
-    dense = profile_steps(engine_step(cfg, copy.deepcopy(base), []), batches, args.warmup, args.steps)
-    rows = []
-    for name, settings in PRUNING_PATHS.items():
-        for phase in ("ramp", "at_budget"):
-            model, hooks = pruned_path(base, settings, args.budget, 10 ** 6, phase)
+    with accelerator_paths():
+        if method is None:
+            measured = profile_steps(engine_step(cfg, base, []), batches, args.warmup, args.steps)
+        else:
+            model, hooks = pruned_path(base, PRUNING_PATHS[method], args.budget, 10 ** 6, phase)
             measured = profile_steps(engine_step(cfg, model, hooks), batches, args.warmup, args.steps)
-            rows.append({"model": model_name, "method": name, "phase": phase, "zero": 2, **measured,
-                         "operators_over_dense": round(measured["operators_per_step"] / dense["operators_per_step"], 3),
-                         "dense_operators_per_step": dense["operators_per_step"]})
-            print(json.dumps(rows[-1]), flush=True)
-            del model, hooks
-            gc.collect()
+    return {"model": model_name, "method": method or "dense", "phase": phase, "zero": 2, **measured}
+
+
+def pruning_rows(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each method's operators and host syncs per step over dense, along the ramp and at the budget: one process per
+    row (BERT-large's engines do not all fit in memory at once)."""
+    def child(method: str, phase: str) -> dict[str, Any]:
+        out = BENCH / "results" / ".step_overhead" / f"pruning_{method}_{phase}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--pruning-child", method, phase, "--child-out", str(out),
+               "--models", model_name, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--budget", str(args.budget),
+               "--config", args.config]
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)  # its own process group
+        if proc.returncode != 0 or not out.is_file():
+            return {"model": model_name, "method": method, "phase": phase,
+                    "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        return json.loads(out.read_text())
+
+    dense = child("dense", "dense")
+    rows = [dense]
+    for name in PRUNING_PATHS:
+        for phase in ("ramp", "at_budget"):
+            row = child(name, phase)
+            if "operators_per_step" in row and "operators_per_step" in dense:
+                row["operators_over_dense"] = round(row["operators_per_step"] / dense["operators_per_step"], 3)
+                row["dense_operators_per_step"] = dense["operators_per_step"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -210,36 +234,51 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny BERT, one world size: a check of this script")
     parser.add_argument("--out", default="bench/results/step_overhead.json")
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--pruning-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--sections", nargs="+", default=["proxy_check", "steps", "world2", "pruning"],
+                        help="what to measure (a run of some sections keeps the others' rows from --out)")
     args = parser.parse_args()
     if args.smoke:
         args.models, args.world, args.steps, args.warmup = ["tiny-bert"], [1], 1, 1
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed()
+    if args.pruning_child:  # one pruning row, in its own process
+        method, phase = args.pruning_child
+        row = pruning_row(args.models[0], None if method == "dense" else method, phase, args)
+        Path(args.child_out).write_text(json.dumps(row))
+        return
     if args.child_out:  # one rank of the world-size-2 rows
         rows = [step_row(m, "mtp", z, args) for m in args.models for z in args.zero]
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args.child_out).write_text(json.dumps(rows))
         return
-    report: dict[str, Any] = {"benchmark": "step_overhead",
-                              "command": " ".join(["python bench/step_overhead.py", *sys.argv[1:]]),
-                              "tasks": list(TASKS), **machine(), "gpu_profile_operators_per_step": 84861, "rows": []}
+    report: dict[str, Any] = {"benchmark": "step_overhead", "rows": []}
+    if Path(args.out).is_file():  # rows of the sections not measured this time are kept
+        report = json.loads(Path(args.out).read_text())
+    report.update({"command": " ".join(["python bench/step_overhead.py", *sys.argv[1:]]), "tasks": list(TASKS),
+                   **machine(), "gpu_profile_operators_per_step": 84861})
 
     def save() -> None:  # after every section: a run stopped part-way keeps what it measured
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
-    report["proxy_check"] = proxy_check(args)
-    save()
-    for model_name in args.models:
-        for path, zero in [("plain", None), *(("mtp", z) for z in args.zero)]:
-            report["rows"].append(step_row(model_name, path, zero, args))
-            print(json.dumps(report["rows"][-1]), flush=True)
-            save()
-    if 2 in args.world:
-        report["rows"] += world_two(args)
+    if "proxy_check" in args.sections:
+        report["proxy_check"] = proxy_check(args)
         save()
-    report["pruning"] = pruning_rows(args.models[-1], args)
-    save()
+    if "steps" in args.sections:
+        report["rows"] = [r for r in report.get("rows", []) if r.get("world_size", 1) != 1]
+        for model_name in args.models:
+            for path, zero in [("plain", None), *(("mtp", z) for z in args.zero)]:
+                report["rows"].append(step_row(model_name, path, zero, args))
+                print(json.dumps(report["rows"][-1]), flush=True)
+                save()
+    if "world2" in args.sections and 2 in args.world:
+        report["rows"] = [r for r in report.get("rows", []) if r.get("world_size", 1) == 1] + world_two(args)
+        save()
+    if "pruning" in args.sections:
+        report["pruning"] = pruning_rows(args.models[-1], args)
+        save()
+
 
 if __name__ == "__main__":
     main()

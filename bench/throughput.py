@@ -19,6 +19,7 @@ import torch
 from common import base_model, draw_batches, machine, median, time_paths
 
 from mtp.config import load_config
+from mtp.training import zero_step
 from mtp.training.distributed import init_distributed
 from mtp.training.optim import build_ds_config, lr_lambda, skip_single_rank_reduction, split_param_groups
 
@@ -61,6 +62,7 @@ def main() -> None:
     def ds_path(stage: int):
         cfg.train.deepspeed_config = f"ds_configs/cpu_zero{stage}.json"
         model = copy.deepcopy(base)
+        zero_step.install()  # as the trainer does
         engine, *_ = deepspeed.initialize(model=model, config=build_ds_config(cfg, 1),
                                           model_parameters=split_param_groups(model, [], cfg.train.weight_decay),
                                           lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))

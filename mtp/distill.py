@@ -26,7 +26,7 @@ from torch import nn
 
 from mtp.config import ConfigError, DistillConfig
 from mtp.hooks import Hook
-from mtp.model import from_pretrained_quietly, load_hf_config, resolve_encoder_path
+from mtp.model import encoder_mask, from_pretrained_quietly, load_hf_config, resolve_encoder_path
 from mtp.run_folder import has_final_model, load_finished_run, require_finished_run, run_tasks
 
 
@@ -38,8 +38,8 @@ class HiddenStateTeacher(nn.Module):
         self.encoder = encoder
 
     def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> dict[str, Any]:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+                token_type_ids: torch.Tensor | None = None, padded: bool | None = None) -> dict[str, Any]:
+        kwargs = {"input_ids": input_ids, "attention_mask": encoder_mask(attention_mask, padded)}
         if token_type_ids is not None and getattr(self.encoder.config, "type_vocab_size", 1) > 1:
             kwargs["token_type_ids"] = token_type_ids
         out = self.encoder(**kwargs, output_hidden_states=True)
@@ -206,7 +206,8 @@ class Distillation(Hook):
     def _block_outputs(self, task: str, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if isinstance(self.teacher, HiddenStateTeacher):
             return self.teacher(task, **inputs)["hidden_states"]
-        return self.teacher.encode(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))[1]
+        return self.teacher.encode(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
+                                   inputs.get("padded"))[1]
 
     def metrics(self) -> dict[str, float]:
         return {f"distill/{k}_loss": float(v) for k, v in self.last.items()}

@@ -117,6 +117,13 @@ class TaskHead(nn.Sequential):
                          nn.Linear(hidden, num_outputs))
 
 
+def encoder_mask(attention_mask: torch.Tensor | None, padded: bool | None) -> torch.Tensor | None:
+    """The mask to hand the encoder: none for a batch known to hold no padding. transformers otherwise checks
+    `mask.all()` to skip it, a read of a device value (a host sync on an accelerator) every forward; without a mask
+    attention computes the same values (an all-ones mask adds nothing)."""
+    return None if padded is False else attention_mask
+
+
 class MultitaskModel(nn.Module):
     """Shared encoder + one head per task. `forward` returns the loss of the batch's task.
 
@@ -140,10 +147,11 @@ class MultitaskModel(nn.Module):
     def model_type(self) -> str:
         return self.encoder.config.model_type
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """The pooled vector and, with `keep_hidden_states`, the output of every block."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+               padded: bool | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The pooled vector and, with `keep_hidden_states`, the output of every block. `padded=False` (the caller
+        knows from the host-side batch that no row is padded) spares transformers its check of the mask's values."""
+        kwargs = {"input_ids": input_ids, "attention_mask": encoder_mask(attention_mask, padded)}
         if token_type_ids is not None and getattr(self.encoder.config, "type_vocab_size", 1) > 1:
             kwargs["token_type_ids"] = token_type_ids  # RoBERTa has a single segment type
         out = self.encoder(**kwargs, output_hidden_states=self.keep_hidden_states)
@@ -156,8 +164,8 @@ class MultitaskModel(nn.Module):
 
     def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                ) -> dict[str, torch.Tensor]:
-        pooled, blocks = self.encode(input_ids, attention_mask, token_type_ids)
+                padded: bool | None = None) -> dict[str, torch.Tensor]:
+        pooled, blocks = self.encode(input_ids, attention_mask, token_type_ids, padded)
         outputs = {name: head(pooled) for name, head in self.heads.items()}
         logits = outputs[task].float()
         result = {"logits": logits}

@@ -26,8 +26,10 @@ from mtp.pruning.base import (
     PrunableLayer,
     PruningHook,
     PruningSettings,
+    accelerator_paths,
     cubic_schedule,
     first_step_at_budget,
+    host_reads_are_free,
     make_budget,
     prunable_modules,
 )
@@ -41,9 +43,10 @@ from mtp.pruning.topk import TopK, allocate, threshold_masks, topk_mask
 from mtp.schema import WHOLE_MESSAGE, describe_error
 
 __all__ = ["METHODS", "Budget", "ElementwisePruning", "FactorizedLinear", "MaskedLinear", "PrunableLayer",
-           "PruningHook", "PruningMethod", "PruningSettings", "RankPruning", "TopK", "allocate", "build_pruning",
-           "compact_layers", "cubic_schedule", "first_step_at_budget", "get_method", "make_budget", "parse_settings",
-           "prunable_modules", "pruned_methods", "pruning_settings", "register", "threshold_masks", "topk_mask"]
+           "PruningHook", "PruningMethod", "PruningSettings", "RankPruning", "TopK", "accelerator_paths", "allocate",
+           "build_pruning", "compact_layers", "cubic_schedule", "first_step_at_budget", "get_method",
+           "host_reads_are_free", "make_budget", "parse_settings", "prunable_modules", "pruned_methods",
+           "pruning_settings", "register", "threshold_masks", "topk_mask"]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ the layer interface (with its dense fold and compact form) and the hook base wit
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -14,6 +16,29 @@ from torch import nn
 from mtp.hooks import Hook
 from mtp.model import PRUNABLE_BY_ARCH, encoder_layers, parameter_counts
 from mtp.schema import ConfigError, Strict
+
+# ---------------------------------------------------------------- host reads
+
+_ACCELERATOR_PATHS = False
+
+
+def host_reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether a hook may read a value of `tensor` back to the host (`item`, `nonzero`, a count) at no cost: on a CPU
+    operators run synchronously, so a read waits for nothing; on an accelerator it waits for every queued kernel.
+    Methods take a sync-free path (the same masks, computed without reads) where this is False."""
+    return tensor.device.type == "cpu" and not _ACCELERATOR_PATHS
+
+
+@contextmanager
+def accelerator_paths() -> Iterator[None]:
+    """Take the sync-free paths of an accelerator also on a CPU (bench/step_overhead.py's proxy, tests)."""
+    global _ACCELERATOR_PATHS
+    before, _ACCELERATOR_PATHS = _ACCELERATOR_PATHS, True
+    try:
+        yield
+    finally:
+        _ACCELERATOR_PATHS = before
+
 
 # ---------------------------------------------------------------- config
 

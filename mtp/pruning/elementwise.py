@@ -138,7 +138,7 @@ class ElementwisePruning(PruningHook):
         replace_prunable(model, lambda linear, _idx, _kind: MaskedLinear(linear, self.with_scores))
         self.modules = [m for _, _, m in prunable_modules(model)]
         self.density = 1.0
-        self.threshold = 0.0
+        self.threshold: float | torch.Tensor | list[float | torch.Tensor] = 0.0
         self.topk = [TopK() for _ in self.modules]  # per-matrix selectors (their state only makes them fast)
         self.global_topk = TopK()
 
@@ -198,10 +198,16 @@ class ElementwisePruning(PruningHook):
         self._record_threshold([topk.select([crit], k, [m.mask]) for (m, crit), k, topk
                                 in zip(self.criteria(), counts, self.topk, strict=True)])
 
-    def _record_threshold(self, thresholds: list[float]) -> None:
-        """Per matrix, the reported threshold is the median of the matrices' (0 while nothing is pruned)."""
-        finite = [t for t in thresholds if math.isfinite(t)]
-        self.threshold = statistics.median(finite) if finite else 0.0
+    def _record_threshold(self, thresholds: list[float | torch.Tensor]) -> None:
+        """Per matrix, the reported threshold is the median of the matrices' (0 while nothing is pruned); device
+        thresholds are kept as they are and read only when reported."""
+        self.threshold = thresholds
+
+    def reported_threshold(self) -> float:
+        """The threshold for the logs: the global one, or the median over the matrices (0 while nothing is pruned)."""
+        values = self.threshold if isinstance(self.threshold, list) else [self.threshold]
+        finite = [t for t in map(float, values) if math.isfinite(t)]
+        return statistics.median(finite) if finite else 0.0
 
     def final_masks(self) -> None:
         """The masks at the budget: the final top-k."""
@@ -217,7 +223,8 @@ class ElementwisePruning(PruningHook):
 
     def metrics(self) -> dict[str, float]:
         assert self.budget is not None
-        return {**self.kept_metrics(), "pruning/target_density": self.density, "pruning/threshold": self.threshold}
+        return {**self.kept_metrics(), "pruning/target_density": self.density,
+                "pruning/threshold": self.reported_threshold()}
 
 
 class ScopedElementwisePruning(ElementwisePruning):

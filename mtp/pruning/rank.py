@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mtp.pruning.base import PrunableLayer, PruningHook, PruningSettings, prunable_modules, replace_prunable
+from mtp.pruning.base import (
+    PrunableLayer,
+    PruningHook,
+    PruningSettings,
+    host_reads_are_free,
+    prunable_modules,
+    replace_prunable,
+)
 from mtp.zero3 import gathered
 
 
@@ -60,6 +67,7 @@ class FactorizedLinear(PrunableLayer):
         self.beta, (self.low, self.high) = beta, stretch
         self.sample = True  # the hook turns sampling off outside the pruning ramp (deterministic gates)
         self.aux: torch.Tensor | None = None
+        self._kept_index: tuple[tuple[int, int], torch.Tensor | None] | None = None
 
     @property
     def rank_cost(self) -> int:
@@ -83,11 +91,29 @@ class FactorizedLinear(PrunableLayer):
         shift = self.beta * math.log(-self.low / self.high)
         return (torch.sigmoid(self.log_alpha.float() - shift) * self.keep).sum()
 
+    def kept_index(self) -> torch.Tensor | None:
+        """The ranks the keep mask holds (None: all of them), read once each time the mask changes (the projection,
+        a checkpoint load), not per forward: the accelerator path's one read of the mask."""
+        version = (self.keep.data_ptr(), self.keep._version)
+        if self._kept_index is None or self._kept_index[0] != version:
+            index = torch.nonzero(self.keep).squeeze(1)
+            self._kept_index = (version, None if index.numel() == self.keep.numel() else index)
+        return self._kept_index[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gates()
         if self.training and self.sample:
             self.aux = self.expected_open()
-        open_ranks = torch.nonzero(g > 0).squeeze(1)
+        if not host_reads_are_free(g):
+            # on an accelerator the open gates are not read back per forward: a closed gate is exactly 0 and
+            # passes no gradient, so multiplying its rank by it gives the same output and gradients as leaving
+            # it out; only ranks dropped by the projection (a mask fixed for the rest of the run) are left out
+            kept = self.kept_index()
+            if kept is None:
+                return F.linear(F.linear(x, self.Q) * g.to(x.dtype), self.P, self.bias)
+            open_ranks = kept
+        else:
+            open_ranks = torch.nonzero(g > 0).squeeze(1)
         if open_ranks.numel() == 0:
             # every rank closed: the map is its bias. A zero-width product would break ZeRO-3's linear in the
             # backward pass; the zero term keeps P and Q in the graph, so every data-parallel rank reduces the
@@ -192,8 +218,13 @@ class RankPruning(PruningHook):
         size = sum(m.rank_cost * m.aux for m in self.modules if m.aux is not None)
         density = (size + self.budget.non_prunable) / self.budget.dense_blocks
         gap = density - self.target(step)
-        self.last_density = float(density.detach())
-        return self.lambda1 * gap + self.lambda2 * gap * gap
+        # on an accelerator the size stays a device tensor (no read per step), and with it the multipliers
+        self.last_density = float(density.detach()) if host_reads_are_free(density) else density.detach()
+        return self._as(self.lambda1, gap) * gap + self._as(self.lambda2, gap) * gap * gap
+
+    @staticmethod
+    def _as(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+        return value.to(like.dtype) if isinstance(value, torch.Tensor) else value
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Gradient ascent on the multipliers: d/d(lambda1) = gap, d/d(lambda2) = gap^2; at the end of the schedule
@@ -205,13 +236,15 @@ class RankPruning(PruningHook):
             self.fixed = True
         elif sampled:
             gap = self.last_density - self.target(step)
-            self.lambda1 += self.cfg.lagrangian_lr * gap
-            self.lambda2 += self.cfg.lagrangian_lr * gap * gap
+            if isinstance(gap, torch.Tensor):  # the multipliers in float64 on the device, as Python floats on a CPU
+                gap = gap.double()
+            self.lambda1 = self.lambda1 + self.cfg.lagrangian_lr * gap
+            self.lambda2 = self.lambda2 + self.cfg.lagrangian_lr * gap * gap
         self._set_sampling()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "fixed": self.fixed, "lambda1": self.lambda1, "lambda2": self.lambda2,
-                "start_density": self.start_density, "last_density": self.last_density}
+        return {"step": self.step, "fixed": self.fixed, "lambda1": float(self.lambda1), "lambda2": float(self.lambda2),
+                "start_density": self.start_density, "last_density": float(self.last_density)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -254,8 +287,9 @@ class RankPruning(PruningHook):
         if not self.fixed:
             self.project()
         report = self.kept_report(model)
-        report.update({"lambda1": self.lambda1, "lambda2": self.lambda2, "closed_kept_ranks": self.closed_kept_ranks(),
-                       "expected_fraction_at_end": self.last_density,
+        report.update({"lambda1": float(self.lambda1), "lambda2": float(self.lambda2),
+                       "closed_kept_ranks": self.closed_kept_ranks(),
+                       "expected_fraction_at_end": float(self.last_density),
                        "fixed_ranks_from_step": self.schedule_end + 1 if self.fixed else None,
                        "kept_ranks": {f"{kind}.{idx}": int(m.keep.sum()) for kind, idx, m in prunable_modules(model)}})
         return report
@@ -268,6 +302,6 @@ class RankPruning(PruningHook):
             return float(module.expected_open()) * module.rank_cost
 
     def metrics(self) -> dict[str, float]:
-        return {**self.kept_metrics(), "pruning/expected_fraction": self.last_density,
-                "pruning/target_fraction": self.target(self.step), "pruning/lambda1": self.lambda1,
-                "pruning/lambda2": self.lambda2}
+        return {**self.kept_metrics(), "pruning/expected_fraction": float(self.last_density),
+                "pruning/target_fraction": self.target(self.step), "pruning/lambda1": float(self.lambda1),
+                "pruning/lambda2": float(self.lambda2)}

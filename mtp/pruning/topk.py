@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from mtp.pruning.base import host_reads_are_free
+
 
 def allocate(total: int, sizes: list[int], fraction: float) -> list[int]:
     """Split `total` kept entries over matrices in proportion to their sizes (largest remainder), summing exactly."""
@@ -68,15 +70,18 @@ class TopK:
         self.width = 0.0
         self.full_selections = 0
 
-    def select(self, criteria: list[torch.Tensor], k: int, out: list[torch.Tensor]) -> float:
+    def select(self, criteria: list[torch.Tensor], k: int, out: list[torch.Tensor]) -> float | torch.Tensor:
         """Write 0/1 masks keeping exactly the k largest entries of `criteria` into `out` (any dtype) and
-        return the threshold; entries equal to it are taken first by tensor, then by position."""
+        return the threshold; entries equal to it are taken first by tensor, then by position. Where host reads
+        are not free (an accelerator) the same masks come from `select_on_device` and the threshold is a tensor."""
         flats = [c.detach().reshape(-1) for c in criteria]
         n = sum(f.numel() for f in flats)
         if k >= n or k <= 0:
             for m in out:
                 m.fill_(1 if k >= n else 0)
             return -math.inf if k >= n else math.inf
+        if not host_reads_are_free(flats[0]):
+            return select_on_device(flats, k, out)
         found = self._in_band(flats, k) if self.hint is not None else None
         if found is None:
             threshold = kth_largest(flats[0], k) if len(flats) == 1 else kth_largest(
@@ -130,3 +135,17 @@ class TopK:
         threshold = kth_largest(band, k - above)
         return (threshold, above + int(torch.count_nonzero(band > threshold)),
                 above + int(torch.count_nonzero(band >= threshold)))
+
+
+def select_on_device(flats: list[torch.Tensor], k: int, out: list[torch.Tensor]) -> torch.Tensor:
+    """The masks of `TopK.select` (0 < k < n) without reading a value back to the host: the k-th largest entry by
+    `kthvalue`, the entries above it, then the ties in order (by tensor, then position) up to k through a cumulative
+    count. Returns the threshold as a 0-d tensor."""
+    values = flats[0].float() if len(flats) == 1 else torch.cat([f.float() for f in flats])
+    threshold = torch.kthvalue(values, values.numel() - k + 1).values
+    above = values > threshold
+    ties = values == threshold
+    keep = above | (ties & (ties.cumsum(0) <= k - above.sum()))
+    for part, m in zip(keep.split([f.numel() for f in flats]), out, strict=True):
+        m.copy_(part.view_as(m))
+    return threshold

@@ -7,6 +7,7 @@ import atexit
 import os
 import random
 import signal
+import socket
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +24,8 @@ def init_distributed() -> tuple[int, int, int]:
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 20000)
+    if "MASTER_PORT" not in os.environ:  # a lone process: a port the system says is free (not one it may share)
+        os.environ["MASTER_PORT"] = str(free_port())
     # joins a process group someone else started (Ray Train) as well as starting one
     _owned["group"] = not dist.is_initialized()
     deepspeed.init_distributed(dist_init_required=not dist.is_initialized(), auto_mpi_discovery=False)
@@ -33,6 +34,13 @@ def init_distributed() -> tuple[int, int, int]:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the system picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 _termination = {"deferred": False, "requested": False}

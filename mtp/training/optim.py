@@ -53,6 +53,16 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(f"{path}: {'.'.join(keys)}={current} disagrees with {yaml_key}={value}; "
                               "set it to \"auto\"")
         node[keys[-1]] = value
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("stage") in (1, 2):
+        # at one rank there is nothing to reduce: a contiguous gradient buffer only adds a copy of every gradient
+        # into it (and per-parameter views); overlapping communication pays only with ranks to talk to
+        if zero.get("contiguous_gradients") == "auto":
+            zero["contiguous_gradients"] = world_size > 1
+        if zero.get("overlap_comm") == "auto":
+            from deepspeed.accelerator import get_accelerator
+
+            zero["overlap_comm"] = world_size > 1 and get_accelerator().device_name() != "cpu"
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     bf16 = ds.get("bf16")

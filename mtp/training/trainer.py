@@ -24,6 +24,7 @@ from mtp.hooks import Hook
 from mtp.model import MultitaskModel, load_encoder, load_tokenizer, parameter_counts
 from mtp.report import print_summary
 from mtp.run_folder import CHECKPOINTS, FINAL, final_model_path, initialise_from_run, write_final_meta
+from mtp.training import zero_step
 from mtp.training.checkpoint import load_checkpoint, save_checkpoint
 from mtp.training.components import build_algorithms, build_observers
 from mtp.training.distributed import init_distributed, seed_everything, shutdown_distributed
@@ -111,6 +112,7 @@ class Trainer:
         groups = split_param_groups(model, hooks, cfg.train.weight_decay)
         warmup = int(cfg.train.warmup_ratio * max_steps)
         enter_phase(hooks, "engine_setup")
+        zero_step.install()  # ZeRO-1/2's step without its per-parameter extras (same values; mtp/training/zero_step.py)
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds_config,
             optimizer=None if "optimizer" in ds_config else adamw(groups, cfg),
@@ -165,6 +167,7 @@ class Trainer:
                 collated = collate(self.data[task]["train"], rows, self.tokenizer)
                 tokens = int(collated["attention_mask"].sum())
                 batch = to_device(collated, self.engine.device)
+                batch["padded"] = tokens < collated["attention_mask"].numel()  # known here, on the host
                 out = self.engine(task, **batch)
                 loss = out["loss"]
                 for hook in self.hooks:

@@ -88,3 +88,15 @@ def test_the_streamed_final_state_is_the_safetensors_file_of_the_full_state(tmp_
     assert not (tmp_path / "streamed.safetensors.partial").exists()
     save_full_state(model, tmp_path / "unwritten.safetensors", write=False)  # a rank that only takes part
     assert not list(tmp_path.glob("unwritten*"))
+
+
+@pytest.mark.parametrize("arch", ["tiny-bert", "tiny-roberta"])
+def test_a_batch_known_unpadded_encodes_the_same_without_its_mask(arch: str) -> None:
+    """`padded=False` hands the encoder no mask (no read of its values); an all-ones mask adds nothing, so the
+    logits and the loss are the same, bit for bit."""
+    torch.manual_seed(0)
+    model = MultitaskModel(load_encoder(f"configs/arch/{arch}", random_init=True), {"rte": 2}).eval()
+    ids = torch.randint(5, 100, (3, 9))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1])}
+    masked, unmasked = model("rte", **kwargs), model("rte", **kwargs, padded=False)
+    assert torch.equal(masked["logits"], unmasked["logits"]) and torch.equal(masked["loss"], unmasked["loss"])

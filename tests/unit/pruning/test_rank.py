@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mtp.model import MultitaskModel, load_encoder
 from mtp.pruning import (
     FactorizedLinear,
     RankPruning,
+    accelerator_paths,
     build_pruning,
     prunable_modules,
     pruning_settings,
@@ -189,3 +191,52 @@ def test_rank_projection_fills_the_budget_from_the_largest_log_alpha() -> None:
         kept_min = min(float(m.log_alpha[m.keep].min()) for m in same if m.keep.any())
         dropped = [float(m.log_alpha[~m.keep].max()) for m in same if (~m.keep).any()]
         assert not dropped or max(dropped) <= kept_min
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that read a value back to the host (a sync on an accelerator)."""
+
+    NAMES = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += getattr(func, "__name__", "") in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_accelerator_path_trains_the_same_gates_without_reading_them_back() -> None:
+    """Rank's sync-free path (closed gates multiplied by 0, not left out; the size and the multipliers kept on the
+    device) follows the CPU path's trajectory, and a training step on it reads nothing back to the host."""
+    host, _, host_gap = rank_closed_loop(60)
+    with accelerator_paths():
+        device, model, device_gap = rank_closed_loop(60)
+        assert isinstance(device.last_density, torch.Tensor) and isinstance(device.lambda1, torch.Tensor)
+        assert float(device.last_density) == pytest.approx(host.last_density, abs=1e-4)
+        assert float(device.lambda1) == pytest.approx(host.lambda1, rel=1e-3, abs=1e-6)
+        assert device_gap == pytest.approx(host_gap, abs=1e-4)
+        x = torch.randint(1, 1000, (8, 12))
+        reads = HostReads()
+        with reads:
+            # no attention mask: transformers' own check of it (`padding_mask.all()`) is a read of the dense model
+            loss = model("rte", input_ids=x, attention_mask=None, labels=(x[:, 0] % 2).long())["loss"]
+            (loss + device.extra_loss(model, 30)).backward()
+            device.on_optimizer_step(model, 30)
+        assert reads.count == 0
+
+
+def test_the_accelerator_path_leaves_out_the_projected_ranks_with_the_same_output() -> None:
+    torch.manual_seed(0)
+    layer = FactorizedLinear(nn.Linear(24, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=2.5).eval()
+    with torch.no_grad():
+        layer.log_alpha[:5] = -10.0  # closed gates
+        layer.keep[10:] = False  # ranks the projection dropped
+    x = torch.randn(3, 24)
+    expected = layer(x)
+    with accelerator_paths():
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+        assert layer.kept_index().tolist() == list(range(10))
+        layer.keep[8:] = False  # a new keep mask (a checkpoint load): read again
+        assert layer.kept_index().tolist() == list(range(8))

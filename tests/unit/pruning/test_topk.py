@@ -9,6 +9,7 @@ import torch
 
 from mtp.pruning import (
     TopK,
+    accelerator_paths,
     allocate,
     topk_mask,
 )
@@ -57,3 +58,21 @@ def test_incremental_topk_matches_a_full_sort_as_values_drift(tensors: int, nump
             assert torch.equal(mask.bool(), ref), f"step {step}"
         assert sum(int(m.count_nonzero()) for m in masks) == k
     assert selector.full_selections <= 8  # the band normally answers; full selections at the first call and jumps
+
+
+@pytest.mark.parametrize("tensors", [1, 3])
+def test_the_device_selection_keeps_the_same_entries_without_host_reads(tensors: int) -> None:
+    """The accelerator path (kthvalue, then ties by a cumulative count) against a full stable sort, ties included,
+    with the threshold left on the device."""
+    torch.manual_seed(1)
+    criteria = [torch.randn(32, 24) for _ in range(tensors)]
+    for c in criteria:
+        c.view(-1)[::4] = 0.1  # many ties, some at the threshold for some k
+    n = sum(c.numel() for c in criteria)
+    with accelerator_paths():
+        for k in (1, n // 10, n // 4, n // 2, n - 1):
+            masks = [torch.empty_like(c, dtype=torch.bool) for c in criteria]
+            threshold = TopK().select(criteria, k, masks)
+            assert isinstance(threshold, torch.Tensor)
+            for mask, ref in zip(masks, reference_masks(criteria, k), strict=True):
+                assert torch.equal(mask, ref), k

@@ -14,11 +14,11 @@ from mtp.training.trainer import LossNotFinite, check_finite_loss
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def ds_config(tmp_path: Path, precision: dict) -> dict:
-    ds = json.loads((ROOT / "ds_configs" / "cpu_zero2.json").read_text()) | precision
+def ds_config(tmp_path: Path, precision: dict, world_size: int = 1, name: str = "cpu_zero2.json") -> dict:
+    ds = json.loads((ROOT / "ds_configs" / name).read_text()) | precision
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     return build_ds_config(load_config(ROOT / "configs" / "tiny.yaml", [f"train.deepspeed_config={tmp_path}/ds.json"]),
-                           1)
+                           world_size)
 
 
 def test_bf16_trains_without_the_overflow_check_unless_asked(tmp_path: Path) -> None:
@@ -33,3 +33,17 @@ def test_a_non_finite_loss_stops_the_run_naming_the_tasks() -> None:
     check_finite_loss(10, 0.5, {"rte": 1.0, "stsb": 2.0})
     with pytest.raises(LossNotFinite, match=r"^step 20: the training loss is nan \(tasks: stsb\)"):
         check_finite_loss(20, float("nan"), {"rte": 1.0, "stsb": float("nan")})
+
+
+@pytest.mark.parametrize("name", ["cpu_zero1.json", "cpu_zero2.json", "gpu_bf16_zero2.json", "gpu_fp16_zero1.json"])
+def test_gradient_buffers_follow_the_world_size_unless_set(tmp_path: Path, name: str) -> None:
+    """One rank has nothing to reduce: no contiguous gradient buffer, no overlap; ranks get the buffer (and overlap on
+    an accelerator, not on this CPU); a value written in the JSON is kept."""
+    one = ds_config(tmp_path, {}, 1, name)["zero_optimization"]
+    assert one["contiguous_gradients"] is False and one["overlap_comm"] is False
+    two = ds_config(tmp_path, {}, 2, name)["zero_optimization"]
+    assert two["contiguous_gradients"] is True and two["overlap_comm"] is False  # DS_ACCELERATOR=cpu here
+    stated = json.loads((ROOT / "ds_configs" / name).read_text())
+    stated["zero_optimization"]["contiguous_gradients"] = True
+    kept = ds_config(tmp_path, {"zero_optimization": stated["zero_optimization"]}, 1, name)["zero_optimization"]
+    assert kept["contiguous_gradients"] is True
