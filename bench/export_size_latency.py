@@ -84,10 +84,18 @@ def block_bytes(folder: Path) -> int:
     return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("encoder.encoder."))
 
 
+ORT_LEVELS = {  # onnxruntime's graph optimization levels: "all" is its default, "basic" leaves out the fused
+    # contrib kernels (SkipLayerNormalization, BiasGelu, FusedMatMul) that "extended" and "all" add
+    "all": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+}
+
+
 class Timed:
     """One exported model in one runtime: `run(batch)` does a forward pass."""
 
-    def __init__(self, folder: Path, runtime: str, threads: int):
+    def __init__(self, folder: Path, runtime: str, threads: int, graph_optimization: str = "all"):
         self.runtime = runtime
         if runtime == "onnxruntime":
             import onnxruntime
@@ -95,6 +103,7 @@ class Timed:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            options.graph_optimization_level = ORT_LEVELS[graph_optimization](onnxruntime)
             self.session = onnxruntime.InferenceSession(str(folder / "onnx" / "encoder.onnx"), options,
                                                         providers=["CPUExecutionProvider"])
             self.inputs = [i.name for i in self.session.get_inputs()]
@@ -135,7 +144,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--ort-levels", nargs="+", default=["all", "basic"], choices=list(ORT_LEVELS),
+                        help="onnxruntime graph optimization levels timed (the same on both sides)")
     parser.add_argument("--out", default="bench/results/export.json")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows of --out that this call does not measure again (each row is timed in "
+                             "pairs against its own dense side, so rows of several calls compare)")
     args = parser.parse_args()
 
     dense_run = Path(args.dense)
@@ -163,26 +177,36 @@ def main() -> None:
         for method, budget, run, folder in models:
             size = {"compact_block_bytes": block_bytes(folder), "dense_block_bytes": dense_bytes,
                     "block_size_ratio": round(block_bytes(folder) / dense_bytes, 4)}
-            runtimes = ["pytorch-eager", "onnxruntime"] + (["pytorch-sparse"] if method == "magnitude" else [])
-            for runtime in runtimes:
+            runtimes = [("pytorch-eager", None), *(("onnxruntime", level) for level in args.ort_levels)] + (
+                [("pytorch-sparse", None)] if method == "magnitude" else [])
+            for runtime, level in runtimes:
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     dense_side = Timed(dense_folder, "onnxruntime" if runtime == "onnxruntime" else "pytorch-eager",
-                                       threads)
-                    pruned = Timed(folder, runtime, threads)
+                                       threads, level or "all")
+                    pruned = Timed(folder, runtime, threads, level or "all")
                     for batch_size in args.batches:
                         x = torch.randint(1000, 20000, (batch_size, args.seq),
                                           generator=torch.Generator().manual_seed(0))
                         batch = {"input_ids": x, "attention_mask": torch.ones_like(x)}
                         dense_s, pruned_s = paired_latency(dense_side, pruned, batch, args.repeats)
-                        rows.append({"method": method, "budget": budget, "runtime": runtime, "threads": threads,
+                        rows.append({"method": method, "budget": budget, "runtime": runtime,
+                                     **({"graph_optimization": level} if level else {}), "threads": threads,
                                      "batch": batch_size, "tokens": args.seq,
                                      "latency_ratio": round(pruned_s / dense_s, 4),
                                      "dense_seconds": round(dense_s, 5), "pruned_seconds": round(pruned_s, 5),
                                      "run": run, **size})
                         print(json.dumps(rows[-1]), flush=True)
+    command = " ".join(["python bench/export_size_latency.py", *sys.argv[1:]])
+    earlier: list[str] = []
+    if args.keep and Path(args.out).is_file():
+        before = json.loads(Path(args.out).read_text())
+        measured = {(r["method"], r["budget"], r["run"]) for r in rows}
+        rows = [{**r, "graph_optimization": r.get("graph_optimization", "all")} if r["runtime"] == "onnxruntime" else r
+                for r in before["rows"] if (r["method"], r["budget"], r["run"]) not in measured] + rows
+        earlier = before.get("earlier_commands", []) + [before["command"]]
     report = {"benchmark": "export_size_latency", "dense_run": str(dense_run), "repeats": args.repeats,
-              "command": " ".join(["python bench/export_size_latency.py", *sys.argv[1:]]), **machine(), "rows": rows,
+              "command": command, **({"earlier_commands": earlier} if earlier else {}), **machine(), "rows": rows,
               "note": "latency_ratio: the pruned export's median seconds over the dense export's, same runtime, "
                       "threads and batch, timed alternately in one process; block bytes: encoder blocks only"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,12 @@
 #      ZeRO-2 / ZeRO-3 path against a plain bf16 PyTorch loop (step time, tokens/s, MFU, peak memory), a
 #      torch.profiler table of the BERT-large step, each pruning method's step over dense; collectives
 #      (EFFICIENCY_TIMEOUT bounds it in seconds, EFFICIENCY_ARGS narrows it, e.g. "--archs bert-base-uncased";
-#      the JSON is written after every section).
+#      the JSON is written after every section);
+#   4. bench/step_overhead.py on the GPU itself (issue 32): operators and host syncs per step of BERT-large, mtp's
+#      bf16 ZeRO-2 / ZeRO-3 step and the plain loop, each pruning method over dense (on the paths an accelerator
+#      takes), and device memory by phase (engine, forward, backward, step) of ZeRO-2 against ZeRO-3 at world size 1
+#      (STEP_TIMEOUT bounds it, 180 s by default; the JSON is written after every section). It runs before (3),
+#      which takes the rest of the lease.
 #
 #   bash bench/gpu_check.sh OUT_DIR        (GPU; real GLUE rows with MTP_GLUE_DIR set, else two made-up tasks)
 #   SMOKE=1 bash bench/gpu_check.sh OUT_DIR  (the same steps on CPU with fp32 configs: a check of this script)
@@ -114,5 +119,10 @@ for spec in "${specs[@]}"; do
   echo "$name: exit $? after $(( $(date +%s) - start )) s"
   cp "$runs/$name/results.json" "$out/$name.json" 2>/dev/null
 done
+if [[ -n "${SMOKE:-}" ]]; then step_args=(--smoke); else step_args=(--device cuda --models bert-large-uncased --world 1); fi
+start=$(date +%s)
+timeout "$(cap "${STEP_TIMEOUT:-180}")" python3 bench/step_overhead.py "${step_args[@]}" --zero 2 3 \
+  --sections steps pruning memory --out "$out/step_overhead.json" > "$out/step_overhead.log" 2>&1
+echo "step_overhead: exit $? after $(( $(date +%s) - start )) s"
 timeout "$(cap "${EFFICIENCY_TIMEOUT:-3600}")" python3 bench/gpu_efficiency.py ${SMOKE:+--smoke} ${EFFICIENCY_ARGS:-} \
   --out "$out/gpu_efficiency.json"

@@ -77,6 +77,7 @@ def engine_step(cfg, model, hooks, ds_extra=None):
                 hook.on_optimizer_step(engine.module, state["step"])
 
     step.state = state
+    step.engine = engine
     return step
 
 

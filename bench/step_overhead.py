@@ -65,9 +65,14 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+DEVICE = {"name": "cpu"}  # --device: "cuda" runs the same rows on a GPU (bench/gpu_check.sh)
+
+
 def bf16_config(zero: int, extra: dict[str, Any] | None = None) -> str:
-    """A CPU DeepSpeed config of ZeRO stage `zero` with bf16 on (written beside the results, read by mtp)."""
-    ds = json.loads((BENCH.parent / "ds_configs" / f"cpu_zero{zero}.json").read_text())
+    """The DeepSpeed config of ZeRO stage `zero` with bf16 on, the CPU's or (--device cuda) the GPU recipes' (written
+    beside the results, read by mtp)."""
+    name = f"gpu_bf16_zero{zero}.json" if DEVICE["name"] == "cuda" else f"cpu_zero{zero}.json"
+    ds = json.loads((BENCH.parent / "ds_configs" / name).read_text())
     ds["bf16"] = {"enabled": True} | (extra or {})
     path = BENCH / "results" / ".step_overhead" / f"bf16_zero{zero}{'_' + '_'.join(extra) if extra else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,19 +101,20 @@ def profile_steps(step: Any, batches: list, warmup: int, steps: int) -> dict[str
 
 
 def step_row(model_name: str, path: str, zero: int | None, args: argparse.Namespace) -> dict[str, Any]:
-    batches = packed_batches(args.warmup + args.steps, args.micro_batch, args.seq_len, "cpu")
+    batches = packed_batches(args.warmup + args.steps, args.micro_batch, args.seq_len, DEVICE["name"])
     model = build_model(model_name)
     if path == "plain":
-        step = plain_step(model, 1e-4, "cpu")
+        step = plain_step(model, 1e-4, DEVICE["name"])  # autocast to bf16 on a GPU
         step_autocast = step
 
         def step(task: str, batch: dict) -> None:  # the plain loop in bf16 autocast, as on a GPU
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=DEVICE["name"] == "cpu"):
                 step_autocast(task, batch)
     else:
         step = engine_step(experiment(model_name, args.micro_batch, bf16_config(zero), args), model, [])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     row = {"model": model_name, "path": path, "zero": zero, "world_size": world, "precision": "bf16",
+           "device": DEVICE["name"],
            "micro_batch": args.micro_batch, "seq_len": args.seq_len, **profile_steps(step, batches, args.warmup,
                                                                                       args.steps)}
     del step, model
@@ -119,7 +125,7 @@ def step_row(model_name: str, path: str, zero: int | None, args: argparse.Namesp
 def pruning_row(model_name: str, method: str | None, phase: str, args: argparse.Namespace) -> dict[str, Any]:
     """Operators and host syncs per step of mtp's step (ZeRO-2) with `method`'s hook (None: dense), on the paths an
     accelerator takes (`accelerator_paths`)."""
-    batches = packed_batches(args.warmup + args.steps, args.micro_batch, args.seq_len, "cpu")
+    batches = packed_batches(args.warmup + args.steps, args.micro_batch, args.seq_len, DEVICE["name"])
     cfg = experiment(model_name, args.micro_batch, bf16_config(2), args)
     base = build_model(model_name)
     with accelerator_paths():
@@ -139,7 +145,7 @@ def pruning_rows(model_name: str, args: argparse.Namespace) -> list[dict[str, An
         cmd = [sys.executable, str(Path(__file__).resolve()), "--pruning-child", method, phase, "--child-out", str(out),
                "--models", model_name, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--budget", str(args.budget),
-               "--config", args.config]
+               "--config", args.config, "--device", args.device]
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)  # its own process group
         if proc.returncode != 0 or not out.is_file():
@@ -158,6 +164,41 @@ def pruning_rows(model_name: str, args: argparse.Namespace) -> list[dict[str, An
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def memory_by_phase(model_name: str, zero: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Device memory (GiB allocated now / peak since the last mark) after the engine is built and after each forward,
+    backward and optimizer step of three steps, for mtp's ZeRO `zero` at world size 1; None on a CPU."""
+    cuda = DEVICE["name"] == "cuda"
+
+    def mark() -> dict[str, float | None]:
+        if not cuda:
+            return {"allocated_gib": None, "peak_gib": None}
+        torch.cuda.synchronize()
+        now = {"allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 3),
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+        torch.cuda.reset_peak_memory_stats()
+        return now
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    batches = packed_batches(3, args.micro_batch, args.seq_len, DEVICE["name"])
+    engine = engine_step(experiment(model_name, args.micro_batch, bf16_config(zero), args), build_model(model_name),
+                         []).engine
+    phases = [{"phase": "engine_built", **mark()}]
+    for i, (task, batch) in enumerate(batches):
+        loss = engine(task, **batch)["loss"]
+        phases.append({"phase": f"step{i}_forward", **mark()})
+        engine.backward(loss)
+        phases.append({"phase": f"step{i}_backward", **mark()})
+        engine.step()
+        phases.append({"phase": f"step{i}_optimizer", **mark()})
+    del engine
+    gc.collect()
+    return {"model": model_name, "zero": zero, "device": DEVICE["name"], "micro_batch": args.micro_batch,
+            "seq_len": args.seq_len, "phases": phases,
+            "peak_gib": max((p["peak_gib"] for p in phases if p["peak_gib"] is not None), default=None)}
 
 
 def proxy_check(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -235,12 +276,16 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/step_overhead.json")
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--pruning-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the same rows on a GPU (its step, not a proxy), and the memory section's figures")
     parser.add_argument("--sections", nargs="+", default=["proxy_check", "steps", "world2", "pruning"],
                         help="what to measure (a run of some sections keeps the others' rows from --out)")
     args = parser.parse_args()
     if args.smoke:
         args.models, args.world, args.steps, args.warmup = ["tiny-bert"], [1], 1, 1
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    DEVICE["name"] = args.device
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed()
     if args.pruning_child:  # one pruning row, in its own process
         method, phase = args.pruning_child
@@ -277,6 +322,9 @@ def main() -> None:
         save()
     if "pruning" in args.sections:
         report["pruning"] = pruning_rows(args.models[-1], args)
+        save()
+    if "memory" in args.sections:  # ZeRO-2 first: a ZeRO-3 engine swaps torch's linear for DeepSpeed's in the process
+        report["memory"] = [memory_by_phase(args.models[-1], zero, args) for zero in sorted(args.zero)]
         save()
 
 

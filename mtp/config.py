@@ -107,6 +107,11 @@ class TrainConfig(Strict):
     stop_after_steps: int | None = Field(None, gt=0)
     """Checkpoint and stop after this many steps, as an interrupted run would (the schedule is unchanged)."""
     eval_batch_size: int = Field(64, gt=0)
+    compile: bool = False
+    """torch.compile the encoder (in place, dynamic shapes); off until measured to pay (docs/gpu.md)."""
+    length_buckets: int = Field(0, ge=0)
+    """Batch rows of like length: each task's epoch is sorted by length within windows of this many global batches,
+    whose batches are then shuffled (fewer pad tokens per micro-batch; bench/pad_share.py). 0: plain shuffling."""
     loggers: list[str] = Field(default_factory=lambda: list(DEFAULT_LOGGERS))
     """The loggers on rank 0, by their registered names (mtp.training.loggers): TensorBoard, results.json (which
     the comparison and the search read) and the progress bar."""
@@ -233,6 +238,8 @@ def dump_config(cfg: ExperimentConfig) -> str:
 NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("encoder", "init_from"): None,
     ("train", "loggers"): list(DEFAULT_LOGGERS),
+    ("train", "length_buckets"): 0,
+    ("train", "compile"): False,
     ("pruning", "finetune_ratio"): 0.0,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first
     ("distill",): DistillConfig().model_dump(mode="json", exclude={"task_teachers"}),

@@ -287,6 +287,11 @@ def task_probabilities(cfg: ExperimentConfig, sizes: dict[str, int]) -> dict[str
     return dict(zip(names, probs.tolist(), strict=True))
 
 
+def train_lengths(split: Any) -> np.ndarray:
+    """Tokens per row of a tokenized split."""
+    return np.array([len(ids) for ids in split["input_ids"]], dtype=np.int64)
+
+
 class MultitaskSampler:
     """Draws a task per micro-step and the rank's share of that task's next global batch.
 
@@ -297,7 +302,10 @@ class MultitaskSampler:
     """
 
     def __init__(self, sizes: dict[str, int], probs: dict[str, float], micro_batch: int, rank: int,
-                 world: int, seed: int):
+                 world: int, seed: int, lengths: dict[str, np.ndarray] | None = None, length_buckets: int = 0):
+        if length_buckets and lengths is None:
+            raise ValueError("length_buckets needs the rows' lengths")
+        self.lengths, self.length_buckets = lengths, length_buckets
         self.names = list(sizes)
         self.sizes = sizes
         self.probs = np.array([probs[n] for n in self.names])
@@ -317,8 +325,24 @@ class MultitaskSampler:
         cached = self._perm_cache.get(name)
         if cached is None or cached[0] != epoch:
             perm = np.random.default_rng([self.seed, task_idx, epoch]).permutation(self.sizes[name])
+            if self.length_buckets:
+                perm = self._bucketed(perm, self.lengths[name], np.random.default_rng([self.seed, task_idx, epoch, 1]))
             self._perm_cache[name] = cached = (epoch, perm)
         return cached[1]
+
+    def _bucketed(self, perm: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's permutation with rows of like length batched together: each window of `length_buckets`
+        global batches sorted by length, cut into global batches, and the windows' batches shuffled. The epoch holds
+        the same rows; a micro-batch pads to a length near its rows' own."""
+        window = self.length_buckets * self.global_batch
+        usable = len(perm) - len(perm) % self.global_batch
+        batches = []
+        for start in range(0, usable, window):
+            chunk = perm[start:min(start + window, usable)]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.global_batch] for i in range(0, len(chunk), self.global_batch)]
+        order = rng.permutation(len(batches))
+        return np.concatenate([*(batches[i] for i in order), perm[usable:]])
 
     def next(self) -> tuple[str, np.ndarray]:
         """The next (task, this rank's row indices)."""

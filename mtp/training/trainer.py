@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from mtp.config import ExperimentConfig, cache_dir
-from mtp.data import MultitaskSampler, TaskData, load_tasks, task_probabilities, tokenize_task
+from mtp.data import MultitaskSampler, TaskData, load_tasks, task_probabilities, tokenize_task, train_lengths
 from mtp.evaluation import collate, evaluate_tasks, to_device
 from mtp.hooks import Hook
 from mtp.model import MultitaskModel, load_encoder, load_tokenizer, parameter_counts
@@ -89,7 +89,10 @@ class Trainer:
         data = tokenize_all(cfg, tasks, tokenizer, local_rank)
         sizes = {t.name: len(t.train_texts) for t in tasks}
         probs = task_probabilities(cfg, sizes)
-        sampler = MultitaskSampler(sizes, probs, cfg.train.micro_batch_size, rank, world, cfg.train.seed)
+        lengths = ({t.name: train_lengths(data[t.name]["train"]) for t in tasks} if cfg.train.length_buckets
+                   else None)
+        sampler = MultitaskSampler(sizes, probs, cfg.train.micro_batch_size, rank, world, cfg.train.seed, lengths,
+                                   cfg.train.length_buckets)
         max_steps = total_steps(cfg, sizes, world)
 
         zero3 = zero_stage(ds_config) == 3  # built partitioned from the start (mtp/zero3.py)
@@ -118,6 +121,8 @@ class Trainer:
             optimizer=None if "optimizer" in ds_config else adamw(groups, cfg),
             lr_scheduler=lambda opt: lr_schedule(opt, warmup, max_steps))
         skip_single_rank_reduction(engine)
+        if cfg.train.compile:  # in place: the module keeps its parameter names (checkpoints, exports)
+            engine.module.encoder.compile(dynamic=True)
         state = TrainState()
         if resume:
             state = load_checkpoint(engine, Path(cfg.output_dir) / CHECKPOINTS, sampler, hooks, rank)

@@ -81,6 +81,43 @@ def test_sampler_walks_epochs_without_repeats() -> None:
     assert len(set(first_epoch.tolist())) == 10
 
 
+def pad_share(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
+    real = sum(int(lengths[b].sum()) for b in batches)
+    return 1 - real / sum(len(b) * int(lengths[b].max()) for b in batches)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_length_buckets_keep_each_epochs_rows_and_cut_the_padding(world: int) -> None:
+    """With `length_buckets` an epoch holds the rows plain shuffling gives it (each once), every rank still takes its
+    own share of one global batch, a restored sampler continues the same, and micro-batches pad far less."""
+    rng = np.random.default_rng(0)
+    lengths = {"a": rng.integers(5, 120, 300), "b": rng.integers(5, 60, 96)}
+    sizes, probs = {k: len(v) for k, v in lengths.items()}, {"a": 0.7, "b": 0.3}
+
+    def sampler(rank: int, buckets: int) -> MultitaskSampler:
+        return MultitaskSampler(sizes, probs, 4, rank, world, seed=3, lengths=lengths, length_buckets=buckets)
+
+    plain, bucketed = [sampler(0, 0)], [sampler(r, 8) for r in range(world)]
+    draws = [[s.next() for _ in range(150)] for s in bucketed]
+    plain_draws = [plain[0].next() for _ in range(150)]
+    for step in zip(*draws, strict=True):
+        assert len({task for task, _ in step}) == 1
+        assert not set(step[0][1]) & set(step[-1][1]) or world == 1
+    rows_a = [rows for task, rows in draws[0] if task == "a"][: 300 // (4 * world)]  # one epoch of task a
+    seen = np.concatenate(rows_a)
+    assert len(set(seen.tolist())) == len(seen)  # no row twice within the epoch
+    assert pad_share(lengths["a"], [r for t, r in draws[0] if t == "a"]) < 0.5 * pad_share(
+        lengths["a"], [r for t, r in plain_draws if t == "a"])
+    original = sampler(0, 8)
+    for _ in range(37):
+        original.next()
+    restored = sampler(0, 8)
+    restored.load_state_dict(original.state_dict())
+    for _ in range(60):
+        (ta, ra), (tb, rb) = original.next(), restored.next()
+        assert ta == tb and np.array_equal(ra, rb)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_shard_covers_every_row_with_equal_batches(world: int) -> None:
     lengths = [5, 3, 9, 1, 7, 2, 8]

@@ -100,3 +100,16 @@ def test_a_batch_known_unpadded_encodes_the_same_without_its_mask(arch: str) -> 
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1])}
     masked, unmasked = model("rte", **kwargs), model("rte", **kwargs, padded=False)
     assert torch.equal(masked["logits"], unmasked["logits"]) and torch.equal(masked["loss"], unmasked["loss"])
+
+
+def test_the_compiled_encoder_computes_the_eager_one_and_keeps_its_names() -> None:
+    """`train.compile` compiles the encoder in place: the same outputs, the same state-dict keys."""
+    torch.manual_seed(0)
+    model = MultitaskModel(load_encoder("configs/arch/tiny-bert", random_init=True), {"rte": 2}).eval()
+    keys = list(model.state_dict())
+    ids = torch.randint(5, 100, (2, 7))
+    eager = model("rte", input_ids=ids, attention_mask=torch.ones_like(ids))["logits"]
+    model.encoder.compile(dynamic=True)
+    compiled = model("rte", input_ids=ids, attention_mask=torch.ones_like(ids))["logits"]
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    assert list(model.state_dict()) == keys
