@@ -137,21 +137,28 @@ def pruning_row(model_name: str, method: str | None, phase: str, args: argparse.
     return {"model": model_name, "method": method or "dense", "phase": phase, "zero": 2, **measured}
 
 
+def in_child(flags: list[str], model_name: str, args: argparse.Namespace, identity: dict[str, Any],
+             name: str) -> dict[str, Any]:
+    """One row measured by this script in a process of its own (BERT-large's engines do not all fit in memory in
+    one process: DeepSpeed keeps them alive), or the row's identity with the error that stopped it."""
+    out = BENCH / "results" / ".step_overhead" / f"{name}.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *flags, "--child-out", str(out), "--models", model_name,
+           "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--budget", str(args.budget), "--config", args.config, "--device", args.device]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)  # its own process group
+    if proc.returncode != 0 or not out.is_file():
+        return {**identity, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return json.loads(out.read_text())
+
+
 def pruning_rows(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Each method's operators and host syncs per step over dense, along the ramp and at the budget: one process per
     row (BERT-large's engines do not all fit in memory at once)."""
     def child(method: str, phase: str) -> dict[str, Any]:
-        out = BENCH / "results" / ".step_overhead" / f"pruning_{method}_{phase}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--pruning-child", method, phase, "--child-out", str(out),
-               "--models", model_name, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--budget", str(args.budget),
-               "--config", args.config, "--device", args.device]
-        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)  # its own process group
-        if proc.returncode != 0 or not out.is_file():
-            return {"model": model_name, "method": method, "phase": phase,
-                    "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-        return json.loads(out.read_text())
+        return in_child(["--pruning-child", method, phase], model_name, args,
+                        {"model": model_name, "method": method, "phase": phase}, f"pruning_{method}_{phase}")
 
     dense = child("dense", "dense")
     rows = [dense]
@@ -276,17 +283,23 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/step_overhead.json")
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--pruning-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--step-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: the same rows on a GPU (its step, not a proxy), and the memory section's figures")
     parser.add_argument("--sections", nargs="+", default=["proxy_check", "steps", "world2", "pruning"],
                         help="what to measure (a run of some sections keeps the others' rows from --out)")
     args = parser.parse_args()
     if args.smoke:
-        args.models, args.world, args.steps, args.warmup = ["tiny-bert"], [1], 1, 1
+        args.models, args.world, args.steps, args.warmup = ["tiny-bert"], [1], 1, 2  # ZeRO-3 settles after 2
     DEVICE["name"] = args.device
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed()
+    if args.step_child:  # one step row, in its own process
+        path, zero = args.step_child
+        Path(args.child_out).write_text(json.dumps(step_row(args.models[0], path, None if zero == "None" else int(zero),
+                                                            args)))
+        return
     if args.pruning_child:  # one pruning row, in its own process
         method, phase = args.pruning_child
         row = pruning_row(args.models[0], None if method == "dense" else method, phase, args)
@@ -314,7 +327,9 @@ def main() -> None:
         report["rows"] = [r for r in report.get("rows", []) if r.get("world_size", 1) != 1]
         for model_name in args.models:
             for path, zero in [("plain", None), *(("mtp", z) for z in args.zero)]:
-                report["rows"].append(step_row(model_name, path, zero, args))
+                report["rows"].append(in_child(["--step-child", path, str(zero)], model_name, args,
+                                               {"model": model_name, "path": path, "zero": zero},
+                                               f"step_{model_name}_{path}_{zero}"))
                 print(json.dumps(report["rows"][-1]), flush=True)
                 save()
     if "world2" in args.sections and 2 in args.world:
