@@ -120,6 +120,33 @@ class Timed:
                 self.model(self.task, **batch)
 
 
+def ort_operator_ms(folder: Path, level: str, threads: int, batch: dict[str, torch.Tensor], runs: int = 3,
+                    ) -> dict[str, float]:
+    """Milliseconds per forward pass by onnxruntime operator type (its profiler, after a warm-up pass)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ORT_LEVELS[level](onnxruntime)
+    options.enable_profiling = True
+    session = onnxruntime.InferenceSession(str(folder / "onnx" / "encoder.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+    feeds = {i.name: (batch[i.name] if i.name in batch else torch.zeros_like(batch["input_ids"])).numpy()
+             for i in session.get_inputs()}
+    session.run(None, feeds)
+    for _ in range(runs):
+        session.run(None, feeds)
+    profile = Path(session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    total: dict[str, float] = {}
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    for event in kernels[len(kernels) // (runs + 1):]:  # the warm-up pass left out
+        op = event["args"]["op_name"]
+        total[op] = total.get(op, 0.0) + event["dur"] / 1000 / runs
+    return dict(sorted(((k, round(v, 2)) for k, v in total.items()), key=lambda kv: -kv[1]))
+
+
 def paired_latency(dense: Timed, pruned: Timed, batch: dict[str, torch.Tensor], repeats: int) -> tuple[float, float]:
     """Median seconds of each model, timed alternately after two warm-up passes each."""
     for _ in range(2):
@@ -144,6 +171,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--ort-profile", action="store_true",
+                        help="also onnxruntime's time per operator type of every model (1 thread, the largest batch)")
     parser.add_argument("--ort-levels", nargs="+", default=["all", "basic"], choices=list(ORT_LEVELS),
                         help="onnxruntime graph optimization levels timed (the same on both sides)")
     parser.add_argument("--out", default="bench/results/export.json")
@@ -197,6 +226,16 @@ def main() -> None:
                                      "dense_seconds": round(dense_s, 5), "pruned_seconds": round(pruned_s, 5),
                                      "run": run, **size})
                         print(json.dumps(rows[-1]), flush=True)
+        profiles = []
+        if args.ort_profile:
+            x = torch.randint(1000, 20000, (max(args.batches), args.seq), generator=torch.Generator().manual_seed(0))
+            batch = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+            for method, budget, run, folder in [("dense", 1.0, str(dense_run), dense_folder), *models]:
+                for level in args.ort_levels:
+                    profiles.append({"method": method, "budget": budget, "run": run, "graph_optimization": level,
+                                     "threads": 1, "batch": max(args.batches),
+                                     "ms_by_operator": ort_operator_ms(folder, level, 1, batch)})
+                    print(json.dumps(profiles[-1]), flush=True)
     command = " ".join(["python bench/export_size_latency.py", *sys.argv[1:]])
     earlier: list[str] = []
     if args.keep and Path(args.out).is_file():
@@ -207,6 +246,7 @@ def main() -> None:
         earlier = before.get("earlier_commands", []) + [before["command"]]
     report = {"benchmark": "export_size_latency", "dense_run": str(dense_run), "repeats": args.repeats,
               "command": command, **({"earlier_commands": earlier} if earlier else {}), **machine(), "rows": rows,
+              **({"onnxruntime_profiles": profiles} if profiles else {}),
               "note": "latency_ratio: the pruned export's median seconds over the dense export's, same runtime, "
                       "threads and batch, timed alternately in one process; block bytes: encoder blocks only"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
