@@ -15,8 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp.pruning.base import PrunableLayer, PruningHook, PruningSettings, prunable_modules, replace_prunable
-from mtp.pruning.topk import TopK, allocate
+from mtp.pruning.base import (
+    PrunableLayer,
+    PruningHook,
+    PruningSettings,
+    host_reads_are_free,
+    prunable_modules,
+    replace_prunable,
+)
+from mtp.pruning.topk import TopK, allocate, select_rows_on_device
 from mtp.zero3 import gathered, is_partitioned
 
 Scope = Literal["per_matrix", "global"]
@@ -195,8 +202,29 @@ class ElementwisePruning(PruningHook):
             self.threshold = self.global_topk.select(criteria, kept_total, [m.mask for m in self.modules])
             return
         counts = allocate(kept_total, sizes, density)
+        if self._batched_on_device():
+            self._record_threshold(self._select_by_size(counts))
+            return
         self._record_threshold([topk.select([crit], k, [m.mask]) for (m, crit), k, topk
                                 in zip(self.criteria(), counts, self.topk, strict=True)])
+
+    def _batched_on_device(self) -> bool:
+        """On an accelerator, with whole (not ZeRO-3 partitioned) criteria: one batched top-k per matrix size."""
+        source = self.criterion_param(self.modules[0])
+        return not host_reads_are_free(source) and not any(is_partitioned(self.criterion_param(m))
+                                                            for m in self.modules)
+
+    def _select_by_size(self, counts: list[int]) -> list[torch.Tensor]:
+        """Per-matrix top-k of every matrix, the matrices of one size in one batch (select_rows_on_device)."""
+        by_size: dict[int, list[int]] = {}
+        for i, m in enumerate(self.modules):
+            by_size.setdefault(m.mask.numel(), []).append(i)
+        criteria = [crit for _, crit in self.criteria()]
+        thresholds: list[torch.Tensor] = []
+        for members in by_size.values():
+            thresholds += select_rows_on_device([criteria[i] for i in members], [counts[i] for i in members],
+                                                [self.modules[i].mask for i in members])
+        return thresholds
 
     def _record_threshold(self, thresholds: list[float | torch.Tensor]) -> None:
         """Per matrix, the reported threshold is the median of the matrices' (0 while nothing is pruned); device

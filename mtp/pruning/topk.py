@@ -149,3 +149,20 @@ def select_on_device(flats: list[torch.Tensor], k: int, out: list[torch.Tensor])
     for part, m in zip(keep.split([f.numel() for f in flats]), out, strict=True):
         m.copy_(part.view_as(m))
     return threshold
+
+
+def select_rows_on_device(criteria: list[torch.Tensor], ks: list[int], out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor top-k masks (the k of each in `ks`) for tensors of one size, in one batch of operators and without
+    host reads: the rows sorted, each row's k-th largest gathered, then the entries above it and its ties in order
+    of position up to k. The same masks as `TopK.select` on each tensor alone. Returns the thresholds (a [rows, 1]
+    tensor's rows; +inf where k = 0)."""
+    values = torch.stack([c.detach().reshape(-1) for c in criteria]).float()
+    k = torch.tensor(ks, dtype=torch.int64).to(values.device, non_blocking=True)[:, None]
+    ordered = values.sort(dim=1, descending=True).values
+    threshold = ordered.gather(1, (k - 1).clamp(min=0))
+    threshold = torch.where(k > 0, threshold, torch.full_like(threshold, math.inf))
+    above = values > threshold
+    ties = values == threshold
+    keep = above | (ties & (ties.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    torch._foreach_copy_(out, [row.view_as(m) for row, m in zip(keep.unbind(0), out, strict=True)])
+    return list(threshold.unbind(0))

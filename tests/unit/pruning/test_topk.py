@@ -76,3 +76,42 @@ def test_the_device_selection_keeps_the_same_entries_without_host_reads(tensors:
             assert isinstance(threshold, torch.Tensor)
             for mask, ref in zip(masks, reference_masks(criteria, k), strict=True):
                 assert torch.equal(mask, ref), k
+
+
+def test_the_batched_device_selection_keeps_each_tensors_own_top_k() -> None:
+    """Tensors of one size selected together, each with its own k (0 and all included), ties by position."""
+    from mtp.pruning.topk import select_rows_on_device
+
+    torch.manual_seed(2)
+    criteria = [torch.randn(12, 10) for _ in range(5)]
+    criteria[1].view(-1)[::3] = 0.2
+    ks = [0, 37, 60, 119, 120]
+    masks = [torch.empty(12, 10) for _ in criteria]  # float masks, as MaskedLinear keeps them
+    select_rows_on_device(criteria, ks, masks)
+    for c, k, m in zip(criteria, ks, masks, strict=True):
+        assert torch.equal(m.bool(), reference_masks([c], k)[0]), k
+
+
+def test_magnitude_masks_are_the_same_on_the_accelerator_path() -> None:
+    from mtp.pruning import build_pruning, pruning_settings
+    from tests.unit.pruning.tiny import tiny_model
+
+    masks = []
+    for accelerated in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model()
+        hook = build_pruning(pruning_settings(method="magnitude", budget=0.3, warmup_ratio=0.0, cooldown_ratio=0.0),
+                             10)[0]
+        hook.setup(model)
+        with torch.no_grad():
+            for m in hook.modules:
+                m.weight.view(-1)[::7] = 0.01  # ties
+        if accelerated:
+            with accelerator_paths():
+                hook.on_optimizer_step(model, 4)
+        else:
+            hook.on_optimizer_step(model, 4)
+        masks.append([m.mask.clone() for m in hook.modules])
+        assert hook.reported_threshold() > 0
+    for a, b in zip(*masks, strict=True):
+        assert torch.equal(a, b)
