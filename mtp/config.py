@@ -240,6 +240,7 @@ NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("train", "loggers"): list(DEFAULT_LOGGERS),
     ("train", "length_buckets"): 0,
     ("train", "compile"): False,
+    ("pruning", "size_control"): "lagrangian",
     ("pruning", "finetune_ratio"): 0.0,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first
     ("distill",): DistillConfig().model_dump(mode="json", exclude={"task_teachers"}),

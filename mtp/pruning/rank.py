@@ -35,6 +35,11 @@ class RankSettings(PruningSettings):
     log_alpha_init: float = 2.5
     """Initial log alpha; 2.5 makes every deterministic gate 1 (the pretrained map). Gates are not sampled before
     the pruning warmup ends (a sampled gate falls below 1 on 29% of the ranks at 2.5)."""
+    size_control: Literal["lagrangian", "shift"] = "lagrangian"
+    """How the expected size follows the schedule on the ramp: "lagrangian" (FLOP's augmented Lagrangian, the
+    multipliers by gradient ascent), or "shift": after every optimizer step all log alpha move by one common amount,
+    found by bisection on the device, that puts the expected size on the target exactly (the gradients then rank the
+    ranks; no penalty in the loss)."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
@@ -49,9 +54,10 @@ class FactorizedLinear(PrunableLayer):
     """y = P diag(g) Q x + b, initialised from the SVD of W (P = U sqrt(S), Q = sqrt(S) V^T), so it starts as W."""
 
     compact_format = "lowrank"
-    state_suffixes = ("P", "Q", "log_alpha", "keep")
+    state_suffixes = ("P", "Q", "log_alpha", "keep", "gate_offset")
 
-    def __init__(self, linear: nn.Linear, beta: float, stretch: tuple[float, float], log_alpha_init: float):
+    def __init__(self, linear: nn.Linear, beta: float, stretch: tuple[float, float], log_alpha_init: float,
+                 offset: bool = False):
         super().__init__()
         with gathered([linear.weight]):  # under ZeRO-3 (inside deepspeed.zero.Init) P and Q are partitioned as made
             weight = linear.weight.detach().float().clone()
@@ -63,6 +69,13 @@ class FactorizedLinear(PrunableLayer):
         self.Q = nn.Parameter((root[:, None] * vh).to(dtype).contiguous())
         self.bias = linear.bias
         self.log_alpha = nn.Parameter(torch.full((s.numel(),), float(log_alpha_init)))
+        # size_control "shift": one amount added to every log alpha, moved by the hook (not by the optimizer, whose
+        # master copy of log alpha would overwrite an edit of the parameter); absent otherwise (older runs' state)
+        self.gate_offset: torch.Tensor | None
+        if offset:
+            self.register_buffer("gate_offset", torch.zeros(()))
+        else:
+            self.gate_offset = None
         self.register_buffer("keep", torch.ones(s.numel(), dtype=torch.bool))
         self.beta, (self.low, self.high) = beta, stretch
         self.sample = True  # the hook turns sampling off outside the pruning ramp (deterministic gates)
@@ -73,9 +86,14 @@ class FactorizedLinear(PrunableLayer):
     def rank_cost(self) -> int:
         return self.in_features + self.out_features
 
+    def alphas(self) -> torch.Tensor:
+        """log alpha in float32, with the hook's common offset where it keeps one."""
+        log_alpha = self.log_alpha.float()
+        return log_alpha if self.gate_offset is None else log_alpha + self.gate_offset.float()
+
     def gates(self) -> torch.Tensor:
         """Hard-concrete samples while training with `sample`, else deterministic gates; dropped ranks are 0."""
-        log_alpha = self.log_alpha.float()
+        log_alpha = self.alphas()
         if not (self.training and self.sample):
             return self.deterministic_gates(log_alpha) * self.keep
         u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
@@ -89,7 +107,7 @@ class FactorizedLinear(PrunableLayer):
     def expected_open(self) -> torch.Tensor:
         """E[number of non-zero gates] = sum sigmoid(log alpha - beta log(-l/r)) over kept ranks."""
         shift = self.beta * math.log(-self.low / self.high)
-        return (torch.sigmoid(self.log_alpha.float() - shift) * self.keep).sum()
+        return (torch.sigmoid(self.alphas() - shift) * self.keep).sum()
 
     def kept_index(self) -> torch.Tensor | None:
         """The ranks the keep mask holds (None: all of them), read once each time the mask changes (the projection,
@@ -130,7 +148,10 @@ class FactorizedLinear(PrunableLayer):
     @staticmethod
     def saved_gates(state: dict[str, torch.Tensor], path: str, settings: RankSettings) -> torch.Tensor:
         """The deterministic gates (as in evaluation) of a saved layer, times its final keep mask."""
-        gates = deterministic_gates(state[f"{path}.log_alpha"].float(), settings.gate_low, settings.gate_high)
+        log_alpha = state[f"{path}.log_alpha"].float()
+        if f"{path}.gate_offset" in state:
+            log_alpha = log_alpha + state[f"{path}.gate_offset"].float()
+        gates = deterministic_gates(log_alpha, settings.gate_low, settings.gate_high)
         return gates * state[f"{path}.keep"].float()
 
     @classmethod
@@ -175,7 +196,8 @@ class RankPruning(PruningHook):
         c = self.cfg
 
         def factorised(linear: nn.Linear, _idx: int, _kind: str) -> FactorizedLinear:
-            return FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high), c.log_alpha_init)
+            return FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high), c.log_alpha_init,
+                                    offset=c.size_control == "shift")
 
         replace_prunable(model, factorised)
         self.modules = [m for _, _, m in prunable_modules(model)]
@@ -215,6 +237,8 @@ class RankPruning(PruningHook):
         assert self.budget is not None
         if not self.modules[0].sample:  # no sampled gates: nothing to hold to the target
             return None
+        if self.cfg.size_control == "shift":  # the size is held by `shift_to_target` after the step
+            return None
         size = sum(m.rank_cost * m.aux for m in self.modules if m.aux is not None)
         density = (size + self.budget.non_prunable) / self.budget.dense_blocks
         gap = density - self.target(step)
@@ -234,6 +258,8 @@ class RankPruning(PruningHook):
         if not self.fixed and self.in_fixed_phase(step):
             self.project()
             self.fixed = True
+        elif sampled and self.cfg.size_control == "shift":
+            self.shift_to_target(self.target(step))
         elif sampled:
             gap = self.last_density - self.target(step)
             if isinstance(gap, torch.Tensor):  # the multipliers in float64 on the device, as Python floats on a CPU
@@ -241,6 +267,29 @@ class RankPruning(PruningHook):
             self.lambda1 = self.lambda1 + self.cfg.lagrangian_lr * gap
             self.lambda2 = self.lambda2 + self.cfg.lagrangian_lr * gap * gap
         self._set_sampling()
+
+    @torch.no_grad()
+    def shift_to_target(self, target: float, iterations: int = 40) -> None:
+        """Move every log alpha by one amount c so that the expected size is `target` (a fraction of the dense
+        blocks): bisection on c in [-40, 40], a fixed number of halvings on the device (no host read)."""
+        assert self.budget is not None
+        params = [m.log_alpha for m in self.modules]
+        with gathered(params):
+            shift = self.modules[0].beta * math.log(-self.modules[0].low / self.modules[0].high)
+            alphas = torch.cat([m.alphas() for m in self.modules]) - shift
+            costs = torch.cat([m.keep.float() * m.rank_cost for m in self.modules])
+            goal = target * self.budget.dense_blocks - self.budget.non_prunable
+            low = torch.full((), -40.0, device=alphas.device)
+            high = torch.full((), 40.0, device=alphas.device)
+            for _ in range(iterations):
+                middle = (low + high) / 2
+                over = (costs * torch.sigmoid(alphas + middle)).sum() > goal
+                high, low = torch.where(over, middle, high), torch.where(over, low, middle)
+            offsets = [m.gate_offset for m in self.modules]
+            torch._foreach_add_(offsets, ((low + high) / 2).to(offsets[0].dtype))
+            size = (costs * torch.sigmoid(alphas + (low + high) / 2)).sum() + self.budget.non_prunable
+        density = size / self.budget.dense_blocks
+        self.last_density = float(density) if host_reads_are_free(density) else density
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "fixed": self.fixed, "lambda1": float(self.lambda1), "lambda2": float(self.lambda2),
@@ -262,7 +311,7 @@ class RankPruning(PruningHook):
         candidates = []
         for i, m in enumerate(self.modules):
             with gathered([m.log_alpha]):
-                candidates.extend((value, i, j) for j, value in enumerate(m.log_alpha.detach().float().tolist()))
+                candidates.extend((value, i, j) for j, value in enumerate(m.alphas().detach().tolist()))
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         room = self.budget.prunable_allowance
         keep = [torch.zeros_like(m.keep) for m in self.modules]
@@ -280,7 +329,7 @@ class RankPruning(PruningHook):
         count = 0
         for m in self.modules:
             with gathered([m.log_alpha]):
-                count += int(((m.deterministic_gates(m.log_alpha.detach().float()) == 0) & m.keep).sum())
+                count += int(((m.deterministic_gates(m.alphas().detach()) == 0) & m.keep).sum())
         return count
 
     def final_report(self, model: nn.Module) -> dict[str, Any]:

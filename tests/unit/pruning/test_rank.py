@@ -240,3 +240,52 @@ def test_the_accelerator_path_leaves_out_the_projected_ranks_with_the_same_outpu
         assert layer.kept_index().tolist() == list(range(10))
         layer.keep[8:] = False  # a new keep mask (a checkpoint load): read again
         assert layer.kept_index().tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.3])
+def test_the_shift_control_holds_the_expected_size_on_the_target(budget: float) -> None:
+    """size_control "shift": the expected size is on the cubic target after every step of the ramp and ends at B
+    (where the Lagrangian at the default rates lags a 100-step run), so the projection removes little."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    steps = 100
+    cfg = pruning_settings(method="rank", budget=budget, warmup_ratio=0.1, cooldown_ratio=0.2, size_control="shift")
+    hook = build_pruning(cfg, steps)[0]
+    hook.setup(model)
+    groups = hook.param_groups(model)
+    gates = {id(p) for g in groups for p in g["params"]}
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in gates], "lr": 1e-3},
+                                   *groups])
+    worst = 0.0
+    for step in range(steps):
+        x = torch.randint(1, 1000, (8, 12))
+        loss = model("rte", input_ids=x, attention_mask=torch.ones_like(x), labels=(x[:, 0] % 2).long())["loss"]
+        assert hook.extra_loss(model, step) is None
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        hook.on_optimizer_step(model, step + 1)
+        if hook.modules[0].sample:
+            worst = max(worst, abs(hook.last_density - hook.target(step + 1)) / hook.target(step + 1))
+    end = hook.budget.target / hook.budget.dense_blocks
+    with torch.no_grad():
+        expected = float(hook.expected_density())
+    assert abs(expected - end) / end < 0.02 and worst < 0.02, (expected, end, worst)
+    report = hook.final_report(model)
+    assert report["within_budget"] and "gate_offset" in dict(model.named_buffers()).__repr__()
+
+
+def test_the_gate_offset_is_in_the_saved_state_its_fold_and_its_compact_form() -> None:
+    torch.manual_seed(0)
+    layer = FactorizedLinear(nn.Linear(24, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=2.5, offset=True)
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.linspace(-1.0, 4.0, 16))
+        layer.gate_offset.fill_(-2.0)  # closes the ranks whose log alpha is below about 2
+    layer.eval()
+    state = {f"m.{k}": v for k, v in layer.state_dict().items()}
+    settings = pruning_settings(method="rank", budget=0.5, size_control="shift")
+    x = torch.randn(3, 24)
+    folded = FactorizedLinear.fold(state, "m", settings)
+    torch.testing.assert_close(x @ folded.T + layer.bias, layer(x), atol=1e-5, rtol=1e-5)
+    compact = FactorizedLinear.compact(state, "m", settings)
+    assert 0 < compact["m.Q"].shape[0] < 16  # the offset closed some ranks, the rest kept
