@@ -83,7 +83,7 @@ def test_the_clip_factor_is_deepspeeds_for_every_norm_without_a_host_read(norm: 
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_one_rank_trains_the_same_without_the_contiguous_gradient_buffer(bf16: bool) -> None:
-    """What `contiguous_gradients: "auto"` picks at world size 1 (mtp.training.optim.build_ds_config) changes no value."""
+    """What `contiguous_gradients: "auto"` picks at one rank (optim.build_ds_config) changes no value."""
     init_distributed()
     norms, weights, ops = _train(2, lean=True, bf16=bf16, contiguous=False)
     contiguous_norms, contiguous_weights, contiguous_ops = _train(2, lean=True, bf16=bf16, contiguous=True)
