@@ -72,7 +72,9 @@ def write_model_card(out: Path, cfg: ExperimentConfig, meta: dict[str, Any], lat
               'encoder = AutoModel.from_pretrained("hf/encoder", trust_remote_code=True)  # code ships in the folder',
               "```", "Task heads: `hf/heads.safetensors` (layout in `hf/heads.json`); with `cls` pooling `hf/<task>/` "
               "is a sequence classifier. `compact/` is mtp's compact form (`mtp.export.load_compact`), "
-              "`onnx/encoder.onnx` the compact encoder for onnxruntime.", "",
+              "`onnx/encoder.onnx` the compact encoder for onnxruntime (on CPU, a session with "
+              "`graph_optimization_level=ORT_ENABLE_BASIC` ran mtp's structured exports faster than the default "
+              "level, dense and pruned alike: mtp's docs/pruning.md).", "",
               "## Made by", "", "```bash", "bash launch.sh --config config.yaml   # the run's config, as trained",
               "mtp export RUN_DIR --verify", "```", ""]
     path = out / "README.md"
