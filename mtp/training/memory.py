@@ -154,11 +154,12 @@ def live_tensors(top: int = 12) -> dict[str, Any]:
             if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
                 continue
             storage = obj.untyped_storage()
-        except Exception:  # noqa: BLE001 - tensors without storage (sparse, functional wrappers)
+            pointer = storage.data_ptr()
+        except Exception:  # noqa: BLE001 - tensors without storage (sparse, functional and fake tensors)
             continue
-        if storage.data_ptr() in seen or storage.nbytes() == 0:
+        if pointer in seen or storage.nbytes() == 0:
             continue
-        seen.add(storage.data_ptr())
+        seen.add(pointer)
         mib = storage.nbytes() / 2**20
         total += mib
         entry = groups.setdefault(f"{str(obj.dtype).removeprefix('torch.')} {tuple(obj.shape)}", [0, 0.0])
