@@ -272,4 +272,7 @@ def recipe_dump(cfg: ExperimentConfig) -> str:
             node = node[key]
         if node.get(keys[-1]) == neutral:
             del node[keys[-1]]
+    version = type(cfg.pruning).version
+    if version != 1:  # a method whose code changed what it trains: its earlier runs are stale
+        tree["pruning"]["method_version"] = version
     return yaml.safe_dump(tree, sort_keys=False)

@@ -109,7 +109,62 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                 "mean": statistics.fmean(means) if means else None,
                 "stdev": statistics.stdev(means) if len(means) > 1 else None,
                 "range": max(means) - min(means) if len(means) > 1 else None})
+    report["size_at_fix"] = size_checks(plan, by_key)
+    report["exposure"] = exposure(plan, by_key)
     return report
+
+
+SIZE_WARNING = 1.1
+"""A run whose expected size where its ranks were fixed is above this multiple of its target is reported: the final
+projection, not training, took it to its size."""
+
+
+def size_checks(plan: ComparePlan, by_key: dict[Any, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Every finished run that reports its expected size before the final cut (rank): that size over its target."""
+    rows = []
+    for spec in plan.runs:
+        pruning = (by_key[spec.key] or {}).get("pruning") or {}
+        ratio = pruning.get("expected_over_target")
+        if ratio is None and pruning.get("expected_fraction_at_end") is not None:  # results from before the key
+            ratio = pruning["expected_fraction_at_end"] / pruning["budget_fraction"]
+        if ratio is not None:
+            rows.append({"run": spec.name, "expected_over_target": ratio, "far": ratio > SIZE_WARNING})
+    return rows
+
+
+def batches_seen(plan: ComparePlan, spec: Any, results: dict[str, Any]) -> tuple[dict[str, float], bool] | None:
+    """Micro-batches each task gave the run (per rank): counted (results' batches_per_task), or, for results from
+    before the count, expected from its sampling probabilities (steps x grad_accum x p); the flag says which. None
+    when the results hold neither."""
+    if results.get("batches_per_task"):
+        return {t: float(n) for t, n in results["batches_per_task"].items()}, True
+    if not results.get("sampling") or not results.get("steps"):
+        return None
+    accum = plan.experiment(spec).train.grad_accum
+    return {t: p * results["steps"] * accum for t, p in results["sampling"].items()}, False
+
+
+def exposure(plan: ComparePlan, by_key: dict[Any, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Per task: the batches the pruned multitask model saw of it and those its pruned single-task model saw (the
+    first finished run of each side), and their ratio."""
+    seen = {s.name: batches_seen(plan, s, by_key[s.key]) for s in plan.runs
+            if s.method != "none" and by_key[s.key] is not None}
+    pruned = [s for s in plan.runs if seen.get(s.name) is not None]
+    multitask = next((s for s in pruned if s.task is None), None)
+    if multitask is None:
+        return []
+    mt, mt_counted = seen[multitask.name]
+    rows = []
+    for task in plan.tasks:
+        alone = next((s for s in pruned if s.task == task), None)
+        if alone is None:
+            continue
+        st, st_counted = seen[alone.name]
+        rows.append({"task": task, "multitask_batches": mt.get(task, 0.0), "multitask_run": multitask.name,
+                     "single_task_batches": st.get(task, 0.0), "single_task_run": alone.name,
+                     "ratio": mt.get(task, 0.0) / st[task] if st.get(task) else None,
+                     "counted": mt_counted and st_counted})
+    return rows
 
 
 def _cell(value: float | None, digits: int = 1) -> str:
@@ -173,6 +228,27 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
             lines.append(f"| {r['method']} | {r['budget']:g} | {r['runs']} | "
                          + ", ".join(f"{m:.2f}" for m in r["means"])
                          + f" | {_cell(r['mean'], 2)} | {_cell(r['stdev'], 2)} | {_cell(r['range'], 2)} |")
+        lines.append("")
+    far = [r for r in report.get("size_at_fix", []) if r["far"]]
+    if far:
+        lines += [f"**Warning**: {len(far)} run{'s' * (len(far) > 1)} ended above {SIZE_WARNING:g}x "
+                  "their size where their ranks were fixed: the final projection, not training, cut them to size "
+                  "(expected size over target): " + ", ".join(f"{r['run']} {r['expected_over_target']:.2f}"
+                                                               for r in far), ""]
+    if report.get("size_at_fix"):
+        ratios = [r["expected_over_target"] for r in report["size_at_fix"]]
+        lines += [f"Expected size where the ranks were fixed, over the target: {min(ratios):.2f}-{max(ratios):.2f} "
+                  f"over {len(ratios)} runs (report.json: size_at_fix).", ""]
+    if report.get("exposure"):
+        counted = all(r["counted"] for r in report["exposure"])
+        lines += ["## Exposure: batches of each task seen by each side", "",
+                  "Micro-batches per rank, " + ("counted by the trainer" if counted else
+                                                "expected from the sampling probabilities (steps x p) where the "
+                                                "results predate the count") + ".", "",
+                  "| task | multitask model | single-task model | ratio |", "|---|---|---|---|"]
+        for r in report["exposure"]:
+            lines.append(f"| {r['task']} | {r['multitask_batches']:.0f} ({r['multitask_run']}) | "
+                         f"{r['single_task_batches']:.0f} ({r['single_task_run']}) | {_cell(r['ratio'], 2)} |")
         lines.append("")
     if report["missing_runs"]:
         lines += [f"Runs not finished yet: {', '.join(report['missing_runs'])}", ""]

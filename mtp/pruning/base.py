@@ -46,6 +46,10 @@ def accelerator_paths() -> Iterator[None]:
 class PruningSettings(Strict):
     """The keys of every method; a method's settings add its own (a key of another method is an error)."""
 
+    version: ClassVar[int] = 1
+    """The method's version: raised when a change to its code changes what a run trains. A run trained at another
+    version is stale (its fingerprint differs); version 1 leaves today's fingerprints as they are."""
+
     method: str = "none"
     budget: float = Field(1.0, gt=0.0)
     """Encoder budget B: a fraction of the dense encoder-block parameters (<= 1) or a parameter count (> 1)."""

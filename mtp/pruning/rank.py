@@ -339,6 +339,9 @@ class RankPruning(PruningHook):
         report.update({"lambda1": float(self.lambda1), "lambda2": float(self.lambda2),
                        "closed_kept_ranks": self.closed_kept_ranks(),
                        "expected_fraction_at_end": float(self.last_density),
+                       # the expected size where the ranks were fixed over the target: 1 when training reached the
+                       # size, above it when the final projection had to cut the rest
+                       "expected_over_target": float(self.last_density) / self.target(self.schedule_end),
                        "fixed_ranks_from_step": self.schedule_end + 1 if self.fixed else None,
                        "kept_ranks": {f"{kind}.{idx}": int(m.keep.sum()) for kind, idx, m in prunable_modules(model)}})
         return report

@@ -17,6 +17,8 @@ class TrainState:
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     loss_history: list[dict[str, Any]] = field(default_factory=list)
     last_eval: dict[str, Any] = field(default_factory=dict)
+    batches_per_task: dict[str, int] = field(default_factory=dict)
+    """Micro-batches each task gave to every rank so far (its exposure)."""
     started: float = field(default_factory=time.time)
 
     @property
@@ -26,9 +28,11 @@ class TrainState:
 
     def checkpoint(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "wall_time": self.wall_time,
-                "eval_history": self.eval_history, "loss_history": self.loss_history}
+                "eval_history": self.eval_history, "loss_history": self.loss_history,
+                "batches_per_task": self.batches_per_task}
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
         return cls(step=saved["step"], tokens_seen=saved["tokens_seen"], prior_wall=saved["wall_time"],
-                   eval_history=saved["eval_history"], loss_history=saved["loss_history"])
+                   eval_history=saved["eval_history"], loss_history=saved["loss_history"],
+                   batches_per_task=dict(saved.get("batches_per_task", {})))

@@ -248,6 +248,7 @@ class Trainer:
                 scalars[f"train/loss/{name}"] = float(window[i] / self.world / counts[i])
             scalars[f"train/task_share/{name}"] = float(counts[i] / steps_in_window)
             scalars[f"train/batches/{name}"] = float(counts[i])
+            self.state.batches_per_task[name] = self.state.batches_per_task.get(name, 0) + int(round(float(counts[i])))
         for group in self.optimizer.param_groups:
             scalars[f"train/lr/{group.get('name', 'group')}"] = group["lr"]
         scalars["train/tokens_per_s"] = tokens / max(seconds, 1e-9)
@@ -273,7 +274,7 @@ class Trainer:
             "finished": finished, "steps": state.step, "max_steps": self.max_steps,
             "tokens_seen": state.tokens_seen, "wall_time_s": round(state.wall_time, 2), "world_size": self.world,
             "precision": precision_of(self.ds_config), "zero_stage": zero_stage(self.ds_config),
-            "params": self.param_counts, "sampling": self.probs,
+            "params": self.param_counts, "sampling": self.probs, "batches_per_task": state.batches_per_task,
             "data": {t.name: {"source": t.source, **t.stats} for t in self.tasks},
             "eval_history": state.eval_history, "loss_history": state.loss_history,
         }

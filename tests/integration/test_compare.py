@@ -293,3 +293,34 @@ def test_a_best_ensemble_over_a_partial_grid_is_marked_a_lower_bound(tmp_path: P
     row = next(r for r in build_report(compare_plan)["methods"]["movement"] if r["budget"] == 0.5)
     assert row["best_ensemble"]["complete"] is True and row["best_ensemble"]["unfinished_runs"] == []
     assert row["best_ensemble"]["allocation"] == {"rte": "0.25", "stsb": "0.25"}
+
+
+def test_the_report_warns_of_runs_cut_to_size_and_shows_each_sides_exposure(tmp_path: Path) -> None:
+    from mtp.compare import build_report, load_compare_config, render_markdown
+
+    kept = tmp_path / "kept"
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [
+        f"output_dir={tmp_path / 'out'}", f"results_dir={kept}", "methods=[rank]"])
+    (kept / "runs").mkdir(parents=True)
+
+    def write(name: str, pruning: dict | None, batches: dict, sampling: dict | None = None) -> None:
+        (kept / "runs" / f"{name}.json").write_text(json.dumps({
+            "finished": True, "mean_score": 60.0, "params": {"encoder_blocks": 1000, "embeddings": 10},
+            "tasks": {"rte": {"score": 60.0}, "stsb": {"score": 60.0}}, "pruning": pruning, "steps": 40,
+            "batches_per_task": batches, "sampling": sampling or {}}))
+
+    write("mt-rank-0.5", {"kept_blocks": 500, "expected_over_target": 1.02}, {"rte": 30, "stsb": 10})
+    write("st-rte-rank-0.25", {"kept_blocks": 250, "expected_over_target": 1.5}, {"rte": 20})
+    # results from before the count and the ratio key: both worked out from what they hold
+    write("st-stsb-rank-0.25", {"kept_blocks": 250, "expected_fraction_at_end": 0.3, "budget_fraction": 0.25},
+          {}, {"stsb": 1.0})
+    report = build_report(ComparePlan.build(cfg, ROOT / cfg.base))
+    checks = {r["run"]: r for r in report["size_at_fix"]}
+    assert not checks["mt-rank-0.5"]["far"] and checks["st-rte-rank-0.25"]["far"]
+    assert checks["st-stsb-rank-0.25"]["expected_over_target"] == pytest.approx(1.2)
+    exposure = {r["task"]: r for r in report["exposure"]}
+    assert exposure["rte"]["ratio"] == pytest.approx(1.5) and exposure["rte"]["counted"]
+    assert exposure["stsb"]["single_task_batches"] == pytest.approx(40.0) and not exposure["stsb"]["counted"]
+    md = render_markdown(report, cfg, "mtp compare")
+    assert "**Warning**: 2 runs ended above 1.1x" in md and "st-rte-rank-0.25 1.50" in md
+    assert "| rte | 30 (mt-rank-0.5) | 20 (st-rte-rank-0.25) | 1.50 |" in md

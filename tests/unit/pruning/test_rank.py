@@ -272,6 +272,7 @@ def test_the_shift_control_holds_the_expected_size_on_the_target(budget: float) 
         expected = float(hook.expected_density())
     assert abs(expected - end) / end < 0.02 and worst < 0.02, (expected, end, worst)
     report = hook.final_report(model)
+    assert report["expected_over_target"] == pytest.approx(1.0, abs=0.02)
     assert report["within_budget"] and "gate_offset" in dict(model.named_buffers()).__repr__()
 
 

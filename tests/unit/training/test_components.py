@@ -58,6 +58,22 @@ def test_the_default_loggers_leave_the_recipe_fingerprint_as_it_was() -> None:
     assert "loggers" in recipe_dump(config("train.loggers=[results]"))
 
 
+def test_a_method_version_above_one_changes_its_runs_fingerprints_and_no_others() -> None:
+    from mtp.pruning import RankSettings
+
+    rank, magnitude = config("pruning.method=rank", "pruning.budget=0.3"), config("pruning.method=magnitude",
+                                                                                  "pruning.budget=0.3")
+    before = recipe_dump(rank), recipe_dump(magnitude)
+    assert "method_version" not in before[0]
+    RankSettings.version = 2
+    try:
+        assert recipe_dump(rank) != before[0] and "method_version: 2" in recipe_dump(rank)
+        assert recipe_dump(magnitude) == before[1]
+    finally:
+        RankSettings.version = 1
+    assert recipe_dump(rank) == before[0]
+
+
 def test_the_progress_logger_writes_plain_lines_to_a_file_and_a_bar_to_a_terminal() -> None:
     import io
 
