@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -26,6 +27,10 @@ class CompareConfig(Strict):
     dense_baselines: bool = True
     multitask_overrides: list[str] = Field(default_factory=list)
     single_task_overrides: list[str] = Field(default_factory=list)
+    single_task_steps: int | Literal["match_exposure"] | None = Field(None)
+    """Optimizer steps of every pruned single-task run: a number, or "match_exposure" (each task's run takes as many
+    batches of its task as the pruned multitask model sees: multitask steps x grad_accum x p_task, from the
+    sampling strategy and the tasks' train rows). None: single_task_overrides decide."""
     pruned_overrides: list[str] = Field(default_factory=list)
     """Extra overrides for every pruned run (schedule, distillation weights), after the two above; dense runs keep
     their recipe."""
@@ -71,6 +76,9 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     stray = [b for b in cfg.spread_budgets if b not in cfg.budgets]
     if stray:
         raise ConfigError(f"{path}: spread_budgets: {stray[0]} is not one of budgets {cfg.budgets}")
+    if isinstance(cfg.single_task_steps, int) and cfg.single_task_steps <= 0:
+        raise ConfigError(f"{path}: single_task_steps: a positive number of steps or match_exposure, "
+                          f"got {cfg.single_task_steps}")
     if cfg.teachers and not cfg.dense_baselines:
         raise ConfigError(f"{path}: teachers: true needs dense_baselines: true (the dense runs are the teachers)")
     return cfg

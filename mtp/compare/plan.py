@@ -33,8 +33,9 @@ def _fmt(size: float) -> str:
     return f"{size:g}"
 
 
-def plan_runs(cfg: CompareConfig, tasks: list[str]) -> list[RunSpec]:
-    """Every run the comparison needs, multitask first."""
+def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str, int] | None = None) -> list[RunSpec]:
+    """Every run the comparison needs, multitask first; `single_task_steps` (task -> optimizer steps) sets the
+    length of the pruned single-task runs."""
     runs: list[RunSpec] = []
     t = len(tasks)
     mt = tuple(cfg.multitask_overrides)
@@ -66,7 +67,9 @@ def plan_runs(cfg: CompareConfig, tasks: list[str]) -> list[RunSpec]:
             teacher = ("mt-dense" if spec.task is None else f"st-{spec.task}-dense") if cfg.teachers else None
             source = [] if teacher is None else [f"encoder.init_from={cfg.run_folder(teacher)}",
                                                  f"distill.teacher={cfg.run_folder(teacher)}"]
-            spec = replace(spec, overrides=spec.overrides + tuple(cfg.pruned_overrides) + tuple(source))
+            length = () if spec.task is None or not single_task_steps else (
+                f"train.max_steps={single_task_steps[spec.task]}",)
+            spec = replace(spec, overrides=spec.overrides + tuple(cfg.pruned_overrides) + length + tuple(source))
         by_run = tuple(o for pattern, extra in cfg.overrides_by_run.items() if re.search(pattern, spec.name)
                        for o in extra)
         planned.append(replace(spec, overrides=spec.overrides + by_run, teacher=teacher))
@@ -88,7 +91,9 @@ class ComparePlan:
     @classmethod
     def build(cls, cfg: CompareConfig, base_path: Path) -> ComparePlan:
         base = load_config(base_path, list(cfg.overrides))
-        return cls(cfg, Path(base_path), base, plan_runs(cfg, [t.name for t in base.tasks]))
+        tasks = [t.name for t in base.tasks]
+        steps = single_task_steps(cfg, base_path, tasks)
+        return cls(cfg, Path(base_path), base, plan_runs(cfg, tasks, steps))
 
     @property
     def tasks(self) -> list[str]:
@@ -123,6 +128,26 @@ class ComparePlan:
             if entry.name == task:
                 return entry.model_dump(exclude_defaults=True)
         raise ConfigError(f"compare: task {task!r} is not in {self.base_path}")
+
+
+def single_task_steps(cfg: CompareConfig, base_path: Path, tasks: list[str]) -> dict[str, int] | None:
+    """Each pruned single-task run's optimizer steps, from `single_task_steps` (None: its overrides decide). With
+    "match_exposure" the tasks' train rows are read once to work out the multitask sampling probabilities."""
+    if cfg.single_task_steps is None:
+        return None
+    if isinstance(cfg.single_task_steps, int):
+        return dict.fromkeys(tasks, cfg.single_task_steps)
+    from mtp.data import load_tasks, task_probabilities
+
+    first_pruned = [*cfg.overrides, *cfg.multitask_overrides, *cfg.pruned_overrides]
+    multitask = load_config(base_path, first_pruned)
+    alone = load_config(base_path, [*cfg.overrides, *cfg.single_task_overrides, *cfg.pruned_overrides])
+    if multitask.train.max_steps is None:
+        raise ConfigError("compare: single_task_steps: match_exposure needs the multitask runs' train.max_steps")
+    sizes = {t.name: len(t.train_texts) for t in load_tasks(multitask)}
+    probs = task_probabilities(multitask, sizes)
+    batches = multitask.train.max_steps * multitask.train.grad_accum
+    return {t: max(1, round(batches * probs[t] / alone.train.grad_accum)) for t in tasks}
 
 
 def recipe_hash(exp: ExperimentConfig) -> str:

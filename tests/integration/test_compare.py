@@ -324,3 +324,25 @@ def test_the_report_warns_of_runs_cut_to_size_and_shows_each_sides_exposure(tmp_
     md = render_markdown(report, cfg, "mtp compare")
     assert "**Warning**: 2 runs ended above 1.1x" in md and "st-rte-rank-0.25 1.50" in md
     assert "| rte | 30 (mt-rank-0.5) | 20 (st-rte-rank-0.25) | 1.50 |" in md
+
+
+def test_single_task_steps_set_the_pruned_single_task_runs_length_or_match_the_multitask_exposure() -> None:
+    from mtp.compare import load_compare_config
+    from mtp.data import load_tasks, task_probabilities
+
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps=5"])
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    steps = {s.name: plan.experiment(s).train.max_steps for s in plan.runs}
+    assert steps["st-rte-movement-0.2"] == 5 and steps["st-stsb-movement-0.1"] == 5
+    assert steps["st-rte-dense"] == steps["mt-movement-0.2"] == 8  # the teachers and the multitask side keep theirs
+
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps=match_exposure",
+                                                                   "multitask_overrides=[train.max_steps=40]"])
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    base = plan.experiment(plan.by_name["mt-movement-0.2"])
+    probs = task_probabilities(base, {t.name: len(t.train_texts) for t in load_tasks(base)})
+    for task in ("rte", "stsb"):  # 64 rows each, proportional sampling: 20 batches of each of the 40
+        assert probs[task] == pytest.approx(0.5)
+        assert plan.experiment(plan.by_name[f"st-{task}-movement-0.1"]).train.max_steps == 20
+    with pytest.raises(ConfigError, match="single_task_steps: a positive number"):
+        load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps=0"])
