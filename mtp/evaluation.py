@@ -27,6 +27,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def dev_halves(rows: int) -> np.ndarray:
+    """The first of two fixed halves of a dev set (a seeded permutation, the same for every run and seed): the
+    comparison chooses its best ensemble on one half and scores it on the other."""
+    first = np.zeros(rows, dtype=bool)
+    first[np.random.default_rng(0).permutation(rows)[: rows // 2]] = True
+    return first
+
+
 @torch.no_grad()
 def evaluate_tasks(forward: Any, tasks: list[TaskData], data: dict[str, dict[str, Any]], tokenizer: Any,
                    batch_size: int, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
@@ -34,7 +42,7 @@ def evaluate_tasks(forward: Any, tasks: list[TaskData], data: dict[str, dict[str
     """Dev metrics of `forward(task, **batch)` on every task; with world > 1 each rank scores its share."""
     results: dict[str, Any] = {}
     for task in tasks:
-        splits = {}
+        splits, halves = {}, {}
         for split in task.dev:
             ds = data[task.name][f"dev_{split}"]
             lengths = [len(x) for x in ds["input_ids"]]
@@ -54,6 +62,11 @@ def evaluate_tasks(forward: Any, tasks: list[TaskData], data: dict[str, dict[str
             preds = np.zeros(len(lengths))
             for idx, pred in gathered:
                 preds[idx] = pred
-            splits[split] = compute_metrics(task.metric, preds, np.array(ds["labels"]))
-        results[task.name] = {"dev": splits, "score": task_score(splits)}
+            labels = np.array(ds["labels"])
+            splits[split] = compute_metrics(task.metric, preds, labels)
+            first = dev_halves(len(labels))
+            halves[split] = [compute_metrics(task.metric, preds[part], labels[part])["score"]
+                             for part in (first, ~first)]
+        results[task.name] = {"dev": splits, "score": task_score(splits),
+                              "halves": [float(np.mean([h[i] for h in halves.values()])) for i in (0, 1)]}
     return results

@@ -57,14 +57,16 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
         for budget in cfg.budgets:
             capacity = int(math.floor(budget * dense_blocks))
             mt = find(None, method, budget)
-            choices = []
+            choices, members_by_task = [], []
             for t in tasks:
-                opts = []
+                opts, runs = [], []
                 for spec in plan.runs:
                     r = by_key[spec.key]
                     if spec.task == t and spec.method == method and r is not None:
                         opts.append(Choice(kept(r), task_score(r, t), _fmt(spec.size)))
+                        runs.append(r)
                 choices.append(opts)
+                members_by_task.append(runs)
             best = best_allocation(choices, capacity)
             # single-task runs of this method that could be ensemble members at this budget but are not finished
             # (a member leaves room for the smallest planned run of every other task): a best ensemble found
@@ -93,6 +95,7 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                     "mean": best[1], "kept_blocks": sum(c.size for c in best[0]),
                     "complete": not unfinished, "unfinished_runs": unfinished},
                 "equal_split": equal,
+                "held_out": held_out_half(tasks, members_by_task, choices, capacity, mt),
             })
             for t in cfg.low_resource_tasks:
                 if t not in tasks:
@@ -112,6 +115,32 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
     report["size_at_fix"] = size_checks(plan, by_key)
     report["exposure"] = exposure(plan, by_key)
     return report
+
+
+def held_out_half(tasks: list[str], members_by_task: list[list[dict[str, Any]]], choices: list[list[Choice]],
+                  capacity: int, multitask: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The best ensemble chosen on the first half of every dev set and scored on the second, beside the multitask
+    model scored on the same second half: a margin free of the selection's bias. None unless every run involved
+    recorded its half scores (results from before mtp scored halves)."""
+    def halves(r: dict[str, Any], t: str) -> list[float] | None:
+        return (r.get("tasks") or {}).get(t, {}).get("halves")
+
+    if multitask is None or any(halves(multitask, t) is None for t in tasks) or any(
+            halves(r, t) is None for t, runs in zip(tasks, members_by_task, strict=True) for r in runs):
+        return None
+    on_first = [[Choice(c.size, halves(r, t)[0], c.label) for c, r in zip(opts, runs, strict=True)]
+                for t, opts, runs in zip(tasks, choices, members_by_task, strict=True)]
+    best = best_allocation(on_first, capacity)
+    if best is None:
+        return None
+    second = {}
+    for t, pick, opts, runs in zip(tasks, best[0], on_first, members_by_task, strict=True):
+        second[t] = halves(runs[opts.index(pick)], t)[1]
+    ensemble = sum(second.values()) / len(tasks)
+    mt_second = sum(halves(multitask, t)[1] for t in tasks) / len(tasks)
+    return {"allocation": {t: c.label for t, c in zip(tasks, best[0], strict=True)},
+            "ensemble_on_first_half": best[1], "ensemble_on_second_half": ensemble,
+            "multitask_on_second_half": mt_second, "margin_on_second_half": mt_second - ensemble}
 
 
 SIZE_WARNING = 1.1
@@ -228,6 +257,20 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
             lines.append(f"| {r['method']} | {r['budget']:g} | {r['runs']} | "
                          + ", ".join(f"{m:.2f}" for m in r["means"])
                          + f" | {_cell(r['mean'], 2)} | {_cell(r['stdev'], 2)} | {_cell(r['range'], 2)} |")
+        lines.append("")
+    held = [(method, row) for method, rows in report["methods"].items() for row in rows if row.get("held_out")]
+    if held:
+        lines += ["## The best ensemble chosen on one half of each dev set, scored on the other", "",
+                  "The multitask model is scored on the same second half; the whole-dev tables above choose and "
+                  "score on the same rows, which favours the ensemble.", "",
+                  "| method | budget | allocation (chosen on the first half) | ensemble, first half | ensemble, "
+                  "second half | multitask, second half | margin, second half |", "|---|---|---|---|---|---|---|"]
+        for method, row in held:
+            h = row["held_out"]
+            alloc = ", ".join(f"{t} {b}" for t, b in h["allocation"].items())
+            lines.append(f"| {method} | {row['budget']:g} | {alloc} | {h['ensemble_on_first_half']:.2f} | "
+                         f"{h['ensemble_on_second_half']:.2f} | {h['multitask_on_second_half']:.2f} | "
+                         f"{h['margin_on_second_half']:+.2f} |")
         lines.append("")
     far = [r for r in report.get("size_at_fix", []) if r["far"]]
     if far:

@@ -346,3 +346,40 @@ def test_single_task_steps_set_the_pruned_single_task_runs_length_or_match_the_m
         assert plan.experiment(plan.by_name[f"st-{task}-movement-0.1"]).train.max_steps == 20
     with pytest.raises(ConfigError, match="single_task_steps: a positive number"):
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps=0"])
+
+
+def test_the_held_out_half_chooses_the_ensemble_on_one_half_and_scores_it_on_the_other(tmp_path: Path) -> None:
+    from mtp.compare import build_report, load_compare_config, render_markdown
+
+    kept = tmp_path / "kept"
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [
+        f"output_dir={tmp_path / 'out'}", f"results_dir={kept}", "budgets=[0.5]", "single_task_sizes=[0.1]"])
+    (kept / "runs").mkdir(parents=True)
+
+    def write(name: str, kept_blocks: int | None, halves: dict[str, list[float]]) -> None:
+        (kept / "runs" / f"{name}.json").write_text(json.dumps({
+            "finished": True, "mean_score": 60.0, "params": {"encoder_blocks": 1000, "embeddings": 10},
+            "tasks": {t: {"score": sum(h) / 2, "halves": h} for t, h in halves.items()},
+            "pruning": None if kept_blocks is None else {"kept_blocks": kept_blocks}}))
+
+    write("mt-dense", None, {"rte": [70, 70], "stsb": [80, 80]})
+    write("mt-movement-0.5", 500, {"rte": [60, 62], "stsb": [70, 74]})
+    # rte at 0.25 wins on the first half by luck (its second half is poor); at 0.1 it is steady
+    write("st-rte-movement-0.25", 250, {"rte": [66, 50]})
+    write("st-rte-movement-0.1", 100, {"rte": [60, 60]})
+    write("st-rte-movement-0.5", 500, {"rte": [70, 70]})
+    write("st-stsb-movement-0.25", 250, {"stsb": [70, 70]})
+    write("st-stsb-movement-0.1", 100, {"stsb": [60, 60]})
+    report = build_report(ComparePlan.build(cfg, ROOT / cfg.base))
+    held = report["methods"]["movement"][0]["held_out"]
+    assert held["allocation"] == {"rte": "0.25", "stsb": "0.25"}
+    assert held["ensemble_on_first_half"] == pytest.approx(68.0)
+    assert held["ensemble_on_second_half"] == pytest.approx(60.0)
+    assert held["multitask_on_second_half"] == pytest.approx(68.0) and held["margin_on_second_half"] == 8.0
+    assert "| movement | 0.5 | rte 0.25, stsb 0.25 | 68.00 | 60.00 | 68.00 | +8.00 |" in render_markdown(
+        report, cfg, "mtp compare")
+    # a run from before the halves: no held-out figure
+    (kept / "runs" / "st-stsb-movement-0.1.json").write_text(json.dumps({
+        "finished": True, "mean_score": 60.0, "params": {"encoder_blocks": 1000, "embeddings": 10},
+        "tasks": {"stsb": {"score": 60.0}}, "pruning": {"kept_blocks": 100}}))
+    assert build_report(ComparePlan.build(cfg, ROOT / cfg.base))["methods"]["movement"][0]["held_out"] is None

@@ -34,3 +34,11 @@ def test_pearson_spearman() -> None:
 
 def test_task_score_averages_splits() -> None:
     assert task_score({"matched": {"score": 80.0}, "mismatched": {"score": 82.0}}) == 81.0
+
+
+def test_the_dev_halves_are_fixed_disjoint_and_even() -> None:
+    from mtp.evaluation import dev_halves
+
+    first = dev_halves(11)
+    assert first.sum() == 5 and (dev_halves(11) == first).all()  # the same split for every run
+    assert not (first & ~first).any() and dev_halves(10).sum() == 5
