@@ -41,4 +41,4 @@ def test_the_dev_halves_are_fixed_disjoint_and_even() -> None:
 
     first = dev_halves(11)
     assert first.sum() == 5 and (dev_halves(11) == first).all()  # the same split for every run
-    assert not (first & ~first).any() and dev_halves(10).sum() == 5
+    assert dev_halves(10).sum() == 5 and not first[:5].all()  # shuffled: not the dev file's first rows
