@@ -76,6 +76,12 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
             smallest = {t: min((s.size for s in members if s.task == t), default=0.0) for t in tasks}
             unfinished = [spec.name for spec in members if by_key[spec.key] is None
                           and spec.size + sum(smallest[t] for t in tasks if t != spec.task) <= budget + 1e-9]
+            # the grid's sizes that can be members at all: five members of at least the smallest size each leave
+            # at most B - (T - 1) x smallest for any one
+            largest_member = budget - (len(tasks) - 1) * min(smallest.values(), default=0.0)
+            grid_sizes = sorted({round(s.size, 6) for s in members})
+            entry = {"largest_member": largest_member,
+                     "sizes_that_can_enter": [x for x in grid_sizes if x <= largest_member + 1e-9]}
             equal_runs = [find(t, method, budget / len(tasks)) for t in tasks]
             equal = None if any(r is None for r in equal_runs) else {
                 "size_each": budget / len(tasks),
@@ -95,6 +101,7 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                     "mean": best[1], "kept_blocks": sum(c.size for c in best[0]),
                     "complete": not unfinished, "unfinished_runs": unfinished},
                 "equal_split": equal,
+                "grid": entry,
                 "held_out": held_out_half(tasks, members_by_task, choices, capacity, mt),
             })
             for t in cfg.low_resource_tasks:
@@ -258,6 +265,13 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
                          + ", ".join(f"{m:.2f}" for m in r["means"])
                          + f" | {_cell(r['mean'], 2)} | {_cell(r['stdev'], 2)} | {_cell(r['range'], 2)} |")
         lines.append("")
+    grid_rows = [(method, row) for method, rows in report["methods"].items() for row in rows if row.get("grid")]
+    if grid_rows:
+        lines += ["Single-task sizes that can be members of an ensemble (a member leaves room for the smallest run of "
+                  "every other task): " + "; ".join(
+                      f"{m} B = {row['budget']:g}: up to {row['grid']['largest_member']:.3g} ("
+                      + ", ".join(f"{x:g}" for x in row["grid"]["sizes_that_can_enter"]) + ")"
+                      for m, row in grid_rows) + ".", ""]
     held = [(method, row) for method, rows in report["methods"].items() for row in rows if row.get("held_out")]
     if held:
         lines += ["## The best ensemble chosen on one half of each dev set, scored on the other", "",
