@@ -37,6 +37,9 @@ class CompareConfig(Strict):
     teachers: bool = False
     """Every pruned run starts from the dense run of its task set (mt-dense for the multitask model, st-TASK-dense for
     TASK alone: encoder.init_from) and distils from it (distill.teacher); dense runs are trained first."""
+    start_from_pretrained: list[str] = Field(default_factory=list)
+    """With `teachers: true`: the methods whose pruned runs start from the pretrained encoder (not from the teacher's
+    weights) and still distil from the teacher, as movement pruning's authors trained (Sanh et al. 2020)."""
     overrides_by_run: dict[str, list[str]] = Field(default_factory=dict)
     """Extra overrides for the runs whose name matches a regular expression (e.g. '^st-.*-rank-'), after the others."""
     spread_seeds: list[int] = Field(default_factory=list)
@@ -79,6 +82,12 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     if isinstance(cfg.single_task_steps, int) and cfg.single_task_steps <= 0:
         raise ConfigError(f"{path}: single_task_steps: a positive number of steps or match_exposure, "
                           f"got {cfg.single_task_steps}")
+    stray = [m for m in cfg.start_from_pretrained if m not in cfg.methods]
+    if stray:
+        raise ConfigError(f"{path}: start_from_pretrained: {stray[0]!r} is not one of methods {cfg.methods}")
+    if cfg.start_from_pretrained and not cfg.teachers:
+        raise ConfigError(f"{path}: start_from_pretrained needs teachers: true (without teachers every run starts "
+                          "from the pretrained encoder)")
     if cfg.teachers and not cfg.dense_baselines:
         raise ConfigError(f"{path}: teachers: true needs dense_baselines: true (the dense runs are the teachers)")
     return cfg

@@ -65,8 +65,9 @@ def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str,
         teacher = None
         if spec.method != "none":
             teacher = ("mt-dense" if spec.task is None else f"st-{spec.task}-dense") if cfg.teachers else None
-            source = [] if teacher is None else [f"encoder.init_from={cfg.run_folder(teacher)}",
-                                                 f"distill.teacher={cfg.run_folder(teacher)}"]
+            source = [] if teacher is None else [f"distill.teacher={cfg.run_folder(teacher)}"]
+            if teacher is not None and spec.method not in cfg.start_from_pretrained:
+                source.insert(0, f"encoder.init_from={cfg.run_folder(teacher)}")
             length = () if spec.task is None or not single_task_steps else (
                 f"train.max_steps={single_task_steps[spec.task]}",)
             spec = replace(spec, overrides=spec.overrides + tuple(cfg.pruned_overrides) + length + tuple(source))

@@ -383,3 +383,19 @@ def test_the_held_out_half_chooses_the_ensemble_on_one_half_and_scores_it_on_the
         "finished": True, "mean_score": 60.0, "params": {"encoder_blocks": 1000, "embeddings": 10},
         "tasks": {"stsb": {"score": 60.0}}, "pruning": {"kept_blocks": 100}}))
     assert build_report(ComparePlan.build(cfg, ROOT / cfg.base))["methods"]["movement"][0]["held_out"] is None
+
+
+def test_start_from_pretrained_keeps_the_teacher_and_drops_its_weights_as_the_start() -> None:
+    from mtp.compare import load_compare_config
+
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", ["methods=[movement, magnitude]",
+                                                                   "start_from_pretrained=[movement]"])
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    movement = plan.experiment(plan.by_name["mt-movement-0.5"])
+    magnitude = plan.experiment(plan.by_name["mt-magnitude-0.5"])
+    assert movement.encoder.init_from is None and movement.distill.teacher.endswith("mt-dense")
+    assert magnitude.encoder.init_from.endswith("mt-dense") and magnitude.distill.teacher.endswith("mt-dense")
+    for bad, message in ((["start_from_pretrained=[rank]"], "'rank' is not one of methods"),
+                         (["start_from_pretrained=[movement]", "teachers=false"], "needs teachers: true")):
+        with pytest.raises(ConfigError, match=message):
+            load_compare_config(ROOT / "configs/compare_tiny.yaml", bad)
