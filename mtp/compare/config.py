@@ -48,6 +48,10 @@ class CompareConfig(Strict):
     spread_budgets: list[float] = Field(default_factory=list)
     low_resource_tasks: list[str] = Field(default_factory=lambda: ["rte", "mrpc", "stsb"])
     output_dir: str = "runs/compare"
+    teachers_dir: str | None = None
+    """Another comparison's output_dir whose dense runs are this one's (teachers and dense baselines): a dense run
+    found there with this plan's recipe is reused, a missing one is trained there, one with another recipe is an
+    error. A teacher is trained once and shared by the studies built on it."""
     results_dir: str | None = None
     """A light folder apart from output_dir: the report and every finished run's results (runs/NAME.json, without
     checkpoints or weights). A run found there with the same recipe counts as finished, so the comparison
@@ -59,8 +63,15 @@ class CompareConfig(Strict):
     """Extra launch.sh arguments for every run (e.g. --hostfile FILE)."""
 
     def run_folder(self, name: str) -> Path:
-        """The folder of one run: output_dir/runs/NAME (the one place this path is made)."""
-        return Path(self.output_dir) / "runs" / name
+        """The folder of one run: output_dir/runs/NAME, or teachers_dir/runs/NAME for a dense run when teachers_dir
+        is set (the one place this path is made)."""
+        root = self.teachers_dir if self.teachers_dir and is_dense_run(name) else self.output_dir
+        return Path(root) / "runs" / name
+
+
+def is_dense_run(name: str) -> bool:
+    """Whether a planned run's name is a dense run's (mt-dense, st-TASK-dense)."""
+    return re.fullmatch(r"(mt|st-.+)-dense", name) is not None
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:

@@ -45,6 +45,10 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     """Run every planned run not yet finished (claimed one by one); returns name -> status."""
     cfg = plan.cfg
     chosen = [s for s in plan.runs if only is None or re.search(only, s.name)]
+    if cfg.teachers_dir:  # a shared teacher of another recipe is refused before anything starts
+        for spec in plan.runs:
+            if spec.method == "none":
+                set_aside_if_stale(plan, spec)
     status: dict[str, str] = {}
     pending = []
     for spec in chosen:

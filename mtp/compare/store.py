@@ -11,7 +11,7 @@ from typing import Any
 
 from mtp.compare.config import CompareConfig
 from mtp.compare.plan import ComparePlan, RunSpec, recipe_hash
-from mtp.config import saved_config
+from mtp.config import ConfigError, saved_config
 from mtp.run_folder import FINAL, is_finished, read_results_dict
 
 
@@ -79,6 +79,9 @@ def set_aside_if_stale(plan: ComparePlan, spec: RunSpec) -> Path | None:
     run_dir = plan.cfg.run_folder(spec.name)
     if not run_dir.is_dir() or (run_dir / ".claim").exists() or _current(run_dir, spec, plan):
         return None  # a claimed folder is another process's to train (or a dead claim's, taken over below)
+    if plan.cfg.teachers_dir and spec.method == "none":  # another comparison's run: not this one's to move
+        raise ConfigError(f"compare: teachers_dir: {run_dir} was trained with another recipe "
+                          f"({run_dir_recipe(run_dir)}; this plan's {spec.name} is {plan.fingerprint(spec)})")
     stale = f"{spec.name}.stale-{run_dir_recipe(run_dir)}"
     target, n = run_dir.with_name(stale), 1
     while target.exists():

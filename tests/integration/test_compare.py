@@ -399,3 +399,21 @@ def test_start_from_pretrained_keeps_the_teacher_and_drops_its_weights_as_the_st
                          (["start_from_pretrained=[movement]", "teachers=false"], "needs teachers: true")):
         with pytest.raises(ConfigError, match=message):
             load_compare_config(ROOT / "configs/compare_tiny.yaml", bad)
+
+
+def test_teachers_dir_shares_another_comparisons_dense_runs_and_refuses_one_of_another_recipe(tmp_path: Path) -> None:
+    from mtp.compare import load_compare_config, run_all
+
+    shared = tmp_path / "first"
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path / 'study'}",
+                                                                   f"teachers_dir={shared}"])
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    assert cfg.run_folder("mt-dense") == shared / "runs" / "mt-dense"
+    assert cfg.run_folder("mt-movement-0.5") == tmp_path / "study" / "runs" / "mt-movement-0.5"
+    assert f"distill.teacher={shared / 'runs' / 'mt-dense'}" in plan.by_name["mt-movement-0.5"].overrides
+    teacher = shared / "runs" / "st-rte-dense"
+    teacher.mkdir(parents=True)
+    (teacher / ".recipe").write_text("0123456789abcdef\n")  # trained by another recipe
+    with pytest.raises(ConfigError, match=r"teachers_dir: .*st-rte-dense was trained with another recipe"):
+        run_all(plan, only="^mt-movement-0.5$", log=lambda _: None)
+    assert teacher.is_dir()  # not moved: it is the other comparison's
