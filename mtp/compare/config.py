@@ -46,6 +46,10 @@ class CompareConfig(Strict):
     """Extra seeds (train.seed) of the multitask model at `spread_budgets`, for every method: the run-to-run spread
     that tells a difference between the multitask model and the ensembles from noise."""
     spread_budgets: list[float] = Field(default_factory=list)
+    member_seeds: list[int] = Field(default_factory=list)
+    """Extra seeds of every single-task run that can be a member of an ensemble at `member_seeds_budget` (its size
+    at most B - (T - 1) x the smallest): the ensemble side's spread, reported beside the multitask model's."""
+    member_seeds_budget: float | None = None
     low_resource_tasks: list[str] = Field(default_factory=lambda: ["rte", "mrpc", "stsb"])
     output_dir: str = "runs/compare"
     teachers_dir: str | None = None
@@ -93,6 +97,8 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     if isinstance(cfg.single_task_steps, int) and cfg.single_task_steps <= 0:
         raise ConfigError(f"{path}: single_task_steps: a positive number of steps or match_exposure, "
                           f"got {cfg.single_task_steps}")
+    if cfg.member_seeds and cfg.member_seeds_budget not in cfg.budgets:
+        raise ConfigError(f"{path}: member_seeds_budget: {cfg.member_seeds_budget} is not one of budgets {cfg.budgets}")
     stray = [m for m in cfg.start_from_pretrained if m not in cfg.methods]
     if stray:
         raise ConfigError(f"{path}: start_from_pretrained: {stray[0]!r} is not one of methods {cfg.methods}")

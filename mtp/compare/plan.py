@@ -60,6 +60,18 @@ def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str,
         for method in cfg.methods:
             for s in sorted(task_sizes):
                 runs.append(RunSpec(f"st-{task}-{method}-{_fmt(s)}", method, s, task, st))
+    if cfg.member_seeds and cfg.member_seeds_budget is not None:
+        largest = cfg.member_seeds_budget - (t - 1) * min(sizes)
+        for task in tasks:
+            for method in cfg.methods:
+                candidates = set(sizes) | ({round(b, 6) for b in cfg.budgets} if task in cfg.low_resource_tasks
+                                           else set())
+                for s in sorted(candidates):
+                    if s > largest + 1e-9:
+                        continue
+                    for seed in cfg.member_seeds:
+                        runs.append(RunSpec(f"st-{task}-{method}-{_fmt(s)}-seed{seed}", method, s, task,
+                                            (*st, f"train.seed={seed}"), seed=seed))
     planned = []
     for spec in runs:
         teacher = None

@@ -62,7 +62,7 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                 opts, runs = [], []
                 for spec in plan.runs:
                     r = by_key[spec.key]
-                    if spec.task == t and spec.method == method and r is not None:
+                    if spec.task == t and spec.method == method and spec.seed is None and r is not None:
                         opts.append(Choice(kept(r), task_score(r, t), _fmt(spec.size)))
                         runs.append(r)
                 choices.append(opts)
@@ -102,6 +102,8 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                     "complete": not unfinished, "unfinished_runs": unfinished},
                 "equal_split": equal,
                 "grid": entry,
+                "member_seeds": None if best is None or budget != cfg.member_seeds_budget else member_spread(
+                    cfg, tasks, method, best[0], best[1], find),
                 "held_out": held_out_half(tasks, members_by_task, choices, capacity, mt),
             })
             for t in cfg.low_resource_tasks:
@@ -122,6 +124,20 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
     report["size_at_fix"] = size_checks(plan, by_key)
     report["exposure"] = exposure(plan, by_key)
     return report
+
+
+def member_spread(cfg: CompareConfig, tasks: list[str], method: str, members: list[Choice], mean: float,
+                  find: Any) -> dict[str, Any]:
+    """The best ensemble's mean with each extra seed of its members (member_seeds), beside the first seed's."""
+    means, missing = [mean], []
+    for seed in cfg.member_seeds:
+        runs = [find(t, method, float(c.label), seed) for t, c in zip(tasks, members, strict=True)]
+        if any(r is None for r in runs):
+            missing.append(seed)
+            continue
+        means.append(sum(r["tasks"][t]["score"] for t, r in zip(tasks, runs, strict=True)) / len(tasks))
+    return {"means": means, "missing_seeds": missing, "mean": statistics.fmean(means),
+            "range": max(means) - min(means) if len(means) > 1 else None}
 
 
 def held_out_half(tasks: list[str], members_by_task: list[list[dict[str, Any]]], choices: list[list[Choice]],
@@ -264,6 +280,22 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
             lines.append(f"| {r['method']} | {r['budget']:g} | {r['runs']} | "
                          + ", ".join(f"{m:.2f}" for m in r["means"])
                          + f" | {_cell(r['mean'], 2)} | {_cell(r['stdev'], 2)} | {_cell(r['range'], 2)} |")
+        lines.append("")
+    seeded = [(m, row) for m, rows in report["methods"].items() for row in rows if row.get("member_seeds")]
+    if seeded:
+        spread = {(r["method"], r["budget"]): r for r in report.get("spread", [])}
+        lines += ["## Both sides' spread: the best ensemble with its members' other seeds", "",
+                  "| method | budget | ensemble means (first seed, then member_seeds) | range | multitask means | "
+                  "range | margin of the means |", "|---|---|---|---|---|---|---|"]
+        for m, row in seeded:
+            ens = row["member_seeds"]
+            mt = spread.get((m, row["budget"]))
+            mt_means = ", ".join(f"{x:.2f}" for x in mt["means"]) if mt else "—"
+            margin = None if not mt or mt["mean"] is None else mt["mean"] - ens["mean"]
+            lines.append(f"| {m} | {row['budget']:g} | " + ", ".join(f"{x:.2f}" for x in ens["means"])
+                         + (f" (seeds {ens['missing_seeds']} not finished)" if ens["missing_seeds"] else "")
+                         + f" | {_cell(ens['range'], 2)} | {mt_means} | {_cell(mt['range'] if mt else None, 2)} | "
+                         + ("—" if margin is None else f"{margin:+.2f}") + " |")
         lines.append("")
     grid_rows = [(method, row) for method, rows in report["methods"].items() for row in rows if row.get("grid")]
     if grid_rows:

@@ -417,3 +417,43 @@ def test_teachers_dir_shares_another_comparisons_dense_runs_and_refuses_one_of_a
     with pytest.raises(ConfigError, match=r"teachers_dir: .*st-rte-dense was trained with another recipe"):
         run_all(plan, only="^mt-movement-0.5$", log=lambda _: None)
     assert teacher.is_dir()  # not moved: it is the other comparison's
+
+
+def test_member_seeds_plan_a_second_seed_of_every_possible_member_and_report_the_ensembles_spread(
+        tmp_path: Path) -> None:
+    from mtp.compare import build_report, load_compare_config, render_markdown
+
+    kept = tmp_path / "kept"
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [
+        f"output_dir={tmp_path / 'out'}", f"results_dir={kept}", "budgets=[0.5]", "single_task_sizes=[0.1]",
+        "member_seeds=[7]", "member_seeds_budget=0.5", "spread_seeds=[7]", "spread_budgets=[0.5]"])
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    seeded = sorted(s.name for s in plan.runs if s.task is not None and s.seed == 7)
+    # members can be up to 0.5 - 0.1 = 0.4: rte 0.1 / 0.25, stsb 0.1 / 0.25 (rte's 0.5 cannot enter)
+    assert seeded == ["st-rte-movement-0.1-seed7", "st-rte-movement-0.25-seed7", "st-stsb-movement-0.1-seed7",
+                      "st-stsb-movement-0.25-seed7"]
+    assert "train.seed=7" in plan.by_name["st-rte-movement-0.1-seed7"].overrides
+    (kept / "runs").mkdir(parents=True)
+
+    def write(name: str, score: float, kept_blocks: int | None) -> None:
+        (kept / "runs" / f"{name}.json").write_text(json.dumps({
+            "finished": True, "mean_score": score, "params": {"encoder_blocks": 1000, "embeddings": 10},
+            "tasks": {"rte": {"score": score}, "stsb": {"score": score}},
+            "pruning": None if kept_blocks is None else {"kept_blocks": kept_blocks}}))
+
+    write("mt-dense", 80.0, None)
+    write("mt-movement-0.5", 70.0, 500)
+    write("mt-movement-0.5-seed7", 72.0, 500)
+    for name, score in {"st-rte-movement-0.25": 60.0, "st-stsb-movement-0.25": 64.0, "st-rte-movement-0.1": 50.0,
+                        "st-stsb-movement-0.1": 50.0, "st-rte-movement-0.5": 40.0,
+                        "st-rte-movement-0.25-seed7": 56.0, "st-stsb-movement-0.25-seed7": 60.0,
+                        "st-rte-movement-0.1-seed7": 90.0}.items():  # a lucky second seed does not pick members
+        write(name, score, int(float(name.split("-")[3]) * 1000))
+    report = build_report(ComparePlan.build(cfg, ROOT / cfg.base))
+    row = report["methods"]["movement"][0]
+    assert row["best_ensemble"]["allocation"] == {"rte": "0.25", "stsb": "0.25"}
+    assert row["member_seeds"] == {"means": [62.0, 58.0], "missing_seeds": [], "mean": 60.0, "range": 4.0}
+    md = render_markdown(report, cfg, "mtp compare")
+    assert "| movement | 0.5 | 62.00, 58.00 | 4.00 | 70.00, 72.00 | 2.00 | +11.00 |" in md
+    with pytest.raises(ConfigError, match="member_seeds_budget: 0.3 is not one of budgets"):
+        load_compare_config(ROOT / "configs/compare_tiny.yaml", ["member_seeds=[7]", "member_seeds_budget=0.3"])
