@@ -5,6 +5,10 @@ when they train the same models.
 
     MTP_GLUE_DIR=/path/to/glue python bench/behaviour_digest.py --repo . --out digest.json
     python bench/behaviour_digest.py --compare before.json after.json
+
+With --bf16 every case trains under bf16 on DeepSpeed ZeRO-2 (the CPU accelerator emulates bf16): bf16 changes
+are not bit for bit, so `--compare ... --loss-tolerance 0.01` passes when every loss of the two histories agrees
+within that relative tolerance and every dev score within --score-tolerance points.
 """
 
 from __future__ import annotations
@@ -52,8 +56,20 @@ def digest(run: Path) -> dict:
     return results
 
 
-def run_case(repo: Path, work: Path, name: str, env: dict[str, str]) -> dict:
+def bf16_config(repo: Path, work: Path) -> Path:
+    """ds_configs/cpu_zero2.json with bf16 on, written into the work folder."""
+    ds = json.loads((repo / "ds_configs" / "cpu_zero2.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    path = work / "bf16_zero2.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def run_case(repo: Path, work: Path, name: str, env: dict[str, str], bf16: bool = False) -> dict:
     args, nproc, resume = list(CASES[name]), "1", "RESUME" in CASES[name]
+    if bf16:
+        args = [a for a in args if not a.startswith("train.deepspeed_config=")]
+        args.append(f"train.deepspeed_config={bf16_config(repo, work)}")
     args = [a for a in args if a != "RESUME"]
     for a in [a for a in args if a.startswith("NPROC:")]:
         nproc = a.split(":")[1]
@@ -68,8 +84,31 @@ def run_case(repo: Path, work: Path, name: str, env: dict[str, str]) -> dict:
     return digest(work / name)
 
 
-def compare(before: Path, after: Path) -> int:
+def compare_within(a: dict, b: dict, loss_tolerance: float, score_tolerance: float) -> int:
+    """Cases whose loss histories differ by more than `loss_tolerance` (relative) or whose dev scores differ by
+    more than `score_tolerance` points; each case's worst differences printed."""
+    failing = 0
+    for case in sorted(set(a) | set(b)):
+        x, y = a.get(case, {}), b.get(case, {})
+        lx, ly = x.get("loss_history", []), y.get("loss_history", [])
+        if len(lx) != len(ly) or not lx:
+            print(f"{case}: loss histories of {len(lx)} and {len(ly)} entries")
+            failing += 1
+            continue
+        loss = max(abs(p["loss"] - q["loss"]) / max(abs(p["loss"]), 1e-12) for p, q in zip(lx, ly, strict=True))
+        tasks = sorted(set(x.get("tasks") or {}) | set(y.get("tasks") or {}))
+        score = max((abs(x["tasks"][t]["score"] - y["tasks"][t]["score"]) for t in tasks), default=0.0)
+        ok = loss <= loss_tolerance and score <= score_tolerance
+        failing += not ok
+        print(f"{case}: loss differs by {loss:.2e} at most (relative), dev scores by {score:.3f} points: "
+              f"{'within' if ok else 'OUTSIDE'} the tolerance")
+    return int(failing > 0)
+
+
+def compare(before: Path, after: Path, loss_tolerance: float | None = None, score_tolerance: float = 1.0) -> int:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
+    if loss_tolerance is not None:
+        return compare_within(a, b, loss_tolerance, score_tolerance)
     differing = 0
     for case in sorted(set(a) | set(b)):
         x, y = a.get(case, {}), b.get(case, {})
@@ -85,16 +124,19 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("behaviour_digest.json"))
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--bf16", action="store_true", help="train every case under bf16 on ZeRO-2")
+    parser.add_argument("--loss-tolerance", type=float, help="with --compare: relative tolerance on every loss")
+    parser.add_argument("--score-tolerance", type=float, default=1.0, help="with --loss-tolerance: dev points")
     args = parser.parse_args()
     if args.compare:
-        return compare(*args.compare)
+        return compare(*args.compare, args.loss_tolerance, args.score_tolerance)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHON=sys.executable)
     work = Path(tempfile.mkdtemp(prefix="mtp-digest-"))
     env.setdefault("MTP_CACHE_DIR", str(work / "cache"))
     out = {}
     try:
         for name in (["dense"] if "rank_distill" in args.cases and "dense" not in args.cases else []) + args.cases:
-            out[name] = run_case(args.repo.resolve(), work, name, env)
+            out[name] = run_case(args.repo.resolve(), work, name, env, args.bf16)
             print(name, out[name].get("mean_score"), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
