@@ -77,9 +77,10 @@ def set_aside_if_stale(plan: ComparePlan, spec: RunSpec) -> Path | None:
     """Move a run folder trained (or started) with another recipe to NAME.stale-FINGERPRINT, so that it is neither
     reused nor resumed; nothing is deleted. Returns the new place, or None if there was nothing to move."""
     run_dir = plan.cfg.run_folder(spec.name)
-    if not run_dir.is_dir() or (run_dir / ".claim").exists() or _current(run_dir, spec, plan):
+    shared = bool(plan.cfg.teachers_dir) and spec.method == "none"  # another comparison's teacher
+    if not run_dir.is_dir() or _current(run_dir, spec, plan) or (not shared and (run_dir / ".claim").exists()):
         return None  # a claimed folder is another process's to train (or a dead claim's, taken over below)
-    if plan.cfg.teachers_dir and spec.method == "none":  # another comparison's run: not this one's to move
+    if shared:  # checked even while claimed (.recipe is written before its training starts), and never moved
         raise ConfigError(f"compare: teachers_dir: {run_dir} was trained with another recipe "
                           f"({run_dir_recipe(run_dir)}; this plan's {spec.name} is {plan.fingerprint(spec)})")
     stale = f"{spec.name}.stale-{run_dir_recipe(run_dir)}"

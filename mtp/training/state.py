@@ -17,8 +17,9 @@ class TrainState:
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     loss_history: list[dict[str, Any]] = field(default_factory=list)
     last_eval: dict[str, Any] = field(default_factory=dict)
-    batches_per_task: dict[str, int] = field(default_factory=dict)
-    """Micro-batches each task gave to every rank so far (its exposure)."""
+    batches_per_task: dict[str, int] | None = field(default_factory=dict)
+    """Micro-batches each task gave to every rank so far (its exposure); None for a run resumed from a checkpoint
+    made before the count existed (its count would be partial)."""
     started: float = field(default_factory=time.time)
 
     @property
@@ -35,4 +36,5 @@ class TrainState:
     def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
         return cls(step=saved["step"], tokens_seen=saved["tokens_seen"], prior_wall=saved["wall_time"],
                    eval_history=saved["eval_history"], loss_history=saved["loss_history"],
-                   batches_per_task=dict(saved.get("batches_per_task", {})))
+                   batches_per_task=None if saved.get("batches_per_task") is None
+                   else dict(saved["batches_per_task"]))

@@ -188,6 +188,8 @@ class Trainer:
                 window[t] += out["loss"].detach().double()
                 window[len(names) + t] += 1
                 window[-1] += tokens
+                if self.state.batches_per_task is not None:  # on the host: exact at every checkpoint
+                    self.state.batches_per_task[task] = self.state.batches_per_task.get(task, 0) + 1
             self.state.step += 1
             step = self.state.step
             for hook in self.hooks:
@@ -248,7 +250,6 @@ class Trainer:
                 scalars[f"train/loss/{name}"] = float(window[i] / self.world / counts[i])
             scalars[f"train/task_share/{name}"] = float(counts[i] / steps_in_window)
             scalars[f"train/batches/{name}"] = float(counts[i])
-            self.state.batches_per_task[name] = self.state.batches_per_task.get(name, 0) + int(round(float(counts[i])))
         for group in self.optimizer.param_groups:
             scalars[f"train/lr/{group.get('name', 'group')}"] = group["lr"]
         scalars["train/tokens_per_s"] = tokens / max(seconds, 1e-9)

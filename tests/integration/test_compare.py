@@ -417,6 +417,9 @@ def test_teachers_dir_shares_another_comparisons_dense_runs_and_refuses_one_of_a
     with pytest.raises(ConfigError, match=r"teachers_dir: .*st-rte-dense was trained with another recipe"):
         run_all(plan, only="^mt-movement-0.5$", log=lambda _: None)
     assert teacher.is_dir()  # not moved: it is the other comparison's
+    (teacher / ".claim").write_text("elsewhere:1")  # being trained by the other comparison: still refused
+    with pytest.raises(ConfigError, match=r"teachers_dir: .*st-rte-dense was trained with another recipe"):
+        run_all(plan, only="^mt-movement-0.5$", log=lambda _: None)
 
 
 def test_member_seeds_plan_a_second_seed_of_every_possible_member_and_report_the_ensembles_spread(
