@@ -96,8 +96,9 @@ def compare_within(a: dict, b: dict, loss_tolerance: float, score_tolerance: flo
             failing += 1
             continue
         loss = max(abs(p["loss"] - q["loss"]) / max(abs(p["loss"]), 1e-12) for p, q in zip(lx, ly, strict=True))
-        tasks = sorted(set(x.get("tasks") or {}) | set(y.get("tasks") or {}))
-        score = max((abs(x["tasks"][t]["score"] - y["tasks"][t]["score"]) for t in tasks), default=0.0)
+        tx, ty = x.get("tasks") or {}, y.get("tasks") or {}
+        score = max((abs(tx[t]["score"] - ty[t]["score"]) if t in tx and t in ty else float("inf")
+                     for t in set(tx) | set(ty)), default=0.0)  # a task scored on one side only fails the case
         ok = loss <= loss_tolerance and score <= score_tolerance
         failing += not ok
         print(f"{case}: loss differs by {loss:.2e} at most (relative), dev scores by {score:.3f} points: "
