@@ -259,6 +259,14 @@ def test_extra_seeds_give_the_multitask_spread_and_the_report_the_retained_fract
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["spread_seeds=[7]", "spread_budgets=[0.3]"])
 
 
+def write_kept_result(kept: Path, name: str, score: float, kept_blocks: int | None) -> None:
+    """A finished run's results in a results_dir: both tasks at `score`, `kept_blocks` of 1,000 (None: dense)."""
+    (kept / "runs" / f"{name}.json").write_text(json.dumps({
+        "finished": True, "mean_score": score, "params": {"encoder_blocks": 1000, "embeddings": 10},
+        "tasks": {"rte": {"score": score}, "stsb": {"score": score}},
+        "pruning": None if kept_blocks is None else {"kept_blocks": kept_blocks}}))
+
+
 def test_a_best_ensemble_over_a_partial_grid_is_marked_a_lower_bound(tmp_path: Path) -> None:
     from mtp.compare import build_report, load_compare_config, render_markdown
 
@@ -270,10 +278,7 @@ def test_a_best_ensemble_over_a_partial_grid_is_marked_a_lower_bound(tmp_path: P
     (kept / "runs").mkdir(parents=True)
 
     def write(name: str, score: float, kept_blocks: int | None) -> None:
-        (kept / "runs" / f"{name}.json").write_text(json.dumps({
-            "finished": True, "mean_score": score, "params": {"encoder_blocks": 1000, "embeddings": 10},
-            "tasks": {"rte": {"score": score}, "stsb": {"score": score}},
-            "pruning": None if kept_blocks is None else {"kept_blocks": kept_blocks}}))
+        write_kept_result(kept, name, score, kept_blocks)
 
     write("mt-dense", 80.0, None)
     # every single-task run but stsb at 0.25 and rte at 0.5 (which cannot join an ensemble at B = 0.5: stsb's
@@ -439,10 +444,7 @@ def test_member_seeds_plan_a_second_seed_of_every_possible_member_and_report_the
     (kept / "runs").mkdir(parents=True)
 
     def write(name: str, score: float, kept_blocks: int | None) -> None:
-        (kept / "runs" / f"{name}.json").write_text(json.dumps({
-            "finished": True, "mean_score": score, "params": {"encoder_blocks": 1000, "embeddings": 10},
-            "tasks": {"rte": {"score": score}, "stsb": {"score": score}},
-            "pruning": None if kept_blocks is None else {"kept_blocks": kept_blocks}}))
+        write_kept_result(kept, name, score, kept_blocks)
 
     write("mt-dense", 80.0, None)
     write("mt-movement-0.5", 70.0, 500)
