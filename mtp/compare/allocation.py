@@ -37,3 +37,9 @@ def best_allocation(choices: list[list[Choice]], capacity: int) -> tuple[list[Ch
             return None
     size, score, picked = max(frontier, key=lambda x: (x[1], -x[0]))
     return list(picked), score / len(choices)
+
+
+def largest_member(budget: float, smallest_by_task: dict[str, float], task: str) -> float:
+    """The largest single-task size of `task` that can join an ensemble under `budget` (a fraction of one encoder's
+    blocks): every other task's member takes at least its smallest size."""
+    return budget - sum(size for other, size in smallest_by_task.items() if other != task)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mtp.compare.allocation import largest_member
 from mtp.compare.config import CompareConfig
 from mtp.config import ConfigError, ExperimentConfig, load_config, recipe_dump
 
@@ -61,8 +62,9 @@ def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str,
             for s in sorted(task_sizes):
                 runs.append(RunSpec(f"st-{task}-{method}-{_fmt(s)}", method, s, task, st))
     if cfg.member_seeds and cfg.member_seeds_budget is not None:
-        largest = cfg.member_seeds_budget - (t - 1) * min(sizes)
+        smallest = dict.fromkeys(tasks, min(sizes))  # every task runs the common sizes; low-resource ones add more
         for task in tasks:
+            largest = largest_member(cfg.member_seeds_budget, smallest, task)
             for method in cfg.methods:
                 candidates = set(sizes) | ({round(b, 6) for b in cfg.budgets} if task in cfg.low_resource_tasks
                                            else set())
@@ -152,6 +154,7 @@ def single_task_steps(cfg: CompareConfig, base_path: Path, tasks: list[str]) -> 
         return dict.fromkeys(tasks, cfg.single_task_steps)
     from mtp.data import load_tasks, task_probabilities
 
+    _refuse_per_run_lengths(cfg, tasks)
     first_pruned = [*cfg.overrides, *cfg.multitask_overrides, *cfg.pruned_overrides]
     multitask = load_config(base_path, first_pruned)
     alone = load_config(base_path, [*cfg.overrides, *cfg.single_task_overrides, *cfg.pruned_overrides])
@@ -161,6 +164,22 @@ def single_task_steps(cfg: CompareConfig, base_path: Path, tasks: list[str]) -> 
     probs = task_probabilities(multitask, sizes)
     batches = multitask.train.max_steps * multitask.train.grad_accum
     return {t: max(1, round(batches * probs[t] / alone.train.grad_accum)) for t in tasks}
+
+
+# overrides that change how many batches of each task a run sees
+_LENGTH_KEYS = ("train.max_steps", "train.epochs", "train.grad_accum", "sampling.")
+
+
+def _refuse_per_run_lengths(cfg: CompareConfig, tasks: list[str]) -> None:
+    """match_exposure reads the multitask length from multitask_overrides and pruned_overrides: an overrides_by_run
+    entry that changes a pruned run's length or sampling would make the matched steps wrong, so it is refused."""
+    pruned = [spec.name for spec in plan_runs(cfg, tasks) if spec.method != "none"]
+    for pattern, extra in cfg.overrides_by_run.items():
+        hit = next((name for name in pruned if re.search(pattern, name)), None)
+        key = next((o.split("=", 1)[0] for o in extra if o.startswith(_LENGTH_KEYS)), None)
+        if hit is not None and key is not None:
+            raise ConfigError(f"compare: overrides_by_run: {pattern!r} sets {key} of {hit}, which single_task_steps: "
+                              "match_exposure does not see; give single_task_steps as a number of steps instead")
 
 
 def recipe_hash(exp: ExperimentConfig) -> str:

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mtp.compare.allocation import Choice, best_allocation
+from mtp.compare.allocation import Choice, best_allocation, largest_member
 from mtp.compare.config import CompareConfig
 from mtp.compare.plan import ComparePlan, _fmt
 from mtp.compare.store import finished_results, report_dir
@@ -75,13 +75,13 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                        if spec.task is not None and spec.method == method and spec.seed is None]
             smallest = {t: min((s.size for s in members if s.task == t), default=0.0) for t in tasks}
             unfinished = [spec.name for spec in members if by_key[spec.key] is None
-                          and spec.size + sum(smallest[t] for t in tasks if t != spec.task) <= budget + 1e-9]
-            # the grid's sizes that can be members at all: five members of at least the smallest size each leave
-            # at most B - (T - 1) x smallest for any one
-            largest_member = budget - (len(tasks) - 1) * min(smallest.values(), default=0.0)
+                          and spec.size <= largest_member(budget, smallest, spec.task) + 1e-9]
+            # the grid's sizes that can be members at all: the other members of at least their smallest sizes each
+            # leave at most B - (their sum) for any one
+            largest = max((largest_member(budget, smallest, t) for t in tasks), default=budget)
             grid_sizes = sorted({round(s.size, 6) for s in members})
-            entry = {"largest_member": largest_member,
-                     "sizes_that_can_enter": [x for x in grid_sizes if x <= largest_member + 1e-9]}
+            entry = {"largest_member": largest,
+                     "sizes_that_can_enter": [x for x in grid_sizes if x <= largest + 1e-9]}
             equal_runs = [find(t, method, budget / len(tasks)) for t in tasks]
             equal = None if any(r is None for r in equal_runs) else {
                 "size_each": budget / len(tasks),

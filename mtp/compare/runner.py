@@ -45,14 +45,16 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     """Run every planned run not yet finished (claimed one by one); returns name -> status."""
     cfg = plan.cfg
     chosen = [s for s in plan.runs if only is None or re.search(only, s.name)]
+    checked: set[str] = set()
     if cfg.teachers_dir:  # a shared teacher of another recipe is refused before anything starts
         for spec in plan.runs:
             if spec.method == "none":
                 set_aside_if_stale(plan, spec)
+                checked.add(spec.name)
     status: dict[str, str] = {}
     pending = []
     for spec in chosen:
-        moved = set_aside_if_stale(plan, spec)
+        moved = None if spec.name in checked else set_aside_if_stale(plan, spec)
         if moved is not None:
             log(f"compare: {spec.name}: its run folder holds another recipe; moved to {moved}")
         if finished_results(plan, spec) is not None:

@@ -31,7 +31,6 @@ from pydantic import Field
 from torch import nn
 
 from mtp.model import encoder_layers
-from mtp.pruned_encoder import NoHeads
 from mtp.pruning.base import PrunableLayer, PruningHook, PruningSettings, prunable_modules, replace_prunable
 from mtp.zero3 import full_shape, gathered
 
@@ -122,6 +121,10 @@ class GroupMaskedLinear(PrunableLayer):
         """A block left with no heads computes no attention (its output map adds only its bias)."""
         attention = block.attention.self
         if attention.query.out_features == 0:
+            # imported here, not at the top: pruned_encoder imports transformers' modeling code (seconds), which
+            # every `mtp` command would pay through the method registry that the config reads
+            from mtp.pruned_encoder import NoHeads
+
             block.attention.self = NoHeads()
 
 

@@ -351,6 +351,12 @@ def test_single_task_steps_set_the_pruned_single_task_runs_length_or_match_the_m
         assert plan.experiment(plan.by_name[f"st-{task}-movement-0.1"]).train.max_steps == 20
     with pytest.raises(ConfigError, match="single_task_steps: a positive number"):
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps=0"])
+    # a pruned run made longer by overrides_by_run would make the matched steps wrong: refused, naming it
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps=match_exposure",
+                                                                   'overrides_by_run={"^mt-movement-": '
+                                                                   '["train.max_steps=80"]}'])
+    with pytest.raises(ConfigError, match=r"'\^mt-movement-' sets train.max_steps of mt-movement-0\.\d"):
+        ComparePlan.build(cfg, ROOT / cfg.base)
 
 
 def test_the_held_out_half_chooses_the_ensemble_on_one_half_and_scores_it_on_the_other(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from mtp.config import ConfigError, load_config, saved_config
@@ -64,3 +67,13 @@ def test_a_run_saved_with_every_methods_keys_still_loads() -> None:
     tree = cfg.model_dump(mode="json")
     tree["pruning"] |= {"scope": "per_matrix", "score_lr": 0.01, "soft_threshold": 0.1}
     assert saved_config(tree) == cfg
+
+
+def test_the_command_line_starts_without_the_heavy_libraries() -> None:
+    """Every `mtp` command (and each of its one-line errors) imports the CLI, the config and the method registry:
+    none of them may pull in transformers, DeepSpeed, datasets, ONNX or Ray (seconds at every start; the structured
+    method's export classes once did)."""
+    code = ("import sys, mtp.cli; heavy = ('transformers', 'deepspeed', 'datasets', 'onnx', 'onnxruntime', 'ray'); "
+            "print(','.join(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""
