@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,18 @@ def profile_steps(step: Any, batches: list, warmup: int, steps: int) -> dict[str
         wall = time.perf_counter() - start
     events = prof.events()
     top_level_us = sum(e.cpu_time_total for e in events if e.cpu_parent is None)
+    by_name = Counter(e.name for e in events)
     return {"operators_per_step": round(len(events) / steps), "host_syncs_per_step": round(
         sum(counter.calls.values()) / steps, 2), "host_syncs_by_call": {k: v / steps for k, v in counter.calls.items()},
             "python_ms_per_step": round((1e6 * wall - top_level_us) / 1000 / steps, 2),
-            "step_ms": round(1000 * wall / steps, 2)}
+            "step_ms": round(1000 * wall / steps, 2),
+            # where the operators go, by name (nested calls counted), per step; trimmed by `most_frequent` for the file
+            "operators_by_name": {name: n / steps for name, n in by_name.most_common()}}
+
+
+def most_frequent(counts: dict[str, float], n: int = 25) -> dict[str, float]:
+    """The `n` largest entries of an operator count by name."""
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:n])
 
 
 def step_row(model_name: str, path: str, zero: int | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,6 +151,7 @@ def in_child(flags: list[str], model_name: str, args: argparse.Namespace, identi
     """One row measured by this script in a process of its own (BERT-large's engines do not all fit in memory in
     one process: DeepSpeed keeps them alive), or the row's identity with the error that stopped it."""
     out = BENCH / "results" / ".step_overhead" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), *flags, "--child-out", str(out), "--models", model_name,
            "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
@@ -168,6 +178,9 @@ def pruning_rows(model_name: str, args: argparse.Namespace) -> list[dict[str, An
             if "operators_per_step" in row and "operators_per_step" in dense:
                 row["operators_over_dense"] = round(row["operators_per_step"] / dense["operators_per_step"], 3)
                 row["dense_operators_per_step"] = dense["operators_per_step"]
+                # the method's extra operators by name: where its overhead comes from
+                extra = {k: v - dense["operators_by_name"].get(k, 0.0) for k, v in row["operators_by_name"].items()}
+                row["extra_operators_by_name"] = most_frequent(extra)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -317,6 +330,10 @@ def main() -> None:
                    **machine(), "gpu_profile_operators_per_step": 84861})
 
     def save() -> None:  # after every section: a run stopped part-way keeps what it measured
+        for section in ("rows", "pruning", "proxy_check"):
+            for row in report.get(section) or []:
+                if "operators_by_name" in row:
+                    row["operators_by_name"] = most_frequent(row["operators_by_name"])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
 

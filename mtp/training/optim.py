@@ -12,9 +12,6 @@ import torch.distributed as dist
 from mtp.config import ConfigError, ExperimentConfig, resolve_path
 from mtp.hooks import Hook
 
-# a persistence threshold above any parameter's size: at one rank ZeRO-3 keeps every parameter gathered
-ONE_RANK_PERSISTENCE = 2**40
-
 
 def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     """Read the DeepSpeed JSON named by train.deepspeed_config and fill its "auto" values from the YAML.
@@ -66,10 +63,6 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
             from deepspeed.accelerator import get_accelerator
 
             zero["overlap_comm"] = world_size > 1 and get_accelerator().device_name() != "cpu"
-    if isinstance(zero, dict) and zero.get("stage") == 3 and zero.get("stage3_param_persistence_threshold") == "auto":
-        # at one rank there is nothing to partition: every parameter persists (stays gathered), so ZeRO-3 does not
-        # fetch and release each one around every module's forward and backward; with ranks, DeepSpeed's default
-        zero["stage3_param_persistence_threshold"] = 100_000 if world_size > 1 else ONE_RANK_PERSISTENCE
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     bf16 = ds.get("bf16")
