@@ -139,4 +139,5 @@ def load_state_partitioned(model: nn.Module, state: dict[str, torch.Tensor]) -> 
                     if rank == 0:
                         params[name].data.copy_(value.to(params[name].dtype))
             else:
-                (params.get(name) if name in params else buffers[name]).data.copy_(value)
+                # copy_ itself (not .data.copy_): a buffer's version moves, so caches keyed by it see the load
+                (params.get(name) if name in params else buffers[name]).copy_(value)

@@ -12,6 +12,7 @@ from typing import Any
 from mtp.compare.allocation import largest_member
 from mtp.compare.config import CompareConfig
 from mtp.config import ConfigError, ExperimentConfig, load_config, recipe_dump
+from mtp.schema import parse_overrides
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,8 @@ def single_task_steps(cfg: CompareConfig, base_path: Path, tasks: list[str]) -> 
     return {t: max(1, round(batches * probs[t] / alone.train.grad_accum)) for t in tasks}
 
 
-# overrides that change how many batches of each task a run sees
-_LENGTH_KEYS = ("train.max_steps", "train.epochs", "train.grad_accum", "sampling.")
+# keys (and the sections above them) whose overrides change how many batches of each task a run sees
+_LENGTH_KEYS = ("train.max_steps", "train.epochs", "train.grad_accum", "sampling", "tasks")
 
 
 def _refuse_per_run_lengths(cfg: CompareConfig, tasks: list[str]) -> None:
@@ -176,7 +177,9 @@ def _refuse_per_run_lengths(cfg: CompareConfig, tasks: list[str]) -> None:
     pruned = [spec.name for spec in plan_runs(cfg, tasks) if spec.method != "none"]
     for pattern, extra in cfg.overrides_by_run.items():
         hit = next((name for name in pruned if re.search(pattern, name)), None)
-        key = next((o.split("=", 1)[0] for o in extra if o.startswith(_LENGTH_KEYS)), None)
+        key = next((k for k, _ in parse_overrides(list(extra))
+                    if any(k == name or k.startswith(name + ".") or name.startswith(k + ".") for name in _LENGTH_KEYS)),
+                   None)
         if hit is not None and key is not None:
             raise ConfigError(f"compare: overrides_by_run: {pattern!r} sets {key} of {hit}, which single_task_steps: "
                               "match_exposure does not see; give single_task_steps as a number of steps instead")

@@ -91,29 +91,30 @@ class FactorizedLinear(PrunableLayer):
         log_alpha = self.log_alpha.float()
         return log_alpha if self.gate_offset is None else log_alpha + self.gate_offset.float()
 
-    def gates(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def gates(self, log_alpha: torch.Tensor | None = None, all_kept: bool | None = None) -> torch.Tensor:
         """Hard-concrete samples while training with `sample`, else deterministic gates; dropped ranks are 0."""
         log_alpha = self.alphas() if log_alpha is None else log_alpha
         if not (self.training and self.sample):
-            return self._dropped_to_zero(self.deterministic_gates(log_alpha))
+            return self._dropped_to_zero(self.deterministic_gates(log_alpha), all_kept)
         u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
-        return self._dropped_to_zero((s * (self.high - self.low) + self.low).clamp(0.0, 1.0))
+        return self._dropped_to_zero((s * (self.high - self.low) + self.low).clamp(0.0, 1.0), all_kept)
 
-    def _dropped_to_zero(self, values: torch.Tensor) -> torch.Tensor:
+    def _dropped_to_zero(self, values: torch.Tensor, all_kept: bool | None = None) -> torch.Tensor:
         """`values` times the keep mask; while every rank is kept (before the projection) the product is `values`
         itself, so it is skipped (a multiply and its backward per matrix and forward)."""
-        return values if self.kept_index() is None else values * self.keep
+        all_kept = self.kept_index() is None if all_kept is None else all_kept
+        return values if all_kept else values * self.keep
 
     def deterministic_gates(self, log_alpha: torch.Tensor) -> torch.Tensor:
         """The evaluation gates for these log alpha, before the keep mask."""
         return deterministic_gates(log_alpha, self.low, self.high)
 
-    def expected_open(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def expected_open(self, log_alpha: torch.Tensor | None = None, all_kept: bool | None = None) -> torch.Tensor:
         """E[number of non-zero gates] = sum sigmoid(log alpha - beta log(-l/r)) over kept ranks."""
         shift = self.beta * math.log(-self.low / self.high)
         log_alpha = self.alphas() if log_alpha is None else log_alpha
-        return self._dropped_to_zero(torch.sigmoid(log_alpha - shift)).sum()
+        return self._dropped_to_zero(torch.sigmoid(log_alpha - shift), all_kept).sum()
 
     def kept_index(self) -> torch.Tensor | None:
         """The ranks the keep mask holds (None: all of them), read once each time the mask changes (the projection,
@@ -125,10 +126,13 @@ class FactorizedLinear(PrunableLayer):
         return self._kept_index[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_alpha = self.alphas()  # once per forward for both the gates and the expected size
-        g = self.gates(log_alpha)
+        # once per forward for both the gates and the expected size (in bf16 the two gradients of log alpha are then
+        # summed in float32 and rounded once, where they were rounded apart before)
+        log_alpha = self.alphas()
+        all_kept = self.kept_index() is None
+        g = self.gates(log_alpha, all_kept)
         if self.training and self.sample:
-            self.aux = self.expected_open(log_alpha)
+            self.aux = self.expected_open(log_alpha, all_kept)
         if not host_reads_are_free(g):
             # on an accelerator the open gates are not read back per forward: a closed gate is exactly 0 and
             # passes no gradient, so multiplying its rank by it gives the same output and gradients as leaving

@@ -357,6 +357,11 @@ def test_single_task_steps_set_the_pruned_single_task_runs_length_or_match_the_m
                                                                    '["train.max_steps=80"]}'])
     with pytest.raises(ConfigError, match=r"'\^mt-movement-' sets train.max_steps of mt-movement-0\.\d"):
         ComparePlan.build(cfg, ROOT / cfg.base)
+    for written in ("--train.max_steps=80", "sampling={strategy: uniform}", "tasks.rte.max_train_examples=8"):
+        cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [
+            "single_task_steps=match_exposure", 'overrides_by_run={"^st-rte-": ["' + written + '"]}'])
+        with pytest.raises(ConfigError, match="of st-rte-"):
+            ComparePlan.build(cfg, ROOT / cfg.base)
 
 
 def test_the_held_out_half_chooses_the_ensemble_on_one_half_and_scores_it_on_the_other(tmp_path: Path) -> None:
