@@ -242,6 +242,7 @@ NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("train", "compile"): False,
     ("pruning", "size_control"): "lagrangian",
     ("pruning", "finetune_ratio"): 0.0,
+    ("pruning", "attention_share"): None,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first
     ("distill",): DistillConfig().model_dump(mode="json", exclude={"task_teachers"}),
 }
@@ -270,7 +271,7 @@ def recipe_dump(cfg: ExperimentConfig) -> str:
         node = tree
         for key in keys[:-1]:
             node = node[key]
-        if node.get(keys[-1]) == neutral:
+        if keys[-1] in node and node[keys[-1]] == neutral:  # a method's own key is absent from the others'
             del node[keys[-1]]
     version = type(cfg.pruning).version
     if version != 1:  # a method whose code changed what it trains: its earlier runs are stale

@@ -47,6 +47,10 @@ class StructuredSettings(PruningSettings):
     """How groups are ranked: first-order Taylor estimate of the loss change (`taylor`), or mean |W| (`magnitude`)."""
     taylor_decay: float = Field(0.99, ge=0.0, lt=1.0)
     """The moving average's decay per optimizer step for `taylor` (0.99: about the last 100 steps)."""
+    attention_share: float | None = Field(None, ge=0.0, le=1.0)
+    """The share of the kept groups' parameters that goes to attention heads (each kind then ramps on its own cubic
+    schedule and is chosen by importance within its kind; what the heads leave goes to FFN units). None: heads and
+    units compete on importance per parameter alone."""
 
 
 class GroupMaskedLinear(PrunableLayer):
@@ -151,6 +155,9 @@ class StructuredPruning(PruningHook):
         assert self.budget is not None
         self.fixed_part = self.budget.dense_blocks - self.removable  # LayerNorms and the output maps' biases
         self.allowance = self.budget.target - self.fixed_part
+        self.all_heads_cost = layers * self.heads * self.head_cost
+        share = self.cfg.attention_share
+        self.head_allowance = None if share is None else min(int(share * self.allowance), self.all_heads_cost)
         device = self.maps[0]["ffn_out"].group_mask.device
         self.kept_heads = torch.ones(layers, self.heads, dtype=torch.bool, device=device)  # on the device: choosing
         self.kept_units = torch.ones(layers, self.units, dtype=torch.bool, device=device)  # groups never waits on it
@@ -213,13 +220,20 @@ class StructuredPruning(PruningHook):
         hidden = self.maps[0]["query"].in_features
         return torch.stack(heads) / (4 * hidden * self.head_dim), torch.stack(units) / (2 * hidden)
 
-    def select(self, allowance: int) -> None:
-        """Keep the most important groups per parameter while their cost fits `allowance` (greedy, in order)."""
+    def select(self, allowance: int, head_allowance: int | None = None) -> None:
+        """Keep the most important groups per parameter while their cost fits `allowance` (greedy, in order); with
+        `head_allowance`, heads are chosen first within it and units fill what is left of `allowance`."""
         heads, units = self.importance()
-        keep = greedy_fill(torch.cat([heads.flatten(), units.flatten()]), heads.numel(), self.head_cost,
-                           self.unit_cost, allowance)
-        self.kept_heads = keep[:heads.numel()].reshape(heads.shape)
-        self.kept_units = keep[heads.numel():].reshape(units.shape)
+        if head_allowance is None:
+            keep = greedy_fill(torch.cat([heads.flatten(), units.flatten()]), heads.numel(), self.head_cost,
+                               self.unit_cost, allowance)
+            self.kept_heads = keep[:heads.numel()].reshape(heads.shape)
+            self.kept_units = keep[heads.numel():].reshape(units.shape)
+        else:
+            kept_heads = greedy_fill(heads.flatten(), heads.numel(), self.head_cost, self.head_cost, head_allowance)
+            left = allowance - kept_heads.sum() * self.head_cost  # on the device: no value is read back
+            kept_units = greedy_fill(units.flatten(), 0, self.head_cost, self.unit_cost, left)
+            self.kept_heads, self.kept_units = kept_heads.reshape(heads.shape), kept_units.reshape(units.shape)
         self._write_masks()
 
     def _write_masks(self) -> None:
@@ -242,16 +256,18 @@ class StructuredPruning(PruningHook):
             return
         target = int(self.schedule(step, float(self.removable), float(self.allowance)))
         if target < self.removable:
-            self.select(target)
+            head_target = None if self.head_allowance is None else \
+                int(self.schedule(step, float(self.all_heads_cost), float(self.head_allowance)))
+            self.select(target, head_target)
 
     def final_masks(self) -> None:
         """The groups of the budget, and no more Taylor accumulation (what the fixed-mask phase trains with)."""
-        self.select(self.allowance)
+        self.select(self.allowance, self.head_allowance)
         self._probe(False)
 
     def final_report(self, model: nn.Module) -> dict[str, Any]:
         if not self.fixed:
-            self.select(self.allowance)
+            self.select(self.allowance, self.head_allowance)
         heads = self.kept_heads.sum(1).tolist()
         units = self.kept_units.sum(1).tolist()
         return {**self.kept_report(model), "kept_heads_per_layer": heads, "kept_units_per_layer": units,
@@ -296,7 +312,8 @@ class StructuredPruning(PruningHook):
             self._probe(False)
 
 
-def greedy_fill(importance: torch.Tensor, heads: int, head_cost: int, unit_cost: int, allowance: int) -> torch.Tensor:
+def greedy_fill(importance: torch.Tensor, heads: int, head_cost: int, unit_cost: int,
+                allowance: int | torch.Tensor) -> torch.Tensor:
     """Which groups to keep (the first `heads` entries are heads): most important first while each fits what is
     left of `allowance`, skipping those that do not. The loop over groups, vectorised on the groups' device (no
     value is read back): the groups before the first that does not fit are kept; after it only groups of the

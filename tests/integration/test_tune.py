@@ -105,15 +105,19 @@ def test_trial_experiment_carries_sampled_values_and_evaluations() -> None:
 
 
 def test_structured_pruning_keys_are_searchable(tmp_path: Path) -> None:
-    """The structured method's own keys (its criterion, the Taylor average's decay) are points of a search space."""
+    """The structured method's own keys (its criterion, the Taylor average's decay, the heads' share) are points of a
+    search space."""
     tree = {"base": "configs/tiny.yaml", "overrides": ["train.max_steps=8", "pruning.method=structured",
                                                       "pruning.budget=0.3"],
             "space": {"pruning.taylor_decay": {"uniform": [0.9, 0.999]},
-                      "pruning.criterion": {"choice": ["taylor", "magnitude"]}}}
+                      "pruning.criterion": {"choice": ["taylor", "magnitude"]},
+                      "pruning.attention_share": {"uniform": [0.1, 0.5]}}}
     cfg = load_tune_config(write(tmp_path, tree))
     assert check_space(cfg).pruning.method == "structured"
-    exp = experiment_for(cfg, {"pruning.taylor_decay": 0.95, "pruning.criterion": "magnitude"}, "/tmp/x")
+    exp = experiment_for(cfg, {"pruning.taylor_decay": 0.95, "pruning.criterion": "magnitude",
+                               "pruning.attention_share": 0.25}, "/tmp/x")
     assert exp.pruning.taylor_decay == 0.95 and exp.pruning.criterion == "magnitude"
+    assert exp.pruning.attention_share == 0.25
 
 
 def test_trials_get_the_local_paths_the_driver_sees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

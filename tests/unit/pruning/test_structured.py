@@ -92,3 +92,39 @@ def test_magnitude_criterion_ignores_data() -> None:
     assert all(m["attn_out"].taylor is None for m in hook.maps)
     heads, units = hook.importance()
     assert heads.shape == (len(hook.maps), hook.heads) and units.shape == (len(hook.maps), hook.units)
+
+
+def test_attention_share_splits_the_budget_between_heads_and_units() -> None:
+    """With `attention_share` the heads take their share of the kept groups' parameters (less than one head short of
+    it), the units fill what is left (less than one unit short of the budget), and each kind is chosen by its own
+    importance: the same heads as a fill over heads alone, the same units as a fill over units alone."""
+    for share in (0.0, 0.3, 1.0):
+        model = tiny_model()
+        hook = structured(model, 0.4, steps=10, criterion="magnitude", attention_share=share)
+        hook.final_masks()
+        assert hook.budget is not None
+        heads_spent = int(hook.kept_heads.sum()) * hook.head_cost
+        wanted = min(int(share * hook.allowance), hook.all_heads_cost)
+        assert wanted - hook.head_cost < heads_spent <= wanted
+        report = hook.final_report(model)
+        assert report["within_budget"] and hook.budget.target - report["kept_blocks"] < hook.unit_cost
+        heads, units = hook.importance()
+        assert torch.equal(hook.kept_heads.flatten(),
+                           loop_fill(heads.flatten(), heads.numel(), hook.head_cost, hook.head_cost, wanted))
+        assert torch.equal(hook.kept_units.flatten(), loop_fill(units.flatten(), 0, hook.head_cost, hook.unit_cost,
+                                                               hook.allowance - heads_spent))
+
+
+def test_attention_share_ramps_each_kind_on_its_own_schedule() -> None:
+    """Along the ramp the heads follow their own cubic from all heads to their share: never more than that."""
+    model = tiny_model()
+    hook = structured(model, 0.3, steps=20, criterion="magnitude", attention_share=0.2, warmup_ratio=0.1,
+                      cooldown_ratio=0.1)
+    for step in range(1, 21):
+        hook.on_optimizer_step(model, step)
+        assert hook.head_allowance is not None
+        head_target = hook.schedule(step, float(hook.all_heads_cost), float(hook.head_allowance))
+        assert int(hook.kept_heads.sum()) * hook.head_cost <= head_target + 1e-6
+        kept = int(hook.kept_heads.sum()) * hook.head_cost + int(hook.kept_units.sum()) * hook.unit_cost
+        assert kept <= hook.schedule(step, float(hook.removable), float(hook.allowance)) + 1e-6
+    assert hook.final_report(model)["within_budget"]

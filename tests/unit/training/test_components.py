@@ -58,6 +58,13 @@ def test_the_default_loggers_leave_the_recipe_fingerprint_as_it_was() -> None:
     assert "loggers" in recipe_dump(config("train.loggers=[results]"))
 
 
+def test_a_key_added_to_one_method_leaves_every_recipe_fingerprint_as_it_was_until_set() -> None:
+    structured = ("pruning.method=structured", "pruning.budget=0.3")
+    assert "attention_share" not in recipe_dump(config(*structured))
+    assert "attention_share: 0.3" in recipe_dump(config(*structured, "pruning.attention_share=0.3"))
+    assert "attention_share" not in recipe_dump(config("pruning.method=magnitude", "pruning.budget=0.3"))
+
+
 def test_a_method_version_above_one_changes_its_runs_fingerprints_and_no_others() -> None:
     from mtp.pruning import RankSettings
 
