@@ -4,8 +4,9 @@ smaller (fewer heads, narrower FFNs) and faster in any runtime. One set of group
 A head spans rows of the query, key and value maps (and their biases) and columns of the attention output map; an
 FFN unit a row (and bias) of the FFN input map and a column of the FFN output map. Each map is a `GroupMaskedLinear`
 whose 0/1 mask runs over its rows or its columns; the hook writes the same group mask into the maps of a block.
-Groups are ranked by their importance per parameter, compared across heads and units and across layers, and the most
-important ones are kept while they fit the cubic schedule's allowance,
+Groups are ranked by their importance per parameter, compared across heads and units and across layers (within each
+kind when `attention_share` gives the heads their share), and the most important ones are kept while they fit the cubic
+schedule's allowance,
 so that every step's model is within that step's size and the final one within B, short of it by less than one
 group's cost. A block left with no heads computes no attention; one left with no FFN units computes no FFN: only
 the sublayer's output bias and LayerNorm remain (what the budget counts as the block's fixed part).
@@ -133,7 +134,8 @@ class GroupMaskedLinear(PrunableLayer):
 
 
 class StructuredPruning(PruningHook):
-    """Heads and FFN units kept by their importance per parameter along the cubic schedule, to the budget."""
+    """Heads and FFN units kept by their importance per parameter along the cubic schedule, to the budget (heads and
+    units each to their own share when `attention_share` is set)."""
 
     cfg: StructuredSettings
 
@@ -157,7 +159,10 @@ class StructuredPruning(PruningHook):
         self.allowance = self.budget.target - self.fixed_part
         self.all_heads_cost = layers * self.heads * self.head_cost
         share = self.cfg.attention_share
-        self.head_allowance = None if share is None else min(int(share * self.allowance), self.all_heads_cost)
+        # the share, clipped to what the kinds can hold: no more than every head, and at least what every unit leaves
+        self.head_allowance = None if share is None else min(
+            max(int(share * self.allowance), self.allowance - (self.removable - self.all_heads_cost)),
+            self.all_heads_cost)
         device = self.maps[0]["ffn_out"].group_mask.device
         self.kept_heads = torch.ones(layers, self.heads, dtype=torch.bool, device=device)  # on the device: choosing
         self.kept_units = torch.ones(layers, self.units, dtype=torch.bool, device=device)  # groups never waits on it
@@ -232,7 +237,7 @@ class StructuredPruning(PruningHook):
         else:
             kept_heads = greedy_fill(heads.flatten(), heads.numel(), self.head_cost, self.head_cost, head_allowance)
             left = allowance - kept_heads.sum() * self.head_cost  # on the device: no value is read back
-            kept_units = greedy_fill(units.flatten(), 0, self.head_cost, self.unit_cost, left)
+            kept_units = greedy_fill(units.flatten(), 0, self.unit_cost, self.unit_cost, left)
             self.kept_heads, self.kept_units = kept_heads.reshape(heads.shape), kept_units.reshape(units.shape)
         self._write_masks()
 

@@ -97,34 +97,49 @@ def test_magnitude_criterion_ignores_data() -> None:
 def test_attention_share_splits_the_budget_between_heads_and_units() -> None:
     """With `attention_share` the heads take their share of the kept groups' parameters (less than one head short of
     it), the units fill what is left (less than one unit short of the budget), and each kind is chosen by its own
-    importance: the same heads as a fill over heads alone, the same units as a fill over units alone."""
-    for share in (0.0, 0.3, 1.0):
-        model = tiny_model()
-        hook = structured(model, 0.4, steps=10, criterion="magnitude", attention_share=share)
+    importance: the same heads as a fill over heads alone, the same units as a fill over units alone. A share the
+    kinds cannot hold is clipped: at most every head, at least what every unit leaves (then one head short of B)."""
+    cases = {(0.6, 0.5): (2, False), (0.6, 1.0): (4, False), (0.9, 0.0): (3, True), (0.4, 0.0): (0, False)}
+    for (budget, share), (heads_kept, units_full) in cases.items():
+        model = tiny_model()  # 2 layers of 2 heads (2,096 each) and 64 units (65 each)
+        hook = structured(model, budget, steps=10, criterion="magnitude", attention_share=share)
         hook.final_masks()
         assert hook.budget is not None
+        all_units = hook.removable - hook.all_heads_cost
+        wanted = min(max(int(share * hook.allowance), hook.allowance - all_units), hook.all_heads_cost)
         heads_spent = int(hook.kept_heads.sum()) * hook.head_cost
-        wanted = min(int(share * hook.allowance), hook.all_heads_cost)
-        assert wanted - hook.head_cost < heads_spent <= wanted
+        assert int(hook.kept_heads.sum()) == heads_kept and wanted - hook.head_cost < heads_spent <= wanted
+        assert bool(hook.kept_units.all()) == units_full
         report = hook.final_report(model)
-        assert report["within_budget"] and hook.budget.target - report["kept_blocks"] < hook.unit_cost
+        short = hook.budget.target - report["kept_blocks"]
+        assert report["within_budget"] and short < (hook.head_cost if units_full else hook.unit_cost), (budget, share)
         heads, units = hook.importance()
         assert torch.equal(hook.kept_heads.flatten(),
                            loop_fill(heads.flatten(), heads.numel(), hook.head_cost, hook.head_cost, wanted))
-        assert torch.equal(hook.kept_units.flatten(), loop_fill(units.flatten(), 0, hook.head_cost, hook.unit_cost,
+        assert torch.equal(hook.kept_units.flatten(), loop_fill(units.flatten(), 0, hook.unit_cost, hook.unit_cost,
                                                                hook.allowance - heads_spent))
 
 
 def test_attention_share_ramps_each_kind_on_its_own_schedule() -> None:
-    """Along the ramp the heads follow their own cubic from all heads to their share: never more than that."""
+    """Along the ramp the heads follow their own cubic from all heads to their share (the same heads as a fill over
+    heads alone at that step's head target) and the units fill the rest of the step's overall target."""
     model = tiny_model()
-    hook = structured(model, 0.3, steps=20, criterion="magnitude", attention_share=0.2, warmup_ratio=0.1,
+    hook = structured(model, 0.6, steps=20, criterion="magnitude", attention_share=0.5, warmup_ratio=0.1,
                       cooldown_ratio=0.1)
+    assert hook.head_allowance is not None and hook.head_allowance >= 2 * hook.head_cost  # some heads stay
+    heads_along = []
     for step in range(1, 21):
         hook.on_optimizer_step(model, step)
-        assert hook.head_allowance is not None
-        head_target = hook.schedule(step, float(hook.all_heads_cost), float(hook.head_allowance))
-        assert int(hook.kept_heads.sum()) * hook.head_cost <= head_target + 1e-6
-        kept = int(hook.kept_heads.sum()) * hook.head_cost + int(hook.kept_units.sum()) * hook.unit_cost
-        assert kept <= hook.schedule(step, float(hook.removable), float(hook.allowance)) + 1e-6
+        target = int(hook.schedule(step, float(hook.removable), float(hook.allowance)))
+        if target >= hook.removable:
+            continue
+        head_target = int(hook.schedule(step, float(hook.all_heads_cost), float(hook.head_allowance)))
+        heads, units = hook.importance()
+        expected_heads = loop_fill(heads.flatten(), heads.numel(), hook.head_cost, hook.head_cost, head_target)
+        assert torch.equal(hook.kept_heads.flatten(), expected_heads), step
+        spent = int(expected_heads.sum()) * hook.head_cost
+        assert torch.equal(hook.kept_units.flatten(),
+                           loop_fill(units.flatten(), 0, hook.unit_cost, hook.unit_cost, target - spent)), step
+        heads_along.append(int(hook.kept_heads.sum()))
+    assert heads_along[0] > heads_along[-1] >= 1 and heads_along == sorted(heads_along, reverse=True)
     assert hook.final_report(model)["within_budget"]
