@@ -3,10 +3,13 @@
 #   1. the trainer through launch.sh on a tiny BERT and real GLUE rows: rank pruning under bf16 ZeRO-3 and
 #      movement pruning under fp16 ZeRO-2 (FusedAdam, NCCL process group), each exported with --verify;
 #   2. with TEACHER set (a finished dense multitask run of the CPU grid, e.g. packed by bench/pack_run.py for a
-#      machine without the hub or the MiniLM package) and MTP_GLUE_DIR: the distilled recipe itself, the CPU grid's
-#      mt-magnitude-0.25 (configs/compare_minilm_distill.yaml, its overrides read from the plan) under bf16 ZeRO-2,
-#      started from and distilled from TEACHER: whether the GPU path keeps the quality the CPU path makes
-#      (RECIPE_STEPS shortens it; RECIPE_TIMEOUT bounds it in seconds, and a stopped run keeps its evaluations);
+#      machine without the hub or the MiniLM package) and MTP_GLUE_DIR: the distilled recipe itself, runs of the CPU
+#      grid (configs/compare_minilm_distill.yaml, their overrides read from the plan) under bf16 ZeRO-2, started from
+#      and distilled from TEACHER: whether the GPU path keeps the quality the CPU path makes. RECIPE_RUNS names them
+#      (default mt-magnitude-0.25), one after another; RECIPE_COMPARE_OVERRIDES holds overrides of the compare YAML,
+#      one per line, as the CPU studies pass them to `mtp compare` (e.g. issue 34's length study:
+#      'multitask_overrides=[train.max_steps=6000, train.eval_every=1500]'); RECIPE_STEPS shortens every run;
+#      RECIPE_TIMEOUT bounds each in seconds, and a stopped run keeps its evaluations;
 #   3. bench/gpu_efficiency.py: BERT-base and BERT-large at micro-batches 32 and 64 of 128 tokens, mtp's bf16
 #      ZeRO-2 / ZeRO-3 path against a plain bf16 PyTorch loop (step time, tokens/s, MFU, peak memory), a
 #      torch.profiler table of the BERT-large step, each pruning method's step over dense; collectives
@@ -63,31 +66,41 @@ cap() { local left=$(( ${DEADLINE:-9999999999} - $(date +%s) - 15 )); (( left < 
 python3 -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)'
 if [[ -n "${TEACHER:-}" && -n "${MTP_GLUE_DIR:-}" ]]; then
-  # the grid's own overrides for mt-magnitude-0.25, its teacher replaced by TEACHER and its DeepSpeed config by this
+  for run in ${RECIPE_RUNS:-mt-magnitude-0.25}; do
+  # the grid's own overrides for the run, its teacher replaced by TEACHER and its DeepSpeed config by this
   # machine's; an encoder folder beside TEACHER (bench/pack_run.py) stands in for the hub or the MiniLM package
-  mapfile -t recipe < <(python3 - "$TEACHER" "$recipe_ds" <<'PY'
+  mapfile -t recipe < <(python3 - "$TEACHER" "$recipe_ds" "$run" <<'PY'
+import os
 import sys
 from pathlib import Path
 
 from mtp.compare.config import load_compare_config
 from mtp.compare.plan import ComparePlan
 
-teacher, ds_config = sys.argv[1:]
-cfg = load_compare_config("configs/compare_minilm_distill.yaml")
+teacher, ds_config, run = sys.argv[1:]
+compare_overrides = [line for line in os.environ.get("RECIPE_COMPARE_OVERRIDES", "").splitlines() if line.strip()]
+cfg = load_compare_config("configs/compare_minilm_distill.yaml", compare_overrides)
 plan = ComparePlan.build(cfg, Path(cfg.base))
-spec = plan.by_name["mt-magnitude-0.25"]
+if run not in plan.by_name:
+    sys.exit(f"gpu_check: RECIPE_RUNS: {run!r} is not a run of the plan ({', '.join(sorted(plan.by_name))})")
+spec = plan.by_name[run]
 replaced = {"encoder.init_from": teacher, "distill.teacher": teacher, "train.deepspeed_config": ds_config,
             "train.checkpoint_every": "1000"}  # checkpoints only cost time here: the machine is given back
-for override in plan.overrides(spec):
+overrides = plan.overrides(spec)
+for override in overrides:
     key = override.split("=", 1)[0]
     print(f"{key}={replaced[key]}" if key in replaced else override)
-if (Path(teacher) / "encoder").is_dir():
+starts_from_teacher = any(o.startswith("encoder.init_from=") for o in overrides)
+if starts_from_teacher and (Path(teacher) / "encoder").is_dir():
     print(f"encoder.name={teacher}/encoder")
     print("encoder.random_init=true")  # encoder.init_from overwrites every encoder weight
+# a run that starts from the pretrained encoder (start_from_pretrained) needs it on this machine: the hub, or the
+# packaged MiniLM's wheel carried and installed
 PY
   )
+  if [[ ${#recipe[@]} -eq 0 ]]; then echo "$run: no recipe (see above)"; continue; fi
   [[ -n "${RECIPE_STEPS:-}" ]] && recipe+=("train.max_steps=$RECIPE_STEPS" "train.eval_every=$RECIPE_STEPS")
-  name=minilm-magnitude-0.25-distilled
+  name="minilm-${run#mt-}-distilled"
   start=$(date +%s)
   printf '%s\n' "${recipe[@]}" > "$out/$name.overrides"
   timeout "$(cap "${RECIPE_TIMEOUT:-3600}")" bash launch.sh --nproc 1 --config configs/default.yaml "${recipe[@]}" \
@@ -108,6 +121,7 @@ json.dump(history, open(sys.argv[2], "w"), indent=1)
 for row in history:
     print(row)
 PY
+  done
 fi
 for spec in "${specs[@]}"; do
   read -r method ds precision <<<"$spec"
