@@ -267,12 +267,16 @@ class StructuredPruning(PruningHook):
 
     def final_masks(self) -> None:
         """The groups of the budget, and no more Taylor accumulation (what the fixed-mask phase trains with)."""
-        self.select(self.allowance, self.head_allowance)
+        self.select_budget()
         self._probe(False)
+
+    def select_budget(self) -> None:
+        """The groups that fill B (and the heads' share of it, when set)."""
+        self.select(self.allowance, self.head_allowance)
 
     def final_report(self, model: nn.Module) -> dict[str, Any]:
         if not self.fixed:
-            self.select(self.allowance, self.head_allowance)
+            self.select_budget()
         heads = self.kept_heads.sum(1).tolist()
         units = self.kept_units.sum(1).tolist()
         return {**self.kept_report(model), "kept_heads_per_layer": heads, "kept_units_per_layer": units,
