@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine  # noqa: E402
 
-from mtp.export import compact_tensors, export_onnx, export_run, load_compact  # noqa: E402
+from mtp.export import ORT_LEVELS, compact_tensors, export_onnx, export_run, load_compact, onnx_session  # noqa: E402
 from mtp.pruning import build_pruning, prunable_modules, pruning_settings  # noqa: E402
 from mtp.run_folder import build_dense_model, read_final, read_results  # noqa: E402
 from mtp.zero3 import full_state_dict  # noqa: E402
@@ -84,28 +84,14 @@ def block_bytes(folder: Path) -> int:
     return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("encoder.encoder."))
 
 
-ORT_LEVELS = {  # onnxruntime's graph optimization levels: "all" is its default, "basic" leaves out the fused
-    # contrib kernels (SkipLayerNormalization, BiasGelu, FusedMatMul) that "extended" and "all" add
-    "all": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "extended": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "basic": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-}
-
-
 class Timed:
     """One exported model in one runtime: `run(batch)` does a forward pass."""
 
-    def __init__(self, folder: Path, runtime: str, threads: int, graph_optimization: str = "all"):
+    def __init__(self, folder: Path, runtime: str, threads: int, graph_optimization: str = "all",
+                 spinning: bool = True):
         self.runtime = runtime
         if runtime == "onnxruntime":
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = ORT_LEVELS[graph_optimization](onnxruntime)
-            self.session = onnxruntime.InferenceSession(str(folder / "onnx" / "encoder.onnx"), options,
-                                                        providers=["CPUExecutionProvider"])
+            self.session = onnx_session(folder / "onnx" / "encoder.onnx", threads, graph_optimization, spinning)
             self.inputs = [i.name for i in self.session.get_inputs()]
         else:
             self.model = load_compact(folder / "compact", sparse_compute=runtime == "pytorch-sparse").eval()
@@ -123,14 +109,7 @@ class Timed:
 def ort_operator_ms(folder: Path, level: str, threads: int, batch: dict[str, torch.Tensor], runs: int = 3,
                     ) -> dict[str, float]:
     """Milliseconds per forward pass by onnxruntime operator type (its profiler, after a warm-up pass)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ORT_LEVELS[level](onnxruntime)
-    options.enable_profiling = True
-    session = onnxruntime.InferenceSession(str(folder / "onnx" / "encoder.onnx"), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnx_session(folder / "onnx" / "encoder.onnx", threads, level, profile=True)
     feeds = {i.name: (batch[i.name] if i.name in batch else torch.zeros_like(batch["input_ids"])).numpy()
              for i in session.get_inputs()}
     session.run(None, feeds)
@@ -145,6 +124,17 @@ def ort_operator_ms(folder: Path, level: str, threads: int, batch: dict[str, tor
         op = event["args"]["op_name"]
         total[op] = total.get(op, 0.0) + event["dur"] / 1000 / runs
     return dict(sorted(((k, round(v, 2)) for k, v in total.items()), key=lambda kv: -kv[1]))
+
+
+def row_identity(row: dict[str, Any]) -> tuple:
+    """What a latency row measured: a later call that measures the same replaces it (--keep)."""
+    return tuple(row.get(k) for k in ("method", "budget", "run", "runtime", "graph_optimization", "ort_spinning",
+                                      "threads", "batch", "tokens"))
+
+
+def profile_identity(profile: dict[str, Any]) -> tuple:
+    """What an operator profile measured (--keep)."""
+    return tuple(profile.get(k) for k in ("method", "budget", "run", "graph_optimization", "threads", "batch"))
 
 
 def paired_latency(dense: Timed, pruned: Timed, batch: dict[str, torch.Tensor], repeats: int) -> tuple[float, float]:
@@ -172,13 +162,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ort-profile", action="store_true",
-                        help="also onnxruntime's time per operator type of every model (1 thread, the largest batch)")
+                        help="also onnxruntime's time per operator type of every model (the largest batch)")
+    parser.add_argument("--ort-profile-threads", type=int, default=1, help="threads of the --ort-profile sessions")
     parser.add_argument("--ort-levels", nargs="+", default=["all", "basic"], choices=list(ORT_LEVELS),
                         help="onnxruntime graph optimization levels timed (the same on both sides)")
+    parser.add_argument("--ort-spinning", nargs="+", default=["on"], choices=["on", "off"],
+                        help="onnxruntime's intra-op threads spinning between operators (its default) or sleeping "
+                             "(`session.intra_op.allow_spinning=0`), the same on both sides; rows say `ort_spinning`")
     parser.add_argument("--out", default="bench/results/export.json")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the rows of --out that this call does not measure again (each row is timed in "
-                             "pairs against its own dense side, so rows of several calls compare)")
+                        help="keep the rows (and operator profiles) of --out that this call does not measure again "
+                             "(each row is timed in pairs against its own dense side, so rows of several calls "
+                             "compare)")
     args = parser.parse_args()
 
     dense_run = Path(args.dense)
@@ -206,21 +201,23 @@ def main() -> None:
         for method, budget, run, folder in models:
             size = {"compact_block_bytes": block_bytes(folder), "dense_block_bytes": dense_bytes,
                     "block_size_ratio": round(block_bytes(folder) / dense_bytes, 4)}
-            runtimes = [("pytorch-eager", None), *(("onnxruntime", level) for level in args.ort_levels)] + (
-                [("pytorch-sparse", None)] if method == "magnitude" else [])
-            for runtime, level in runtimes:
+            ort = [("onnxruntime", level, spin == "on") for level in args.ort_levels for spin in args.ort_spinning]
+            runtimes = [("pytorch-eager", None, True), *ort] + (
+                [("pytorch-sparse", None, True)] if method == "magnitude" else [])
+            for runtime, level, spinning in runtimes:
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     dense_side = Timed(dense_folder, "onnxruntime" if runtime == "onnxruntime" else "pytorch-eager",
-                                       threads, level or "all")
-                    pruned = Timed(folder, runtime, threads, level or "all")
+                                       threads, level or "all", spinning)
+                    pruned = Timed(folder, runtime, threads, level or "all", spinning)
                     for batch_size in args.batches:
                         x = torch.randint(1000, 20000, (batch_size, args.seq),
                                           generator=torch.Generator().manual_seed(0))
                         batch = {"input_ids": x, "attention_mask": torch.ones_like(x)}
                         dense_s, pruned_s = paired_latency(dense_side, pruned, batch, args.repeats)
                         rows.append({"method": method, "budget": budget, "runtime": runtime,
-                                     **({"graph_optimization": level} if level else {}), "threads": threads,
+                                     **({"graph_optimization": level, "ort_spinning": spinning} if level else {}),
+                                     "threads": threads,
                                      "batch": batch_size, "tokens": args.seq,
                                      "latency_ratio": round(pruned_s / dense_s, 4),
                                      "dense_seconds": round(dense_s, 5), "pruned_seconds": round(pruned_s, 5),
@@ -233,16 +230,22 @@ def main() -> None:
             for method, budget, run, folder in [("dense", 1.0, str(dense_run), dense_folder), *models]:
                 for level in args.ort_levels:
                     profiles.append({"method": method, "budget": budget, "run": run, "graph_optimization": level,
-                                     "threads": 1, "batch": max(args.batches),
-                                     "ms_by_operator": ort_operator_ms(folder, level, 1, batch)})
+                                     "threads": args.ort_profile_threads, "batch": max(args.batches),
+                                     "ms_by_operator": ort_operator_ms(folder, level, args.ort_profile_threads,
+                                                                       batch)})
                     print(json.dumps(profiles[-1]), flush=True)
     command = " ".join(["python bench/export_size_latency.py", *sys.argv[1:]])
     earlier: list[str] = []
     if args.keep and Path(args.out).is_file():
         before = json.loads(Path(args.out).read_text())
-        measured = {(r["method"], r["budget"], r["run"]) for r in rows}
-        rows = [{**r, "graph_optimization": r.get("graph_optimization", "all")} if r["runtime"] == "onnxruntime" else r
-                for r in before["rows"] if (r["method"], r["budget"], r["run"]) not in measured] + rows
+        old_rows = [{**r, "graph_optimization": r.get("graph_optimization", "all"),
+                     "ort_spinning": r.get("ort_spinning", True)} if r["runtime"] == "onnxruntime" else r
+                    for r in before["rows"]]  # rows from before these keys were timed at onnxruntime's defaults
+        measured = {row_identity(r) for r in rows}
+        rows = [r for r in old_rows if row_identity(r) not in measured] + rows
+        timed_profiles = {profile_identity(p) for p in profiles}
+        profiles = [p for p in before.get("onnxruntime_profiles", []) if profile_identity(p) not in timed_profiles
+                    ] + profiles
         earlier = before.get("earlier_commands", []) + [before["command"]]
     report = {"benchmark": "export_size_latency", "dense_run": str(dense_run), "repeats": args.repeats,
               "command": command, **({"earlier_commands": earlier} if earlier else {}), **machine(), "rows": rows,

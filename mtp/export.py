@@ -206,11 +206,46 @@ def export_onnx(compact_folder: Path, out: Path) -> Path:
     return path
 
 
-def onnx_hidden_states(path: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`encoder.onnx` run by onnxruntime on a batch (the inputs it declares, taken from `batch`)."""
+# onnxruntime's graph optimization levels, each with the graph transformers it leaves out. "all" is onnxruntime's
+# default; "all-no-skipln" is "all" without SkipLayerNormFusion, whose fused fp32 CPU kernel (onnxruntime 1.32) ran
+# several times slower than the Add, Add and LayerNormalization it replaces; "basic" leaves out every fused contrib
+# kernel (docs/pruning.md has the measurements that chose the serving level).
+ORT_LEVELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "all": ("ORT_ENABLE_ALL", ()),
+    "all-no-skipln": ("ORT_ENABLE_ALL", ("SkipLayerNormFusion",)),
+    "extended": ("ORT_ENABLE_EXTENDED", ()),
+    "basic": ("ORT_ENABLE_BASIC", ()),
+}
+SERVING_LEVEL = "all-no-skipln"
+
+
+def onnx_session(path: str | Path, threads: int | None = None, level: str = SERVING_LEVEL, spinning: bool = True,
+                 profile: bool = False) -> Any:
+    """An onnxruntime CPU session of an exported `encoder.onnx` at graph optimization `level` (ORT_LEVELS; the
+    default is the level mtp serves its exports with), `threads` intra-op threads (None: onnxruntime's choice).
+    `spinning=False` sets `session.intra_op.allow_spinning` to 0: idle intra-op threads sleep instead of spinning
+    between operators (onnxruntime's default spins, which on a machine with no spare core takes the core from the
+    threads that have work: docs/pruning.md)."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if level not in ORT_LEVELS:
+        raise ConfigError(f"onnxruntime level {level!r}: one of {', '.join(ORT_LEVELS)}")
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    enum_name, disabled = ORT_LEVELS[level]
+    options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, enum_name)
+    options.enable_profiling = profile
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=list(disabled))
+
+
+def onnx_hidden_states(path: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`encoder.onnx` run by onnxruntime (the serving session, `onnx_session`) on a batch (the inputs it declares,
+    taken from `batch`)."""
+    session = onnx_session(path)
     feeds = {i.name: batch[i.name].numpy() if i.name in batch else torch.zeros_like(batch["input_ids"]).numpy()
              for i in session.get_inputs()}
     return torch.from_numpy(session.run(None, feeds)[0])

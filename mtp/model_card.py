@@ -72,9 +72,17 @@ def write_model_card(out: Path, cfg: ExperimentConfig, meta: dict[str, Any], lat
               'encoder = AutoModel.from_pretrained("hf/encoder", trust_remote_code=True)  # code ships in the folder',
               "```", "Task heads: `hf/heads.safetensors` (layout in `hf/heads.json`); with `cls` pooling `hf/<task>/` "
               "is a sequence classifier. `compact/` is mtp's compact form (`mtp.export.load_compact`), "
-              "`onnx/encoder.onnx` the compact encoder for onnxruntime (on CPU, a session with "
-              "`graph_optimization_level=ORT_ENABLE_BASIC` ran mtp's structured exports faster than the default "
-              "level, dense and pruned alike: mtp's docs/pruning.md).", "",
+              "`onnx/encoder.onnx` the compact encoder for onnxruntime:", "",
+              "```python", "import onnxruntime  # or mtp.export.onnx_session(path, threads, spinning=False)", "",
+              "options = onnxruntime.SessionOptions()",
+              "# where every core runs an intra-op thread, idle threads sleep rather than spin",
+              'options.add_session_config_entry("session.intra_op.allow_spinning", "0")',
+              "# SkipLayerNormFusion left out: its fused fp32 CPU kernel ran slower than the ops it replaces",
+              'session = onnxruntime.InferenceSession("onnx/encoder.onnx", options,',
+              '                                       providers=["CPUExecutionProvider"],',
+              '                                       disabled_optimizers=["SkipLayerNormFusion"])',
+              "```", "The two settings and their measurements: mtp's docs/pruning.md (structured pruning, what it "
+              "buys).", "",
               "## Made by", "", "```bash", "bash launch.sh --config config.yaml   # the run's config, as trained",
               "mtp export RUN_DIR --verify", "```", ""]
     path = out / "README.md"

@@ -48,10 +48,11 @@ class StructuredSettings(PruningSettings):
     """How groups are ranked: first-order Taylor estimate of the loss change (`taylor`), or mean |W| (`magnitude`)."""
     taylor_decay: float = Field(0.99, ge=0.0, lt=1.0)
     """The moving average's decay per optimizer step for `taylor` (0.99: about the last 100 steps)."""
-    attention_share: float | None = Field(None, ge=0.0, le=1.0)
+    attention_share: float | None = Field(0.3333, ge=0.0, le=1.0)
     """The share of the kept groups' parameters that goes to attention heads (each kind then ramps on its own cubic
-    schedule and is chosen by importance within its kind; what the heads leave goes to FFN units). None: heads and
-    units compete on importance per parameter alone."""
+    schedule and is chosen by importance within its kind; what the heads leave goes to FFN units). The default is a
+    BERT-style block's own share (4d^2 of 12d^2 with FFN width 4d); None: heads and units compete on importance per
+    parameter alone (the method before the share, which kept too few heads: docs/pruning.md)."""
 
 
 class GroupMaskedLinear(PrunableLayer):

@@ -58,9 +58,13 @@ def test_the_default_loggers_leave_the_recipe_fingerprint_as_it_was() -> None:
     assert "loggers" in recipe_dump(config("train.loggers=[results]"))
 
 
-def test_a_key_added_to_one_method_leaves_every_recipe_fingerprint_as_it_was_until_set() -> None:
+def test_a_key_added_to_one_method_leaves_every_recipe_fingerprint_as_it_was_at_its_neutral_value() -> None:
+    """attention_share came after structured runs were fingerprinted: null (the method before it) keeps their
+    fingerprint; its default (a third) is a new recipe and says so; other methods never see the key."""
     structured = ("pruning.method=structured", "pruning.budget=0.3")
-    assert "attention_share" not in recipe_dump(config(*structured))
+    assert "attention_share" not in recipe_dump(config(*structured, "pruning.attention_share=null"))
+    assert "attention_share: 0.3333" in recipe_dump(config(*structured))
+    assert recipe_dump(config(*structured)) == recipe_dump(config(*structured, "pruning.attention_share=0.3333"))
     assert "attention_share: 0.3" in recipe_dump(config(*structured, "pruning.attention_share=0.3"))
     assert "attention_share" not in recipe_dump(config("pruning.method=magnitude", "pruning.budget=0.3"))
 
