@@ -44,7 +44,8 @@ def one_shot(base: torch.nn.Module, method: str, budget: float) -> tuple[torch.n
     """`base` pruned to `budget` without training: magnitude by |W|, rank by singular value, structured by the
     mean |W| of each head and unit (the kept structure is what the latency depends on)."""
     model = copy.deepcopy(base)
-    extra = {"criterion": "magnitude"} if method == "structured" else {}
+    # structured one-shot rows: mean |W| with heads and units competing freely (what the committed rows measured)
+    extra = {"criterion": "magnitude", "attention_share": None} if method == "structured" else {}
     settings = pruning_settings(method=method, budget=budget, warmup_ratio=0.0, cooldown_ratio=0.0, **extra)
     hook = build_pruning(settings, 1)[0]
     hook.setup(model)
@@ -164,9 +165,9 @@ def main() -> None:
     parser.add_argument("--ort-profile", action="store_true",
                         help="also onnxruntime's time per operator type of every model (the largest batch)")
     parser.add_argument("--ort-profile-threads", type=int, default=1, help="threads of the --ort-profile sessions")
-    parser.add_argument("--ort-levels", nargs="+", default=["all", "basic"], choices=list(ORT_LEVELS),
+    parser.add_argument("--ort-levels", nargs="+", default=["all", "all-no-skipln", "basic"], choices=list(ORT_LEVELS),
                         help="onnxruntime graph optimization levels timed (the same on both sides)")
-    parser.add_argument("--ort-spinning", nargs="+", default=["on"], choices=["on", "off"],
+    parser.add_argument("--ort-spinning", nargs="+", default=["on", "off"], choices=["on", "off"],
                         help="onnxruntime's intra-op threads spinning between operators (its default) or sleeping "
                              "(`session.intra_op.allow_spinning=0`), the same on both sides; rows say `ort_spinning`")
     parser.add_argument("--out", default="bench/results/export.json")
@@ -247,7 +248,10 @@ def main() -> None:
         profiles = [p for p in before.get("onnxruntime_profiles", []) if profile_identity(p) not in timed_profiles
                     ] + profiles
         earlier = before.get("earlier_commands", []) + [before["command"]]
-    report = {"benchmark": "export_size_latency", "dense_run": str(dense_run), "repeats": args.repeats,
+    import onnxruntime
+
+    report = {"benchmark": "export_size_latency", "onnxruntime": onnxruntime.__version__,
+              "dense_run": str(dense_run), "repeats": args.repeats,
               "command": command, **({"earlier_commands": earlier} if earlier else {}), **machine(), "rows": rows,
               **({"onnxruntime_profiles": profiles} if profiles else {}),
               "note": "latency_ratio: the pruned export's median seconds over the dense export's, same runtime, "

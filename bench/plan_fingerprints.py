@@ -30,13 +30,20 @@ def fingerprints() -> dict[str, dict[str, str]]:
 
 
 def compare(before: Path, after: Path) -> int:
+    """Print, per config, the runs whose fingerprint changed, and apart from them the runs the plan gained or lost (a
+    new method or size plans new runs: no finished run goes stale by it). Exit 1 only when a run changed."""
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
     changed = 0
     for config in sorted(set(a) | set(b)):
         x, y = a.get(config, {}), b.get(config, {})
-        differ = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+        differ = sorted(k for k in set(x) & set(y) if x[k] != y[k])
+        added, removed = sorted(set(y) - set(x)), sorted(set(x) - set(y))
         changed += len(differ)
-        print(f"{config}: {len(y)} runs, {'all identical' if not differ else 'changed: ' + ', '.join(differ)}")
+        parts = ["all identical" if not differ else "changed: " + ", ".join(differ)]
+        parts += [f"{len(added)} new ({', '.join(added[:5])}{', ...' if len(added) > 5 else ''})"] if added else []
+        parts += [f"{len(removed)} no longer planned ({', '.join(removed[:5])}{', ...' if len(removed) > 5 else ''})"
+                  ] if removed else []
+        print(f"{config}: {len(y)} runs, " + "; ".join(parts))
     return int(changed > 0)
 
 

@@ -104,7 +104,8 @@ def main() -> None:
     for budget in args.budgets:
         for criterion in ("magnitude", "taylor", "random"):
             model = copy.deepcopy(dense)
-            hook = build_pruning(pruning_settings(method="structured", budget=budget), 100)[0]
+            # heads and units compete freely, as when this bench chose the criterion (structured_one_shot.json)
+            hook = build_pruning(pruning_settings(method="structured", budget=budget, attention_share=None), 100)[0]
             hook.setup(model)
             if criterion == "taylor":
                 importance = taylor_importance(model, hook, batches)

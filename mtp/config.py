@@ -6,6 +6,7 @@ Every error a user can make in a config is raised as `ConfigError` with one line
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -206,10 +207,19 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
 
 def saved_config(tree: dict[str, Any]) -> ExperimentConfig:
     """The config a finished run saved (final/mtp.json). Runs saved before each method had its own keys hold every
-    method's keys in `pruning:`; those the run's method does not read are dropped."""
+    method's keys in `pruning:`; those the run's method does not read are dropped. A key added since the run was
+    saved (NEUTRAL_WHEN_UNSET) takes its neutral value, the behaviour the run trained with, not today's default
+    (structured runs saved before `attention_share` competed freely, whatever the default is now)."""
     pruning = dict(tree.get("pruning") or {})
     fields = get_method(pruning.get("method", "none")).settings.model_fields
-    return ExperimentConfig.model_validate({**tree, "pruning": {k: v for k, v in pruning.items() if k in fields}})
+    tree = {**tree, "pruning": {k: v for k, v in pruning.items() if k in fields}}
+    for keys, neutral in NEUTRAL_WHEN_UNSET.items():
+        if len(keys) != 2 or not isinstance(tree.get(keys[0]), dict) or keys[1] in tree[keys[0]]:
+            continue
+        if keys[0] == "pruning" and keys[1] not in fields:  # another method's key
+            continue
+        tree[keys[0]] = {**tree[keys[0]], keys[1]: copy.deepcopy(neutral)}
+    return ExperimentConfig.model_validate(tree)
 
 
 def glue_dir(cfg: ExperimentConfig) -> Path | None:

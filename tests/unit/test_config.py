@@ -69,6 +69,24 @@ def test_a_run_saved_with_every_methods_keys_still_loads() -> None:
     assert saved_config(tree) == cfg
 
 
+def test_a_run_saved_before_a_key_existed_reads_with_the_behaviour_it_trained_with() -> None:
+    """A structured run saved before `attention_share` competed freely: its saved config reads as null, not as
+    today's default, and so keeps its recipe; a run saved with the key keeps the value it saved."""
+    from mtp.compare.plan import recipe_hash
+
+    cfg = load_config(TINY, ["pruning.method=structured", "pruning.budget=0.5"])
+    assert cfg.pruning.attention_share == 0.3333
+    old = cfg.model_dump(mode="json")
+    del old["pruning"]["attention_share"]
+    loaded = saved_config(old)
+    assert loaded.pruning.attention_share is None
+    before = load_config(TINY, ["pruning.method=structured", "pruning.budget=0.5", "pruning.attention_share=null"])
+    assert recipe_hash(loaded) == recipe_hash(before) != recipe_hash(cfg)
+    assert saved_config(cfg.model_dump(mode="json")) == cfg
+    magnitude = load_config(TINY, ["pruning.method=magnitude", "pruning.budget=0.5"])
+    assert saved_config(magnitude.model_dump(mode="json")) == magnitude
+
+
 def test_the_command_line_starts_without_the_heavy_libraries() -> None:
     """Every `mtp` command (and each of its one-line errors) imports the CLI, the config and the method registry:
     none of them may pull in transformers, DeepSpeed, datasets, ONNX or Ray (seconds at every start; the structured

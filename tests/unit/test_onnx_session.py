@@ -44,7 +44,11 @@ def kernels_run(session, feeds: dict[str, np.ndarray]) -> set[str]:
     return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
 
 
-def test_every_level_computes_the_layer_norm_and_the_serving_level_leaves_out_the_fused_kernel(tmp_path: Path) -> None:
+def test_every_level_computes_the_layer_norm_and_the_serving_level_leaves_out_the_fused_kernel(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    monkeypatch.chdir(tmp_path)  # onnxruntime writes its profiles into the working folder
     path = residual_layer_norm_graph(tmp_path / "ln.onnx")
     rng = np.random.default_rng(1)
     feeds = {n: rng.normal(size=(2, 5, HIDDEN)).astype(np.float32) for n in ("x", "skip")}
@@ -54,8 +58,15 @@ def test_every_level_computes_the_layer_norm_and_the_serving_level_leaves_out_th
     mean, var = total.mean(-1, keepdims=True), total.var(-1, keepdims=True)
     expected = (total - mean) / np.sqrt(var + 1e-12) * gamma + beta
     kernels = {}
+    levels = onnxruntime.GraphOptimizationLevel
+    expected_levels = {"all": levels.ORT_ENABLE_ALL, "all-no-skipln": levels.ORT_ENABLE_ALL,
+                       "extended": levels.ORT_ENABLE_EXTENDED, "basic": levels.ORT_ENABLE_BASIC}
+    assert set(ORT_LEVELS) == set(expected_levels)
     for level in ORT_LEVELS:
         session = onnx_session(path, threads=1, level=level, profile=True)
+        options = session.get_session_options()
+        assert options.graph_optimization_level == expected_levels[level]
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
         np.testing.assert_allclose(session.run(None, feeds)[0], expected, atol=1e-5)
         kernels[level] = kernels_run(session, feeds)
     assert "SkipLayerNormalization" in kernels["all"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mtp.pruning import build_pruning, pruning_settings
@@ -66,10 +67,12 @@ def test_taylor_gate_gradient_is_the_first_order_estimate() -> None:
     assert all(float(m["attn_out"].taylor.abs().sum()) == 0 for m in hook.maps)  # reset for the next step
 
 
-def test_taylor_removes_a_dead_head_first_and_stays_within_budget() -> None:
-    """A head whose output columns are zero changes nothing when removed: the Taylor criterion drops it first."""
+@pytest.mark.parametrize("share", [None, 0.3333])
+def test_taylor_removes_a_dead_head_first_and_stays_within_budget(share: float | None) -> None:
+    """A head whose output columns are zero changes nothing when removed: the Taylor criterion drops it first, with
+    heads and units competing freely (share None) and with the heads' share (the default)."""
     model = tiny_model()
-    hook = structured(model, 0.9, steps=10, warmup_ratio=0.3, cooldown_ratio=0.1)
+    hook = structured(model, 0.9, steps=10, warmup_ratio=0.3, cooldown_ratio=0.1, attention_share=share)
     with torch.no_grad():
         hook.maps[1]["attn_out"].weight[:, :hook.head_dim] = 0.0
     generator = torch.Generator().manual_seed(2)
