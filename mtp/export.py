@@ -224,8 +224,8 @@ def onnx_session(path: str | Path, threads: int | None = None, level: str = SERV
     """An onnxruntime CPU session of an exported `encoder.onnx` at graph optimization `level` (ORT_LEVELS; the
     default is the level mtp serves its exports with), `threads` intra-op threads (None: onnxruntime's choice).
     `spinning=False` sets `session.intra_op.allow_spinning` to 0: idle intra-op threads sleep instead of spinning
-    between operators (onnxruntime's default spins, which on a machine with no spare core takes the core from the
-    threads that have work: docs/pruning.md)."""
+    between operators (onnxruntime's default spins; on a 2-core machine with both cores in use, sleeping ran the
+    exports faster: docs/pruning.md has the measurement, not its cause)."""
     import onnxruntime
 
     if level not in ORT_LEVELS:
