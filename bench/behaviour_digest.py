@@ -6,6 +6,13 @@ when they train the same models.
     MTP_GLUE_DIR=/path/to/glue python bench/behaviour_digest.py --repo . --out digest.json
     python bench/behaviour_digest.py --compare before.json after.json
 
+With --accelerator-paths the pruning hooks take the paths they take on an accelerator (no host reads; rank's gates
+drawn for all layers at once), so that a change to those paths is checked on a CPU.
+
+A change that draws its noise in another order cannot match bit for bit: `--seeds 0 1 2 3 4` trains every case once
+per seed, and `--compare before.json after.json --seed-spread` passes when the means over seeds of the training loss
+and the dev mean moved by less than one seed standard deviation.
+
 With --bf16 every case trains under bf16 on DeepSpeed ZeRO-2 (the CPU accelerator emulates bf16): bf16 changes
 are not bit for bit, so `--compare ... --loss-tolerance 0.01` passes when every loss of the two histories agrees
 within that relative tolerance and every dev score within --score-tolerance points.
@@ -18,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,8 +73,11 @@ def bf16_config(repo: Path, work: Path) -> Path:
     return path
 
 
-def run_case(repo: Path, work: Path, name: str, env: dict[str, str], bf16: bool = False) -> dict:
+def run_case(repo: Path, work: Path, name: str, env: dict[str, str], bf16: bool = False,
+             seed: int | None = None) -> dict:
     args, nproc, resume = list(CASES[name]), "1", "RESUME" in CASES[name]
+    if seed is not None:
+        args.append(f"train.seed={seed}")
     if bf16:
         args = [a for a in args if not a.startswith("train.deepspeed_config=")]
         args.append(f"train.deepspeed_config={bf16_config(repo, work)}")
@@ -76,12 +87,12 @@ def run_case(repo: Path, work: Path, name: str, env: dict[str, str], bf16: bool 
         args.remove(a)
     args = [a.replace("RUN:", f"{work}/") for a in args]
     cmd = ["bash", str(repo / "launch.sh"), "--nproc", nproc, "--master_port", "29611", *BASE, *args,
-           f"output_dir={work / name}"]
+           f"output_dir={work / (name if seed is None else f'{name}-seed{seed}')}"]
     subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     if resume:
         subprocess.run([c for c in cmd if not c.startswith("train.stop_after_steps")] + ["--resume"], cwd=repo,
                        env=env, check=True, capture_output=True)
-    return digest(work / name)
+    return digest(work / (name if seed is None else f"{name}-seed{seed}"))
 
 
 def compare_within(a: dict, b: dict, loss_tolerance: float, score_tolerance: float) -> int:
@@ -106,8 +117,42 @@ def compare_within(a: dict, b: dict, loss_tolerance: float, score_tolerance: flo
     return int(failing > 0)
 
 
-def compare(before: Path, after: Path, loss_tolerance: float | None = None, score_tolerance: float = 1.0) -> int:
+def seed_summary(runs: dict, case: str) -> tuple[list[float], list[float]]:
+    """Each seed's mean training loss (over the logged windows) and dev mean of `case` (entries `case@seedN`)."""
+    found = [r for key, r in sorted(runs.items()) if key.rsplit("@seed", 1)[0] == case and "@seed" in key]
+    return ([statistics.fmean(p["loss"] for p in r["loss_history"]) for r in found],
+            [r["mean_score"] for r in found])
+
+
+def compare_seeds(a: dict, b: dict) -> int:
+    """For a change that draws its noise differently (no bit-for-bit check can hold): per case, the difference of the
+    mean over seeds of each seed's mean training loss and of its dev mean, against the seeds' spread on either side
+    (the larger standard deviation). Within one standard deviation passes."""
+    failing = 0
+    for case in sorted({k.rsplit("@seed", 1)[0] for k in set(a) | set(b) if "@seed" in k}):
+        (la, sa), (lb, sb) = seed_summary(a, case), seed_summary(b, case)
+        if len(la) < 2 or len(la) != len(lb):
+            print(f"{case}: {len(la)} and {len(lb)} seeds")
+            failing += 1
+            continue
+        loss_spread = max(statistics.stdev(la), statistics.stdev(lb))
+        score_spread = max(statistics.stdev(sa), statistics.stdev(sb))
+        loss_gap = statistics.fmean(lb) - statistics.fmean(la)
+        score_gap = statistics.fmean(sb) - statistics.fmean(sa)
+        ok = abs(loss_gap) <= loss_spread and abs(score_gap) <= score_spread
+        failing += not ok
+        print(f"{case} ({len(la)} seeds): mean loss {statistics.fmean(la):.4f} -> {statistics.fmean(lb):.4f} "
+              f"({loss_gap:+.4f}, seed sd {loss_spread:.4f}); dev mean {statistics.fmean(sa):.2f} -> "
+              f"{statistics.fmean(sb):.2f} ({score_gap:+.2f}, seed sd {score_spread:.2f}): "
+              f"{'within' if ok else 'OUTSIDE'} one seed standard deviation")
+    return int(failing > 0)
+
+
+def compare(before: Path, after: Path, loss_tolerance: float | None = None, score_tolerance: float = 1.0,
+            seed_spread: bool = False) -> int:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
+    if seed_spread:
+        return compare_seeds(a, b)
     if loss_tolerance is not None:
         return compare_within(a, b, loss_tolerance, score_tolerance)
     differing = 0
@@ -126,19 +171,31 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
     parser.add_argument("--bf16", action="store_true", help="train every case under bf16 on ZeRO-2")
+    parser.add_argument("--accelerator-paths", action="store_true",
+                        help="the pruning hooks take an accelerator's paths (no host reads) on the CPU")
     parser.add_argument("--loss-tolerance", type=float, help="with --compare: relative tolerance on every loss")
     parser.add_argument("--score-tolerance", type=float, default=1.0, help="with --loss-tolerance: dev points")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run every case once per seed (train.seed)")
+    parser.add_argument("--seed-spread", action="store_true",
+                        help="with --compare of --seeds digests: means over seeds within one seed standard deviation")
     args = parser.parse_args()
     if args.compare:
-        return compare(*args.compare, args.loss_tolerance, args.score_tolerance)
+        return compare(*args.compare, args.loss_tolerance, args.score_tolerance, args.seed_spread)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHON=sys.executable)
+    if args.accelerator_paths:
+        env["MTP_ACCELERATOR_PATHS"] = "1"
     work = Path(tempfile.mkdtemp(prefix="mtp-digest-"))
     env.setdefault("MTP_CACHE_DIR", str(work / "cache"))
     out = {}
     try:
         for name in (["dense"] if "rank_distill" in args.cases and "dense" not in args.cases else []) + args.cases:
-            out[name] = run_case(args.repo.resolve(), work, name, env, args.bf16)
-            print(name, out[name].get("mean_score"), flush=True)
+            if args.seeds and name != "dense" or (args.seeds and "dense" in args.cases):
+                for seed in args.seeds:  # "dense" trained once as rank_distill's teacher keeps its own seed
+                    out[f"{name}@seed{seed}"] = run_case(args.repo.resolve(), work, name, env, args.bf16, seed)
+                    print(name, seed, out[f"{name}@seed{seed}"].get("mean_score"), flush=True)
+            else:
+                out[name] = run_case(args.repo.resolve(), work, name, env, args.bf16)
+                print(name, out[name].get("mean_score"), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.write_text(json.dumps(out, indent=1, sort_keys=True))

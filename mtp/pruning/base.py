@@ -4,6 +4,7 @@ the layer interface (with its dense fold and compact form) and the hook base wit
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from mtp.schema import ConfigError, Strict
 
 # ---------------------------------------------------------------- host reads
 
-_ACCELERATOR_PATHS = False
+# MTP_ACCELERATOR_PATHS=1 takes an accelerator's paths on a CPU for a whole run (bench/behaviour_digest.py's guard
+# of changes that only an accelerator would run)
+_ACCELERATOR_PATHS = os.environ.get("MTP_ACCELERATOR_PATHS", "") == "1"
 
 
 def host_reads_are_free(tensor: torch.Tensor) -> bool:

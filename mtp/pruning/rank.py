@@ -4,7 +4,9 @@ The factorised layer carries its merge (P diag(g) Q) and its compact form (the o
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Any, Literal
 
 import torch
@@ -20,7 +22,7 @@ from mtp.pruning.base import (
     prunable_modules,
     replace_prunable,
 )
-from mtp.zero3 import gathered
+from mtp.zero3 import gathered, is_partitioned
 
 
 class RankSettings(PruningSettings):
@@ -45,9 +47,40 @@ class RankSettings(PruningSettings):
     gate_high: float = Field(1.1, gt=1.0)
 
 
+_CONSTANTS: dict[tuple[torch.device, float], torch.Tensor] = {}
+
+
+def constant(value: float, like: torch.Tensor) -> torch.Tensor:
+    """`value` as a float32 0-dim tensor on `like`'s device, made once per device and value. Arithmetic on float32
+    gates with it gives the same bits as with the Python number, without the cast of the number to a tensor that
+    every such operator (and its backward) records: on an accelerator each is host work in the step."""
+    key = (like.device, value)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        tensor = _CONSTANTS[key] = torch.tensor(value, dtype=torch.float32, device=like.device)
+    return tensor
+
+
 def deterministic_gates(log_alpha: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Hard-concrete gates without noise (evaluation, export): clamp(sigmoid(log alpha) (high - low) + low, 0, 1)."""
-    return (torch.sigmoid(log_alpha) * (high - low) + low).clamp(0.0, 1.0)
+    if log_alpha.dtype != torch.float32:  # the constants are float32: other precisions take the Python numbers
+        return (torch.sigmoid(log_alpha) * (high - low) + low).clamp(0.0, 1.0)
+    stretched = torch.sigmoid(log_alpha) * constant(high - low, log_alpha) + constant(low, log_alpha)
+    return stretched.clamp(constant(0.0, log_alpha), constant(1.0, log_alpha))
+
+
+def sampled_gates(log_alpha: torch.Tensor, beta: float, low: float, high: float) -> torch.Tensor:
+    """Hard-concrete samples for float32 log alpha: clamp(sigmoid((logit(u) + log alpha) / beta) (high - low) + low,
+    0, 1) with u uniform."""
+    u = torch.rand_like(log_alpha).clamp(constant(1e-6, log_alpha), constant(1 - 1e-6, log_alpha))
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / constant(beta, log_alpha))
+    stretched = s * constant(high - low, log_alpha) + constant(low, log_alpha)
+    return stretched.clamp(constant(0.0, log_alpha), constant(1.0, log_alpha))
+
+
+def expected_open_each(log_alpha: torch.Tensor, beta: float, low: float, high: float) -> torch.Tensor:
+    """P(gate > 0) of each rank: sigmoid(log alpha - beta log(-low / high))."""
+    return torch.sigmoid(log_alpha - constant(beta * math.log(-low / high), log_alpha))
 
 
 class FactorizedLinear(PrunableLayer):
@@ -80,6 +113,9 @@ class FactorizedLinear(PrunableLayer):
         self.beta, (self.low, self.high) = beta, stretch
         self.sample = True  # the hook turns sampling off outside the pruning ramp (deterministic gates)
         self.aux: torch.Tensor | None = None
+        # the gates of this layer's kept ranks for its next forward pass, in the weights' dtype, when the hook has
+        # computed every layer's at once (RankPruning.gates_for_all_layers); used once
+        self.given_gates: torch.Tensor | None = None
         self._kept_index: tuple[tuple[int, int], torch.Tensor | None] | None = None
 
     @property
@@ -96,9 +132,7 @@ class FactorizedLinear(PrunableLayer):
         log_alpha = self.alphas() if log_alpha is None else log_alpha
         if not (self.training and self.sample):
             return self._dropped_to_zero(self.deterministic_gates(log_alpha), all_kept)
-        u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
-        return self._dropped_to_zero((s * (self.high - self.low) + self.low).clamp(0.0, 1.0), all_kept)
+        return self._dropped_to_zero(sampled_gates(log_alpha, self.beta, self.low, self.high), all_kept)
 
     def _dropped_to_zero(self, values: torch.Tensor, all_kept: bool | None = None) -> torch.Tensor:
         """`values` times the keep mask; while every rank is kept (before the projection) the product is `values`
@@ -112,9 +146,8 @@ class FactorizedLinear(PrunableLayer):
 
     def expected_open(self, log_alpha: torch.Tensor | None = None, all_kept: bool | None = None) -> torch.Tensor:
         """E[number of non-zero gates] = sum sigmoid(log alpha - beta log(-l/r)) over kept ranks."""
-        shift = self.beta * math.log(-self.low / self.high)
         log_alpha = self.alphas() if log_alpha is None else log_alpha
-        return self._dropped_to_zero(torch.sigmoid(log_alpha - shift), all_kept).sum()
+        return self._dropped_to_zero(expected_open_each(log_alpha, self.beta, self.low, self.high), all_kept).sum()
 
     def kept_index(self) -> torch.Tensor | None:
         """The ranks the keep mask holds (None: all of them), read once each time the mask changes (the projection,
@@ -126,35 +159,58 @@ class FactorizedLinear(PrunableLayer):
         return self._kept_index[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        given, self.given_gates = self.given_gates, None
+        if given is not None:
+            return self._forward_with(x, given.to(x.dtype) if given.dtype != x.dtype else given)
         # once per forward for both the gates and the expected size (in bf16 the two gradients of log alpha are then
         # summed in float32 and rounded once, where they were rounded apart before)
         log_alpha = self.alphas()
-        all_kept = self.kept_index() is None
-        g = self.gates(log_alpha, all_kept)
-        if self.training and self.sample:
-            self.aux = self.expected_open(log_alpha, all_kept)
+        kept = self.kept_index()
+        sampled = self.training and self.sample
+        if kept is not None and kept.numel() > 0 and not sampled and not host_reads_are_free(log_alpha):
+            # on an accelerator, after the projection: the kept ranks' gates, without multiplying in the keep mask
+            # (1 on all of them): the same values and gradients in fewer operators. The gates are computed on the
+            # whole vector and then selected, as before (a CPU's vectorised sigmoid rounds a shorter vector's tail
+            # differently in the last bit)
+            g = self.gates(log_alpha, all_kept=True).index_select(0, kept)
+            hidden = F.linear(x, self.Q.index_select(0, kept)) * g.to(x.dtype)
+            return F.linear(hidden, self.P.index_select(1, kept), self.bias)
+        g = self.gates(log_alpha, kept is None)
+        if sampled:
+            self.aux = self.expected_open(log_alpha, kept is None)
         if not host_reads_are_free(g):
             # on an accelerator the open gates are not read back per forward: a closed gate is exactly 0 and
             # passes no gradient, so multiplying its rank by it gives the same output and gradients as leaving
             # it out; only ranks dropped by the projection (a mask fixed for the rest of the run) are left out
-            kept = self.kept_index()
             if kept is None:
                 return F.linear(F.linear(x, self.Q) * g.to(x.dtype), self.P, self.bias)
             open_ranks = kept
         else:
             open_ranks = torch.nonzero(g > 0).squeeze(1)
         if open_ranks.numel() == 0:
-            # every rank closed: the map is its bias. A zero-width product would break ZeRO-3's linear in the
-            # backward pass; the zero term keeps P and Q in the graph, so every data-parallel rank reduces the
-            # same gradients whichever gates it sampled
-            out = x.new_zeros(*x.shape[:-1], self.out_features) + 0 * (self.P.sum() + self.Q.sum()).to(x.dtype)
-            return out if self.bias is None else out + self.bias.to(x.dtype)
+            return self._bias_only(x)
         if open_ranks.numel() < g.numel():
             # closed gates are exactly 0 (and pass no gradient through the clamp): leave their ranks out
             hidden = F.linear(x, self.Q.index_select(0, open_ranks)) * g.index_select(0, open_ranks).to(x.dtype)
             return F.linear(hidden, self.P.index_select(1, open_ranks), self.bias)
         hidden = F.linear(x, self.Q) * g.to(x.dtype)
         return F.linear(hidden, self.P, self.bias)
+
+    def _forward_with(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The map with the hook's gates of the kept ranks (all ranks before the projection)."""
+        self.aux = None  # the hook has the expected size of every layer
+        kept = self.kept_index()
+        if kept is not None and kept.numel() == 0:
+            return self._bias_only(x)
+        p, q = (self.P, self.Q) if kept is None else (self.P.index_select(1, kept), self.Q.index_select(0, kept))
+        return F.linear(F.linear(x, q) * gates, p, self.bias)
+
+    def _bias_only(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank closed: the map is its bias. A zero-width product would break ZeRO-3's linear in the backward
+        pass; the zero term keeps P and Q in the graph, so every data-parallel rank reduces the same gradients
+        whichever gates it sampled."""
+        out = x.new_zeros(*x.shape[:-1], self.out_features) + 0 * (self.P.sum() + self.Q.sum()).to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     @staticmethod
     def saved_gates(state: dict[str, torch.Tensor], path: str, settings: RankSettings) -> torch.Tensor:
@@ -222,6 +278,70 @@ class RankPruning(PruningHook):
             self.start_density = self.expected_density().item()
         self.last_density = self.start_density
         self._set_sampling()
+        # on an accelerator every layer's gates come from one set of operators per forward pass (not per matrix)
+        self.batched_density: torch.Tensor | None = None
+        self._batched_index: tuple[tuple[Any, ...], list[int], torch.Tensor | None] | None = None
+        self._rank_costs: torch.Tensor | None = None
+        model.register_forward_pre_hook(self.gates_for_all_layers)
+
+    def gates_for_all_layers(self, model: nn.Module, _args: Any) -> None:
+        """Before a training forward pass on an accelerator: the gates of every layer at once (one noise draw, one
+        chain of operators, where the layers would each run their own), handed to the layers, and the expected size
+        for the Lagrangian. Each gate is the same function of its log alpha and noise as in the layer; the noise is
+        drawn for all layers before the pass rather than layer by layer between the dropout draws. A CPU, ZeRO-3
+        partitions and evaluation keep the per-layer gates."""
+        first = self.modules[0]
+        self.batched_density = None
+        if not model.training or host_reads_are_free(first.log_alpha) or is_partitioned(first.log_alpha):
+            for m in self.modules:
+                m.given_gates = None
+            return
+        if first.gate_offset is None:
+            log_alpha = torch.cat([m.log_alpha for m in self.modules]).float()
+        else:
+            log_alpha = torch.cat([m.alphas() for m in self.modules])
+        sampled = first.sample
+        if sampled:
+            gates = sampled_gates(log_alpha, first.beta, first.low, first.high)
+            if self._rank_costs is None or self._rank_costs.device != log_alpha.device:
+                self._rank_costs = torch.cat([torch.full((m.log_alpha.numel(),), float(m.rank_cost),
+                                                         device=log_alpha.device) for m in self.modules])
+            open_each = expected_open_each(log_alpha, first.beta, first.low, first.high)
+            keep = None if all(m.kept_index() is None for m in self.modules) else torch.cat([m.keep for m in
+                                                                                           self.modules])
+            if keep is not None:
+                open_each = open_each * keep
+            assert self.budget is not None
+            size = (open_each * self._rank_costs).sum()
+            self.batched_density = (size + constant(float(self.budget.non_prunable), size)) / constant(
+                float(self.budget.dense_blocks), size)
+        else:
+            gates = deterministic_gates(log_alpha, first.low, first.high)
+        counts, index = self._kept_positions()
+        if index is not None:
+            gates = gates.index_select(0, index)
+        gates = gates.to(first.P.dtype)
+        for m, g in zip(self.modules, torch.split(gates, counts), strict=True):
+            m.given_gates = g
+
+    def _kept_positions(self) -> tuple[list[int], torch.Tensor | None]:
+        """The kept ranks of every layer, counted per layer, and their positions in the layers' concatenated gates
+        (None while every rank is kept); remade only when a keep mask changes (the projection, a checkpoint load)."""
+        indices = [m.kept_index() for m in self.modules]
+        version = tuple((m.keep.data_ptr(), m.keep._version) for m in self.modules)
+        if self._batched_index is None or self._batched_index[0] != version:
+            counts = [m.log_alpha.numel() if i is None else i.numel() for m, i in zip(self.modules, indices,
+                                                                                     strict=True)]
+            index = None
+            if any(i is not None for i in indices):
+                starts = [0]
+                for m in self.modules[:-1]:
+                    starts.append(starts[-1] + m.log_alpha.numel())
+                device = self.modules[0].log_alpha.device
+                index = torch.cat([torch.arange(m.log_alpha.numel(), device=device) + start if i is None else i + start
+                                   for m, i, start in zip(self.modules, indices, starts, strict=True)])
+            self._batched_index = (version, counts, index)
+        return self._batched_index[1], self._batched_index[2]
 
     def _set_sampling(self) -> None:
         """Gates are sampled only on the ramp: before it the model is the dense one, after it the ranks are fixed."""
@@ -250,8 +370,13 @@ class RankPruning(PruningHook):
             return None
         if self.cfg.size_control == "shift":  # the size is held by `shift_to_target` after the step
             return None
-        size = sum(m.rank_cost * m.aux for m in self.modules if m.aux is not None)
-        density = (size + self.budget.non_prunable) / self.budget.dense_blocks
+        if self.batched_density is not None:
+            density = self.batched_density
+        else:  # the sum in the order it always had (from the first term, not from 0), with constants for the numbers
+            terms = [m.aux * constant(float(m.rank_cost), m.aux) for m in self.modules if m.aux is not None]
+            size = functools.reduce(operator.add, terms)
+            density = (size + constant(float(self.budget.non_prunable), size)) / constant(
+                float(self.budget.dense_blocks), size)
         gap = density - self.target(step)
         # on an accelerator the size stays a device tensor (no read per step), and with it the multipliers
         self.last_density = float(density.detach()) if host_reads_are_free(density) else density.detach()

@@ -4,6 +4,9 @@ the architecture map of the prunable maps."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,3 +78,13 @@ def test_large_architectures_are_pruned_by_architecture_map(arch: str) -> None:
     kinds = [(kind, idx) for kind, idx, m in prunable_modules(model) if isinstance(m, MaskedLinear)]
     assert len(kinds) == 24 * 6
     assert hook.budget.prunable == 24 * (4 * 1024 * 1024 + 2 * 1024 * 4096)
+
+
+@pytest.mark.parametrize(("value", "free"), [("1", False), ("", True)])
+def test_mtp_accelerator_paths_makes_a_cpu_run_take_the_accelerator_paths(value: str, free: bool) -> None:
+    """MTP_ACCELERATOR_PATHS=1 (bench/behaviour_digest.py --accelerator-paths) makes the hooks take the paths they
+    take on an accelerator for a whole process, not only inside `accelerator_paths()`."""
+    code = "import torch; from mtp.pruning.base import host_reads_are_free; print(host_reads_are_free(torch.ones(1)))"
+    env = dict(os.environ, MTP_ACCELERATOR_PATHS=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(free)

@@ -3,6 +3,7 @@ Lagrangian and the gates' tracking of the target."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+import mtp.pruning.rank as rank_module
 from mtp.model import MultitaskModel, load_encoder
 from mtp.pruning import (
     FactorizedLinear,
@@ -209,14 +211,15 @@ class HostReads(TorchFunctionMode):
 
 def test_the_accelerator_path_trains_the_same_gates_without_reading_them_back() -> None:
     """Rank's sync-free path (closed gates multiplied by 0, not left out; the size and the multipliers kept on the
-    device) follows the CPU path's trajectory, and a training step on it reads nothing back to the host."""
+    device; every layer's gates drawn at once, so other noise than the CPU path's) follows the CPU path's trajectory
+    within that noise, and a training step on it reads nothing back to the host."""
     host, _, host_gap = rank_closed_loop(60)
     with accelerator_paths():
         device, model, device_gap = rank_closed_loop(60)
         assert isinstance(device.last_density, torch.Tensor) and isinstance(device.lambda1, torch.Tensor)
-        assert float(device.last_density) == pytest.approx(host.last_density, abs=1e-4)
+        assert float(device.last_density) == pytest.approx(host.last_density, abs=1e-3)
         assert float(device.lambda1) == pytest.approx(host.lambda1, rel=1e-3, abs=1e-6)
-        assert device_gap == pytest.approx(host_gap, abs=1e-4)
+        assert device_gap == pytest.approx(host_gap, abs=1e-3)
         x = torch.randint(1, 1000, (8, 12))
         reads = HostReads()
         with reads:
@@ -290,3 +293,93 @@ def test_the_gate_offset_is_in_the_saved_state_its_fold_and_its_compact_form() -
     torch.testing.assert_close(x @ folded.T + layer.bias, layer(x), atol=1e-5, rtol=1e-5)
     compact = FactorizedLinear.compact(state, "m", settings)
     assert 0 < compact["m.Q"].shape[0] < 16  # the offset closed some ranks, the rest kept
+
+
+def test_the_gate_arithmetic_with_constants_gives_the_python_numbers_bits() -> None:
+    """The float32 constants that replace Python numbers in the gate arithmetic change no bit of the gates."""
+    torch.manual_seed(0)
+    log_alpha = torch.cat([torch.randn(4096) * 4, torch.tensor([-50.0, 50.0, 0.0, -1.6, 2.5])])
+    by_python_numbers = (torch.sigmoid(log_alpha) * (1.1 - -0.1) + -0.1).clamp(0.0, 1.0)
+    assert torch.equal(rank_module.deterministic_gates(log_alpha, -0.1, 1.1), by_python_numbers)
+
+
+def test_a_float32_gate_forward_and_backward_casts_nothing() -> None:
+    """In float32 the gates' arithmetic makes no copy to convert a number (each would be host work per matrix and
+    step on an accelerator): sampled along the ramp and deterministic after the projection."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    layer = FactorizedLinear(nn.Linear(24, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=2.5).train()
+    x = torch.randn(3, 5, 24)
+    with accelerator_paths():
+        for projected in (False, True):
+            layer.sample = not projected
+            if projected:
+                layer.keep[8:] = False
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = layer(x).sum()
+                (out + layer.aux if layer.sample else out).backward()
+            copies = [e.name for e in prof.events() if e.name == "aten::_to_copy"]
+            assert not copies, (projected, len(copies))
+
+
+def test_the_batched_gates_of_an_accelerator_track_the_target_as_the_layers_own() -> None:
+    """On an accelerator the hook computes every layer's gates at once (one noise draw per forward pass): the same
+    closed loop tracks the target and ends at the budget as with the per-layer gates."""
+    with accelerator_paths():
+        hook, model, worst_gap = rank_closed_loop(400)
+        assert all(m.given_gates is None for m in hook.modules)  # each used by its forward pass
+        assert hook.batched_density is not None
+    end = hook.budget.target / hook.budget.dense_blocks
+    assert abs(hook.last_density - end) < 0.01 and worst_gap < 0.05, (hook.last_density, end, worst_gap)
+    report = hook.final_report(model)
+    assert report["within_budget"] and hook.budget.target - report["kept_blocks"] < max(m.rank_cost
+                                                                                       for m in hook.modules)
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_the_batched_gates_give_each_layer_its_own_gates_size_and_gradients(projected: bool) -> None:
+    """Deterministic gates (the fixed-rank phase, with and without projected ranks) through the batched path give the
+    per-layer path's output and gradients; along the ramp, gates whose log alpha is far from 0 are the same 0 or 1
+    sampled either way, and the expected size is the per-layer sum."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    hook = build_pruning(pruning_settings(method="rank", budget=0.3), 10)[0]
+    hook.setup(model)
+    with torch.no_grad():
+        for m in hook.modules:
+            m.log_alpha.copy_(torch.randn_like(m.log_alpha) * 3)
+    if projected:
+        hook.project()
+    x = torch.randint(1, 1000, (4, 9))
+
+    def run(accelerator: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout on both paths
+        with accelerator_paths() if accelerator else contextlib.nullcontext():
+            out = model("rte", input_ids=x, attention_mask=torch.ones_like(x))["logits"]
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for m in hook.modules:
+        m.sample = False
+    per_layer, batched = run(False), run(True)
+    torch.testing.assert_close(batched[0], per_layer[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(batched[1], per_layer[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if projected:
+        return
+    with torch.no_grad():  # saturated gates: a sample is 0 or 1 whatever the noise
+        for m in hook.modules:
+            m.log_alpha.copy_(torch.where(m.log_alpha > 0, 60.0, -60.0))
+            m.sample = True
+    with accelerator_paths():
+        hook.gates_for_all_layers(model, ())
+        given = [m.given_gates.clone() for m in hook.modules]
+        density = float(hook.batched_density.detach())
+    for m, g in zip(hook.modules, given, strict=True):
+        m.given_gates = None
+        assert torch.equal(g, m.gates())
+    with torch.no_grad():
+        per_layer_density = float(hook.expected_density())
+    assert density == pytest.approx(per_layer_density, rel=1e-6)
