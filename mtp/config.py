@@ -251,6 +251,7 @@ NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("train", "length_buckets"): 0,
     ("train", "compile"): False,
     ("pruning", "size_control"): "lagrangian",
+    ("pruning", "lag_limit"): None,
     ("pruning", "finetune_ratio"): 0.0,
     ("pruning", "attention_share"): None,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first

@@ -42,6 +42,12 @@ class RankSettings(PruningSettings):
     multipliers by gradient ascent), or "shift": after every optimizer step all log alpha move by one common amount,
     found by bisection on the device, that puts the expected size on the target exactly (the gradients then rank the
     ranks; no penalty in the loss)."""
+    lag_limit: float | None = Field(None, ge=1.0)
+    """With "lagrangian": the most the expected size may stay above the target along the ramp, as a factor (1.05:
+    5% over). After an optimizer step that leaves it higher, every log alpha moves down by one common amount (found
+    as in "shift") that brings it to that limit; steps that stay under it change nothing. Bounds the lag of the gates
+    behind the budget at small sizes, so that the final projection cuts at most that much. None: the Lagrangian
+    alone."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
@@ -264,7 +270,7 @@ class RankPruning(PruningHook):
 
         def factorised(linear: nn.Linear, _idx: int, _kind: str) -> FactorizedLinear:
             return FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high), c.log_alpha_init,
-                                    offset=c.size_control == "shift")
+                                    offset=c.size_control == "shift" or c.lag_limit is not None)
 
         replace_prunable(model, factorised)
         self.modules = [m for _, _, m in prunable_modules(model)]
@@ -402,12 +408,16 @@ class RankPruning(PruningHook):
                 gap = gap.double()
             self.lambda1 = self.lambda1 + self.cfg.lagrangian_lr * gap
             self.lambda2 = self.lambda2 + self.cfg.lagrangian_lr * gap * gap
+            if self.cfg.lag_limit is not None:
+                self.shift_to_target(self.target(step) * self.cfg.lag_limit, only_down=True)
         self._set_sampling()
 
     @torch.no_grad()
-    def shift_to_target(self, target: float, iterations: int = 40) -> None:
+    def shift_to_target(self, target: float, iterations: int = 40, only_down: bool = False) -> None:
         """Move every log alpha by one amount c so that the expected size is `target` (a fraction of the dense
-        blocks): bisection on c in [-40, 40], a fixed number of halvings on the device (no host read)."""
+        blocks): bisection on c in [-40, 40], a fixed number of halvings on the device (no host read). With
+        `only_down` (the lag limit) c is found in [-40, 0] and is exactly 0 when the size is at or under the target,
+        so that such a step leaves the gates as they are."""
         assert self.budget is not None
         params = [m.log_alpha for m in self.modules]
         with gathered(params):
@@ -416,14 +426,17 @@ class RankPruning(PruningHook):
             costs = torch.cat([m.keep.float() * m.rank_cost for m in self.modules])
             goal = target * self.budget.dense_blocks - self.budget.non_prunable
             low = torch.full((), -40.0, device=alphas.device)
-            high = torch.full((), 40.0, device=alphas.device)
+            high = torch.full((), 0.0 if only_down else 40.0, device=alphas.device)
             for _ in range(iterations):
                 middle = (low + high) / 2
                 over = (costs * torch.sigmoid(alphas + middle)).sum() > goal
                 high, low = torch.where(over, middle, high), torch.where(over, low, middle)
+            amount = (low + high) / 2
+            if only_down:  # exactly 0 where the size is not over the goal
+                amount = torch.where((costs * torch.sigmoid(alphas)).sum() > goal, amount, torch.zeros_like(amount))
             offsets = [m.gate_offset for m in self.modules]
-            torch._foreach_add_(offsets, ((low + high) / 2).to(offsets[0].dtype))
-            size = (costs * torch.sigmoid(alphas + (low + high) / 2)).sum() + self.budget.non_prunable
+            torch._foreach_add_(offsets, amount.to(offsets[0].dtype))
+            size = (costs * torch.sigmoid(alphas + amount)).sum() + self.budget.non_prunable
         density = size / self.budget.dense_blocks
         self.last_density = float(density) if host_reads_are_free(density) else density
 

@@ -383,3 +383,22 @@ def test_the_batched_gates_give_each_layer_its_own_gates_size_and_gradients(proj
     with torch.no_grad():
         per_layer_density = float(hook.expected_density())
     assert density == pytest.approx(per_layer_density, rel=1e-6)
+
+
+def test_the_lag_limit_holds_a_lagging_run_at_its_limit_and_leaves_a_tracking_one_alone() -> None:
+    """A run a quarter as long lags the target at the default rates (ends more than 0.05 above B); with
+    `lag_limit=1.05` its expected size ends within 5% of B, so the projection cuts little. A limit that is never
+    reached changes no bit of the run."""
+    lagging, _, _ = rank_closed_loop(100)
+    end = lagging.budget.target / lagging.budget.dense_blocks
+    assert lagging.last_density - end > 0.05
+    limited, model, _ = rank_closed_loop(100, lag_limit=1.05)
+    with torch.no_grad():
+        expected = float(limited.expected_density())
+    assert expected <= end * 1.05 + 1e-4, (expected, end)
+    assert limited.final_report(model)["expected_over_target"] <= 1.05 + 1e-4
+    assert any(float(m.gate_offset) < 0 for m in limited.modules)  # the limit acted
+    free, _, _ = rank_closed_loop(100, lag_limit=100.0)
+    assert all(float(m.gate_offset) == 0.0 for m in free.modules)
+    for a, b in zip(free.modules, lagging.modules, strict=True):
+        assert torch.equal(a.log_alpha, b.log_alpha)
