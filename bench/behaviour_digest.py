@@ -10,8 +10,9 @@ With --accelerator-paths the pruning hooks take the paths they take on an accele
 drawn for all layers at once), so that a change to those paths is checked on a CPU.
 
 A change that draws its noise in another order cannot match bit for bit: `--seeds 0 1 2 3 4` trains every case once
-per seed, and `--compare before.json after.json --seed-spread` passes when the means over seeds of the training loss
-and the dev mean moved by less than one seed standard deviation.
+per seed, and `--compare before.json after.json --seed-spread` passes when the mean change of the training loss and
+of the dev mean, paired by seed, is within two standard errors of the paired changes (and one seed standard
+deviation).
 
 With --bf16 every case trains under bf16 on DeepSpeed ZeRO-2 (the CPU accelerator emulates bf16): bf16 changes
 are not bit for bit, so `--compare ... --loss-tolerance 0.01` passes when every loss of the two histories agrees
@@ -125,9 +126,9 @@ def seed_summary(runs: dict, case: str) -> tuple[list[float], list[float]]:
 
 
 def compare_seeds(a: dict, b: dict) -> int:
-    """For a change that draws its noise differently (no bit-for-bit check can hold): per case, the difference of the
-    mean over seeds of each seed's mean training loss and of its dev mean, against the seeds' spread on either side
-    (the larger standard deviation). Within one standard deviation passes."""
+    """For a change that draws its noise differently (no bit-for-bit check can hold): per case, each seed's mean
+    training loss and dev mean before and after, paired by seed; passes when the mean of the paired differences is
+    within two standard errors of those differences (and, as a coarser check, within one seed standard deviation)."""
     failing = 0
     for case in sorted({k.rsplit("@seed", 1)[0] for k in set(a) | set(b) if "@seed" in k}):
         (la, sa), (lb, sb) = seed_summary(a, case), seed_summary(b, case)
@@ -139,12 +140,15 @@ def compare_seeds(a: dict, b: dict) -> int:
         score_spread = max(statistics.stdev(sa), statistics.stdev(sb))
         loss_gap = statistics.fmean(lb) - statistics.fmean(la)
         score_gap = statistics.fmean(sb) - statistics.fmean(sa)
-        ok = abs(loss_gap) <= loss_spread and abs(score_gap) <= score_spread
+        loss_se = statistics.stdev([y - x for x, y in zip(la, lb, strict=True)]) / len(la) ** 0.5
+        score_se = statistics.stdev([y - x for x, y in zip(sa, sb, strict=True)]) / len(sa) ** 0.5
+        ok = (abs(loss_gap) <= max(2 * loss_se, 1e-12) and abs(score_gap) <= max(2 * score_se, 1e-9)
+              and abs(loss_gap) <= loss_spread and abs(score_gap) <= score_spread)
         failing += not ok
         print(f"{case} ({len(la)} seeds): mean loss {statistics.fmean(la):.4f} -> {statistics.fmean(lb):.4f} "
-              f"({loss_gap:+.4f}, seed sd {loss_spread:.4f}); dev mean {statistics.fmean(sa):.2f} -> "
-              f"{statistics.fmean(sb):.2f} ({score_gap:+.2f}, seed sd {score_spread:.2f}): "
-              f"{'within' if ok else 'OUTSIDE'} one seed standard deviation")
+              f"({loss_gap:+.4f}; paired se {loss_se:.4f}, seed sd {loss_spread:.4f}); dev mean "
+              f"{statistics.fmean(sa):.2f} -> {statistics.fmean(sb):.2f} ({score_gap:+.2f}; paired se {score_se:.2f}, "
+              f"seed sd {score_spread:.2f}): {'within' if ok else 'OUTSIDE'} two paired standard errors")
     return int(failing > 0)
 
 
@@ -177,7 +181,8 @@ def main() -> int:
     parser.add_argument("--score-tolerance", type=float, default=1.0, help="with --loss-tolerance: dev points")
     parser.add_argument("--seeds", type=int, nargs="+", help="run every case once per seed (train.seed)")
     parser.add_argument("--seed-spread", action="store_true",
-                        help="with --compare of --seeds digests: means over seeds within one seed standard deviation")
+                        help="with --compare of --seeds digests: the mean change, paired by seed, within two standard "
+                        "errors")
     args = parser.parse_args()
     if args.compare:
         return compare(*args.compare, args.loss_tolerance, args.score_tolerance, args.seed_spread)
@@ -188,14 +193,16 @@ def main() -> int:
     env.setdefault("MTP_CACHE_DIR", str(work / "cache"))
     out = {}
     try:
-        for name in (["dense"] if "rank_distill" in args.cases and "dense" not in args.cases else []) + args.cases:
-            if args.seeds and name != "dense" or (args.seeds and "dense" in args.cases):
-                for seed in args.seeds:  # "dense" trained once as rank_distill's teacher keeps its own seed
-                    out[f"{name}@seed{seed}"] = run_case(args.repo.resolve(), work, name, env, args.bf16, seed)
-                    print(name, seed, out[f"{name}@seed{seed}"].get("mean_score"), flush=True)
-            else:
-                out[name] = run_case(args.repo.resolve(), work, name, env, args.bf16)
-                print(name, out[name].get("mean_score"), flush=True)
+        teacher = ["dense"] if "rank_distill" in args.cases and (args.seeds or "dense" not in args.cases) else []
+        for name in teacher:  # rank_distill's teacher, at its own seed (the folder RUN:dense names)
+            out[name] = run_case(args.repo.resolve(), work, name, env, args.bf16)
+            print(name, out[name].get("mean_score"), flush=True)
+        for name in args.cases:
+            for seed in args.seeds or [None]:
+                key = name if seed is None else f"{name}@seed{seed}"
+                if key not in out:
+                    out[key] = run_case(args.repo.resolve(), work, name, env, args.bf16, seed)
+                    print(key, out[key].get("mean_score"), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.write_text(json.dumps(out, indent=1, sort_keys=True))

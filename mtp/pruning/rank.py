@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from mtp.pruning.base import (
@@ -49,6 +49,13 @@ class RankSettings(PruningSettings):
     behind the budget at small sizes, so that the final projection cuts at most that much. None: the Lagrangian
     alone."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _lag_limit_needs_the_lagrangian(self) -> RankSettings:
+        if self.lag_limit is not None and self.size_control != "lagrangian":
+            raise ValueError("pruning.lag_limit: bounds the Lagrangian's lag; size_control 'shift' holds the size "
+                             "itself (leave lag_limit unset)")
+        return self
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
 
@@ -63,7 +70,8 @@ def constant(value: float, like: torch.Tensor) -> torch.Tensor:
     key = (like.device, value)
     tensor = _CONSTANTS.get(key)
     if tensor is None:
-        tensor = _CONSTANTS[key] = torch.tensor(value, dtype=torch.float32, device=like.device)
+        with torch.inference_mode(False):  # made under inference mode it could not be saved for a later backward
+            tensor = _CONSTANTS[key] = torch.tensor(value, dtype=torch.float32, device=like.device)
     return tensor
 
 
@@ -165,8 +173,8 @@ class FactorizedLinear(PrunableLayer):
         return self._kept_index[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        given, self.given_gates = self.given_gates, None
-        if given is not None:
+        given = self.given_gates  # set or cleared by the hook before every forward pass of the model (not used up
+        if given is not None:      # here, so that a recomputation of this forward takes the same gates)
             return self._forward_with(x, given.to(x.dtype) if given.dtype != x.dtype else given)
         # once per forward for both the gates and the expected size (in bf16 the two gradients of log alpha are then
         # summed in float32 and rounded once, where they were rounded apart before)
@@ -437,6 +445,8 @@ class RankPruning(PruningHook):
             offsets = [m.gate_offset for m in self.modules]
             torch._foreach_add_(offsets, amount.to(offsets[0].dtype))
             size = (costs * torch.sigmoid(alphas + amount)).sum() + self.budget.non_prunable
+        if only_down:  # the recorded size stays the forward pass's, as without a limit
+            return
         density = size / self.budget.dense_blocks
         self.last_density = float(density) if host_reads_are_free(density) else density
 

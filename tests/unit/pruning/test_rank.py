@@ -328,8 +328,11 @@ def test_the_batched_gates_of_an_accelerator_track_the_target_as_the_layers_own(
     closed loop tracks the target and ends at the budget as with the per-layer gates."""
     with accelerator_paths():
         hook, model, worst_gap = rank_closed_loop(400)
-        assert all(m.given_gates is None for m in hook.modules)  # each used by its forward pass
+        assert all(m.given_gates is not None for m in hook.modules)  # the last training pass's gates
         assert hook.batched_density is not None
+        model.eval()
+        model("rte", input_ids=torch.randint(1, 1000, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long))
+        assert all(m.given_gates is None for m in hook.modules)  # evaluation clears them
     end = hook.budget.target / hook.budget.dense_blocks
     assert abs(hook.last_density - end) < 0.01 and worst_gap < 0.05, (hook.last_density, end, worst_gap)
     report = hook.final_report(model)
@@ -398,7 +401,11 @@ def test_the_lag_limit_holds_a_lagging_run_at_its_limit_and_leaves_a_tracking_on
     assert expected <= end * 1.05 + 1e-4, (expected, end)
     assert limited.final_report(model)["expected_over_target"] <= 1.05 + 1e-4
     assert any(float(m.gate_offset) < 0 for m in limited.modules)  # the limit acted
-    free, _, _ = rank_closed_loop(100, lag_limit=100.0)
+    free, free_model, _ = rank_closed_loop(100, lag_limit=100.0)
     assert all(float(m.gate_offset) == 0.0 for m in free.modules)
     for a, b in zip(free.modules, lagging.modules, strict=True):
         assert torch.equal(a.log_alpha, b.log_alpha)
+    # what the run records is the same too: the size, the multipliers, the reported metrics
+    assert free.state_dict() == lagging.state_dict() and free.metrics() == lagging.metrics()
+    with pytest.raises(ValueError, match="lag_limit"):
+        pruning_settings(method="rank", budget=0.3, size_control="shift", lag_limit=1.05)
