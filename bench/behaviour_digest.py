@@ -41,6 +41,7 @@ CASES: dict[str, list[str]] = {
     "rank": ["pruning.method=rank", "pruning.budget=0.5", "pruning.finetune_ratio=0.25"],
     "rank_distill": ["pruning.method=rank", "pruning.budget=0.5", "distill.teacher=RUN:dense",
                      "distill.hidden_weight=1.0", "encoder.init_from=RUN:dense"],
+    "structured": ["pruning.method=structured", "pruning.budget=0.5", "pruning.finetune_ratio=0.25"],
     "magnitude_zero3_2ranks": ["pruning.method=magnitude", "pruning.budget=0.3",
                                "train.deepspeed_config=ds_configs/cpu_zero3.json", "NPROC:2"],
     "movement_resume": ["pruning.method=movement", "pruning.budget=0.5", "train.stop_after_steps=6", "RESUME"],

@@ -252,6 +252,7 @@ NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("train", "compile"): False,
     ("pruning", "size_control"): "lagrangian",
     ("pruning", "lag_limit"): None,
+    ("pruning", "lag_response"): "shift",
     ("pruning", "finetune_ratio"): 0.0,
     ("pruning", "attention_share"): None,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first

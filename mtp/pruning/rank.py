@@ -48,6 +48,11 @@ class RankSettings(PruningSettings):
     as in "shift") that brings it to that limit; steps that stay under it change nothing. Bounds the lag of the gates
     behind the budget at small sizes, so that the final projection cuts at most that much. None: the Lagrangian
     alone."""
+    lag_response: Literal["shift", "close"] = "shift"
+    """What `lag_limit` does to a size over its limit: "shift" moves every log alpha down by one amount (the gates
+    left open become partial); "close" closes the kept ranks with the smallest log alpha, over all matrices, until
+    the expected size is at the limit, and leaves the others as they are (a closed rank stays closed, and the final
+    projection keeps only ranks still open)."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
 
     @model_validator(mode="after")
@@ -55,6 +60,8 @@ class RankSettings(PruningSettings):
         if self.lag_limit is not None and self.size_control != "lagrangian":
             raise ValueError("pruning.lag_limit: bounds the Lagrangian's lag; size_control 'shift' holds the size "
                              "itself (leave lag_limit unset)")
+        if self.lag_response != "shift" and self.lag_limit is None:
+            raise ValueError("pruning.lag_response: says what lag_limit does; set lag_limit (e.g. 1.1) with it")
         return self
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
@@ -278,7 +285,8 @@ class RankPruning(PruningHook):
 
         def factorised(linear: nn.Linear, _idx: int, _kind: str) -> FactorizedLinear:
             return FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high), c.log_alpha_init,
-                                    offset=c.size_control == "shift" or c.lag_limit is not None)
+                                    offset=c.size_control == "shift" or (c.lag_limit is not None
+                                                                         and c.lag_response == "shift"))
 
         replace_prunable(model, factorised)
         self.modules = [m for _, _, m in prunable_modules(model)]
@@ -317,16 +325,13 @@ class RankPruning(PruningHook):
         sampled = first.sample
         if sampled:
             gates = sampled_gates(log_alpha, first.beta, first.low, first.high)
-            if self._rank_costs is None or self._rank_costs.device != log_alpha.device:
-                self._rank_costs = torch.cat([torch.full((m.log_alpha.numel(),), float(m.rank_cost),
-                                                         device=log_alpha.device) for m in self.modules])
             open_each = expected_open_each(log_alpha, first.beta, first.low, first.high)
             keep = None if all(m.kept_index() is None for m in self.modules) else torch.cat([m.keep for m in
                                                                                            self.modules])
             if keep is not None:
                 open_each = open_each * keep
             assert self.budget is not None
-            size = (open_each * self._rank_costs).sum()
+            size = (open_each * self.rank_costs(log_alpha.device)).sum()
             self.batched_density = (size + constant(float(self.budget.non_prunable), size)) / constant(
                 float(self.budget.dense_blocks), size)
         else:
@@ -416,7 +421,9 @@ class RankPruning(PruningHook):
                 gap = gap.double()
             self.lambda1 = self.lambda1 + self.cfg.lagrangian_lr * gap
             self.lambda2 = self.lambda2 + self.cfg.lagrangian_lr * gap * gap
-            if self.cfg.lag_limit is not None:
+            if self.cfg.lag_limit is not None and self.cfg.lag_response == "close":
+                self.close_to_expected(self.target(step) * self.cfg.lag_limit)
+            elif self.cfg.lag_limit is not None:
                 self.shift_to_target(self.target(step) * self.cfg.lag_limit, only_down=True)
         self._set_sampling()
 
@@ -431,7 +438,7 @@ class RankPruning(PruningHook):
         with gathered(params):
             shift = self.modules[0].beta * math.log(-self.modules[0].low / self.modules[0].high)
             alphas = torch.cat([m.alphas() for m in self.modules]) - shift
-            costs = torch.cat([m.keep.float() * m.rank_cost for m in self.modules])
+            costs = self.rank_costs(alphas.device) * torch.cat([m.keep for m in self.modules]).float()
             goal = target * self.budget.dense_blocks - self.budget.non_prunable
             low = torch.full((), -40.0, device=alphas.device)
             high = torch.full((), 0.0 if only_down else 40.0, device=alphas.device)
@@ -450,6 +457,38 @@ class RankPruning(PruningHook):
         density = size / self.budget.dense_blocks
         self.last_density = float(density) if host_reads_are_free(density) else density
 
+    def rank_costs(self, device: torch.device) -> torch.Tensor:
+        """Every rank's cost (d_in + d_out of its matrix), the layers' ranks concatenated; made once per device."""
+        if self._rank_costs is None or self._rank_costs.device != device:
+            self._rank_costs = torch.cat([torch.full((m.log_alpha.numel(),), float(m.rank_cost), device=device)
+                                          for m in self.modules])
+        return self._rank_costs
+
+    @torch.no_grad()
+    def close_to_expected(self, target: float) -> None:
+        """Close the kept ranks with the smallest log alpha, over all matrices, until the expected size is at most
+        `target` (a fraction of the dense blocks): the last one closed is the one that brings it there. The ranks
+        left keep their gates. Reads the keep masks' change on the host (a sync on an accelerator, on steps that
+        close)."""
+        assert self.budget is not None
+        params = [m.log_alpha for m in self.modules]
+        with gathered(params):  # every data-parallel rank sorts the same values
+            first = self.modules[0]
+            alphas = torch.cat([m.alphas() for m in self.modules])
+            keep = torch.cat([m.keep for m in self.modules])
+            open_cost = self.rank_costs(alphas.device) * expected_open_each(alphas, first.beta, first.low,
+                                                                             first.high) * keep
+            excess = open_cost.sum() - (target * self.budget.dense_blocks - self.budget.non_prunable)
+            order = torch.sort(alphas.masked_fill(~keep, -math.inf), stable=True).indices  # closed ones first
+            removed_before = torch.cumsum(open_cost[order], 0) - open_cost[order]
+            close = torch.zeros_like(keep)
+            close[order] = removed_before < excess  # still over the target before this one closes
+        if not bool((close & keep).any()):
+            return
+        for m, shut in zip(self.modules, close.split([m.keep.numel() for m in self.modules]), strict=True):
+            if bool((shut & m.keep).any()):
+                m.keep.masked_fill_(shut.to(m.keep.device), False)
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "fixed": self.fixed, "lambda1": float(self.lambda1), "lambda2": float(self.lambda2),
                 "start_density": self.start_density, "last_density": float(self.last_density)}
@@ -465,12 +504,13 @@ class RankPruning(PruningHook):
     def project(self) -> None:
         """Keep the ranks with the largest log alpha (the largest gates first), over all matrices, while the size
         fits B: the final size is within one rank cost of B. Ranks whose deterministic gate is 0 may be kept to
-        fill the room; they are counted in `closed_kept_ranks`."""
+        fill the room; they are counted in `closed_kept_ranks`. Ranks closed on the ramp are not candidates."""
         assert self.budget is not None
         candidates = []
         for i, m in enumerate(self.modules):
-            with gathered([m.log_alpha]):
-                candidates.extend((value, i, j) for j, value in enumerate(m.alphas().detach().tolist()))
+            with gathered([m.log_alpha]):  # ranks closed on the ramp (lag_response "close") stay closed
+                candidates.extend((value, i, j) for j, (value, kept) in
+                                  enumerate(zip(m.alphas().detach().tolist(), m.keep.tolist(), strict=True)) if kept)
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         room = self.budget.prunable_allowance
         keep = [torch.zeros_like(m.keep) for m in self.modules]

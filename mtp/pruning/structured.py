@@ -56,8 +56,9 @@ class StructuredSettings(PruningSettings):
 
 
 class GroupMaskedLinear(PrunableLayer):
-    """y = (W * m) x + b * m with a 0/1 mask m over the rows (output features: the bias is masked with them) or
-    W (x * m) + b with one over the columns (input features); the compact form keeps the unmasked rows or columns."""
+    """y = (W x + b) * m with a 0/1 mask m over the rows (output features: the bias is masked with them; the same
+    values as (W * m) x + b * m) or (W * m) x + b with one over the columns (input features); the compact form keeps
+    the unmasked rows or columns."""
 
     compact_format = "structured"
     state_suffixes = ("group_mask", "group_rows")
@@ -75,10 +76,11 @@ class GroupMaskedLinear(PrunableLayer):
         self.taylor: torch.Tensor | None = None  # set by the hook while it chooses groups: |dL/dg| per group, summed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.group_mask.to(self.weight.dtype)
-        if self.rows:
-            bias = None if self.bias is None else self.bias * mask
-            return F.linear(x, self.weight * mask[:, None], bias)
+        mask = self.group_mask
+        if mask.dtype != self.weight.dtype:  # a no-op `to` is still an operator call on every pass
+            mask = mask.to(self.weight.dtype)
+        if self.rows:  # masking the output masks the rows and the bias in one multiply, with the same values
+            return F.linear(x, self.weight, self.bias) * mask
         if self.taylor is not None and self.training and torch.is_grad_enabled():
             gate = torch.ones_like(mask, requires_grad=True)  # dL/dgate_j = sum_i W_ij dL/dW'_ij: removing column j
             gate.register_hook(self._add_taylor)

@@ -409,3 +409,43 @@ def test_the_lag_limit_holds_a_lagging_run_at_its_limit_and_leaves_a_tracking_on
     assert free.state_dict() == lagging.state_dict() and free.metrics() == lagging.metrics()
     with pytest.raises(ValueError, match="lag_limit"):
         pruning_settings(method="rank", budget=0.3, size_control="shift", lag_limit=1.05)
+
+
+def test_the_closing_lag_limit_closes_the_lowest_ranks_and_leaves_the_others_as_they_are() -> None:
+    """With `lag_response: close` a lagging run ends within its limit by closing ranks, lowest log alpha first: no
+    gate is moved (no offset), every closed rank had a log alpha at or under every open one's when it closed, the
+    projection keeps only open ranks, and the final size is within B."""
+    lagging, _, _ = rank_closed_loop(100)
+    closing, model, _ = rank_closed_loop(100, lag_limit=1.05, lag_response="close")
+    end = closing.budget.target / closing.budget.dense_blocks
+    with torch.no_grad():
+        expected = float(closing.expected_density())
+    assert expected <= end * 1.05 + 1e-4 < lagging.last_density, (expected, end, lagging.last_density)
+    assert all(m.gate_offset is None for m in closing.modules)
+    assert closing.final_report(model)["within_budget"]
+    with pytest.raises(ValueError, match="lag_response"):
+        pruning_settings(method="rank", budget=0.3, lag_response="close")
+
+
+def test_closing_to_an_expected_size_closes_exactly_the_lowest_ranks_it_needs() -> None:
+    """`close_to_expected` on set log alphas: the ranks closed are the lowest ones, and just enough of them (the
+    size before the last one closed was over the target, the size after it is not)."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    hook = build_pruning(pruning_settings(method="rank", budget=0.3, lag_limit=1.1, lag_response="close"), 10)[0]
+    hook.setup(model)
+    with torch.no_grad():
+        for m in hook.modules:
+            m.log_alpha.copy_(torch.randn_like(m.log_alpha) * 3)
+        before = float(hook.expected_density())
+        hook.close_to_expected(0.6 * before)
+        after = float(hook.expected_density())
+    closed = torch.cat([m.log_alpha.detach()[~m.keep] for m in hook.modules])
+    still = torch.cat([m.log_alpha.detach()[m.keep] for m in hook.modules])
+    assert closed.numel() > 0 and closed.max() <= still.min()
+    assert after <= 0.6 * before
+    last_closed = max(((m, int(j)) for m in hook.modules for j in torch.nonzero(~m.keep).flatten()),
+                      key=lambda mj: float(mj[0].log_alpha[mj[1]].detach()))
+    with torch.no_grad():  # reopening the last one closed puts the size back over the target
+        last_closed[0].keep[last_closed[1]] = True
+        assert float(hook.expected_density()) > 0.6 * before
