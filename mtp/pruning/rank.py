@@ -37,10 +37,6 @@ class RankSettings(PruningSettings):
     log_alpha_init: float = 2.5
     """Initial log alpha; 2.5 makes every deterministic gate 1 (the pretrained map). Gates are not sampled before
     the pruning warmup ends (a sampled gate falls below 1 on 29% of the ranks at 2.5)."""
-    log_alpha_spread: float = Field(0.0, ge=0.0)
-    """Initial log alpha by singular value: each matrix's ranks start from log_alpha_init + spread (its largest
-    singular value) down to log_alpha_init (its smallest), linearly in their position, so that the gates' order
-    starts as a truncated SVD's and training refines it. 0: every rank starts at log_alpha_init."""
     size_control: Literal["lagrangian", "shift"] = "lagrangian"
     """How the expected size follows the schedule on the ramp: "lagrangian" (FLOP's augmented Lagrangian, the
     multipliers by gradient ascent), or "shift": after every optimizer step all log alpha move by one common amount,
@@ -115,7 +111,7 @@ class FactorizedLinear(PrunableLayer):
     state_suffixes = ("P", "Q", "log_alpha", "keep", "gate_offset")
 
     def __init__(self, linear: nn.Linear, beta: float, stretch: tuple[float, float], log_alpha_init: float,
-                 offset: bool = False, log_alpha_spread: float = 0.0):
+                 offset: bool = False):
         super().__init__()
         with gathered([linear.weight]):  # under ZeRO-3 (inside deepspeed.zero.Init) P and Q are partitioned as made
             weight = linear.weight.detach().float().clone()
@@ -126,10 +122,7 @@ class FactorizedLinear(PrunableLayer):
         self.P = nn.Parameter((u * root).to(dtype).contiguous())  # SVD factors come column-major
         self.Q = nn.Parameter((root[:, None] * vh).to(dtype).contiguous())
         self.bias = linear.bias
-        log_alpha = torch.full((s.numel(),), float(log_alpha_init))
-        if log_alpha_spread:  # the SVD orders s from the largest: the first rank starts highest
-            log_alpha = log_alpha + log_alpha_spread * torch.linspace(1.0, 0.0, s.numel())
-        self.log_alpha = nn.Parameter(log_alpha)
+        self.log_alpha = nn.Parameter(torch.full((s.numel(),), float(log_alpha_init)))
         # size_control "shift": one amount added to every log alpha, moved by the hook (not by the optimizer, whose
         # master copy of log alpha would overwrite an edit of the parameter); absent otherwise (older runs' state)
         self.gate_offset: torch.Tensor | None
@@ -293,8 +286,7 @@ class RankPruning(PruningHook):
         def factorised(linear: nn.Linear, _idx: int, _kind: str) -> FactorizedLinear:
             return FactorizedLinear(linear, c.gate_beta, (c.gate_low, c.gate_high), c.log_alpha_init,
                                     offset=c.size_control == "shift" or (c.lag_limit is not None
-                                                                         and c.lag_response == "shift"),
-                                    log_alpha_spread=c.log_alpha_spread)
+                                                                         and c.lag_response == "shift"))
 
         replace_prunable(model, factorised)
         self.modules = [m for _, _, m in prunable_modules(model)]

@@ -449,17 +449,3 @@ def test_closing_to_an_expected_size_closes_exactly_the_lowest_ranks_it_needs() 
     with torch.no_grad():  # reopening the last one closed puts the size back over the target
         last_closed[0].keep[last_closed[1]] = True
         assert float(hook.expected_density()) > 0.6 * before
-
-
-def test_a_log_alpha_spread_orders_the_gates_by_singular_value_and_keeps_the_pretrained_map() -> None:
-    """With `log_alpha_spread` each matrix's first rank (its largest singular value) starts highest and its last at
-    log_alpha_init, every deterministic gate still 1: the layer is still exactly the pretrained map."""
-    torch.manual_seed(0)
-    linear = nn.Linear(12, 8)
-    layer = FactorizedLinear(linear, 2.0 / 3.0, (-0.1, 1.1), 2.5, log_alpha_spread=3.0).eval()
-    alphas = layer.log_alpha.detach()
-    assert alphas[0] == pytest.approx(5.5) and alphas[-1] == pytest.approx(2.5)
-    assert bool((alphas[:-1] > alphas[1:]).all())
-    assert bool((layer.deterministic_gates(layer.alphas()) == 1).all())
-    x = torch.randn(3, 12)
-    torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-5)
