@@ -135,9 +135,9 @@ def pruned_path(base, settings: dict, budget: float, total: int, phase: str):
             hook.project()
             hook.fixed = True
             hook._set_sampling()
-        else:  # the hook's own step into its fixed phase (final masks, and what stops with them)
-            hook.on_optimizer_step(model, hook.schedule_end + 1)
-            assert hook.fixed
+        else:
+            hook.final_masks()
+            hook.fixed = True
     return model, hooks
 
 

@@ -468,16 +468,16 @@ class RankPruning(PruningHook):
     def close_to_expected(self, target: float) -> None:
         """Close the kept ranks with the smallest log alpha, over all matrices, until the expected size is at most
         `target` (a fraction of the dense blocks): the last one closed is the one that brings it there. The ranks
-        left keep their gates. Reads the keep masks' change on the host (a sync on an accelerator, on steps that
-        close)."""
+        left keep their gates. Reads on the host whether any rank closes (a sync on an accelerator, every call)
+        and, when some do, which masks changed."""
         assert self.budget is not None
         params = [m.log_alpha for m in self.modules]
         with gathered(params):  # every data-parallel rank sorts the same values
             first = self.modules[0]
             alphas = torch.cat([m.alphas() for m in self.modules])
             keep = torch.cat([m.keep for m in self.modules])
-            open_cost = self.rank_costs(alphas.device) * expected_open_each(alphas, first.beta, first.low,
-                                                                             first.high) * keep
+            open_cost = (self.rank_costs(alphas.device) * expected_open_each(alphas, first.beta, first.low,
+                                                                              first.high) * keep).double()
             excess = open_cost.sum() - (target * self.budget.dense_blocks - self.budget.non_prunable)
             order = torch.sort(alphas.masked_fill(~keep, -math.inf), stable=True).indices  # closed ones first
             removed_before = torch.cumsum(open_cost[order], 0) - open_cost[order]

@@ -56,9 +56,9 @@ class StructuredSettings(PruningSettings):
 
 
 class GroupMaskedLinear(PrunableLayer):
-    """y = (W x + b) * m with a 0/1 mask m over the rows (output features: the bias is masked with them; the same
-    values as (W * m) x + b * m) or (W * m) x + b with one over the columns (input features); the compact form keeps
-    the unmasked rows or columns."""
+    """y = (W x + b) * m with a 0/1 mask m over the rows (output features: the bias is masked with them; for finite
+    outputs the same values as (W * m) x + b * m) or (W * m) x + b with one over the columns (input features); the
+    compact form keeps the unmasked rows or columns."""
 
     compact_format = "structured"
     state_suffixes = ("group_mask", "group_rows")

@@ -422,7 +422,10 @@ def test_the_closing_lag_limit_closes_the_lowest_ranks_and_leaves_the_others_as_
         expected = float(closing.expected_density())
     assert expected <= end * 1.05 + 1e-4 < lagging.last_density, (expected, end, lagging.last_density)
     assert all(m.gate_offset is None for m in closing.modules)
+    closed_on_the_ramp = [~m.keep.clone() for m in closing.modules]
+    assert any(bool(c.any()) for c in closed_on_the_ramp)
     assert closing.final_report(model)["within_budget"]
+    assert not any(bool((c & m.keep).any()) for c, m in zip(closed_on_the_ramp, closing.modules, strict=True))
     with pytest.raises(ValueError, match="lag_response"):
         pruning_settings(method="rank", budget=0.3, lag_response="close")
 
