@@ -54,6 +54,8 @@ class RankSettings(PruningSettings):
     the expected size is at the limit, and leaves the others as they are (a closed rank stays closed, and the final
     projection keeps only ranks still open)."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
+    gate_low: float = Field(-0.1, lt=0.0)
+    gate_high: float = Field(1.1, gt=1.0)
 
     @model_validator(mode="after")
     def _lag_limit_needs_the_lagrangian(self) -> RankSettings:
@@ -63,8 +65,6 @@ class RankSettings(PruningSettings):
         if self.lag_response != "shift" and self.lag_limit is None:
             raise ValueError("pruning.lag_response: says what lag_limit does; set lag_limit (e.g. 1.1) with it")
         return self
-    gate_low: float = Field(-0.1, lt=0.0)
-    gate_high: float = Field(1.1, gt=1.0)
 
 
 _CONSTANTS: dict[tuple[torch.device, float], torch.Tensor] = {}
@@ -440,6 +440,8 @@ class RankPruning(PruningHook):
             alphas = torch.cat([m.alphas() for m in self.modules]) - shift
             costs = self.rank_costs(alphas.device) * torch.cat([m.keep for m in self.modules]).float()
             goal = target * self.budget.dense_blocks - self.budget.non_prunable
+            if only_down and host_reads_are_free(alphas) and not bool((costs * torch.sigmoid(alphas)).sum() > goal):
+                return  # under the limit: no shift (read for free on a CPU; the device path below gives 0 itself)
             low = torch.full((), -40.0, device=alphas.device)
             high = torch.full((), 0.0 if only_down else 40.0, device=alphas.device)
             for _ in range(iterations):
@@ -468,8 +470,8 @@ class RankPruning(PruningHook):
     def close_to_expected(self, target: float) -> None:
         """Close the kept ranks with the smallest log alpha, over all matrices, until the expected size is at most
         `target` (a fraction of the dense blocks): the last one closed is the one that brings it there. The ranks
-        left keep their gates. Reads on the host whether any rank closes (a sync on an accelerator, every call)
-        and, when some do, which masks changed."""
+        left keep their gates. Reads on the host which masks change, all at once (one sync on an accelerator, every
+        call)."""
         assert self.budget is not None
         params = [m.log_alpha for m in self.modules]
         with gathered(params):  # every data-parallel rank sorts the same values
@@ -483,10 +485,11 @@ class RankPruning(PruningHook):
             removed_before = torch.cumsum(open_cost[order], 0) - open_cost[order]
             close = torch.zeros_like(keep)
             close[order] = removed_before < excess  # still over the target before this one closes
-        if not bool((close & keep).any()):
-            return
-        for m, shut in zip(self.modules, close.split([m.keep.numel() for m in self.modules]), strict=True):
-            if bool((shut & m.keep).any()):
+        closing = close & keep
+        changed = torch.stack([part.any() for part in closing.split([m.keep.numel() for m in self.modules])])
+        for m, shut, moved in zip(self.modules, close.split([m.keep.numel() for m in self.modules]),
+                                  changed.tolist(), strict=True):  # one host read for every matrix
+            if moved:
                 m.keep.masked_fill_(shut.to(m.keep.device), False)
 
     def state_dict(self) -> dict[str, Any]:
