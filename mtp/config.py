@@ -253,6 +253,7 @@ NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("pruning", "size_control"): "lagrangian",
     ("pruning", "lag_limit"): None,
     ("pruning", "lag_response"): "shift",
+    ("pruning", "close_order"): "log_alpha",
     ("pruning", "finetune_ratio"): 0.0,
     ("pruning", "attention_share"): None,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first

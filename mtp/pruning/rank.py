@@ -53,6 +53,10 @@ class RankSettings(PruningSettings):
     left open become partial); "close" closes the kept ranks with the smallest log alpha, over all matrices, until
     the expected size is at the limit, and leaves the others as they are (a closed rank stays closed, and the final
     projection keeps only ranks still open)."""
+    close_order: Literal["log_alpha", "energy"] = "log_alpha"
+    """Which kept ranks `lag_response: close` closes first: the smallest log alpha over all matrices, or the smallest
+    share of their matrix's energy (|P_r|^2 |Q_r|^2 g_r^2 over the matrix's sum, g the deterministic gate: the
+    singular-value order at the start, a truncated SVD as it goes)."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
@@ -64,6 +68,9 @@ class RankSettings(PruningSettings):
                              "itself (leave lag_limit unset)")
         if self.lag_response != "shift" and self.lag_limit is None:
             raise ValueError("pruning.lag_response: says what lag_limit does; set lag_limit (e.g. 1.1) with it")
+        if self.close_order != "log_alpha" and self.lag_response != "close":
+            raise ValueError("pruning.close_order: orders the closing of lag_response 'close'; set lag_response: close "
+                             "(and lag_limit) with it")
         return self
 
 
@@ -468,12 +475,13 @@ class RankPruning(PruningHook):
 
     @torch.no_grad()
     def close_to_expected(self, target: float) -> None:
-        """Close the kept ranks with the smallest log alpha, over all matrices, until the expected size is at most
-        `target` (a fraction of the dense blocks): the last one closed is the one that brings it there. The ranks
-        left keep their gates. Reads on the host which masks change, all at once (one sync on an accelerator, every
-        call)."""
+        """Close the kept ranks with the smallest log alpha (or energy share, `close_order`), over all matrices,
+        until the expected size is at most `target` (a fraction of the dense blocks): the last one closed is the one
+        that brings it there. The ranks left keep their gates. Reads on the host which masks change, all at once (one
+        sync on an accelerator, every call)."""
         assert self.budget is not None
         params = [m.log_alpha for m in self.modules]
+        shares = self.energy_shares() if self.cfg.close_order == "energy" else None  # gathers its own parameters
         with gathered(params):  # every data-parallel rank sorts the same values
             first = self.modules[0]
             alphas = torch.cat([m.alphas() for m in self.modules])
@@ -481,7 +489,8 @@ class RankPruning(PruningHook):
             open_cost = (self.rank_costs(alphas.device) * expected_open_each(alphas, first.beta, first.low,
                                                                               first.high) * keep).double()
             excess = open_cost.sum() - (target * self.budget.dense_blocks - self.budget.non_prunable)
-            order = torch.sort(alphas.masked_fill(~keep, -math.inf), stable=True).indices  # closed ones first
+            key = alphas if shares is None else shares.to(alphas.device)
+            order = torch.sort(key.masked_fill(~keep, -math.inf), stable=True).indices  # closed ones first
             removed_before = torch.cumsum(open_cost[order], 0) - open_cost[order]
             close = torch.zeros_like(keep)
             close[order] = removed_before < excess  # still over the target before this one closes
@@ -491,6 +500,18 @@ class RankPruning(PruningHook):
                                   changed.tolist(), strict=True):  # one host read for every matrix
             if moved:
                 m.keep.masked_fill_(shut.to(m.keep.device), False)
+
+    @torch.no_grad()
+    def energy_shares(self) -> torch.Tensor:
+        """Every rank's share of its matrix's energy, (|P_r| |Q_r| g_r)^2 over the matrix's sum (g the deterministic
+        gate, 0 for a closed rank), the layers' ranks concatenated; one matrix gathered at a time under ZeRO-3."""
+        shares = []
+        for m in self.modules:
+            with gathered([m.P, m.Q, m.log_alpha]):
+                strength = m.P.detach().float().norm(dim=0) * m.Q.detach().float().norm(dim=1)
+                energy = (strength * m.deterministic_gates(m.alphas().detach()) * m.keep).double() ** 2
+                shares.append(energy / energy.sum().clamp_min(torch.finfo(torch.float64).tiny))
+        return torch.cat(shares)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "fixed": self.fixed, "lambda1": float(self.lambda1), "lambda2": float(self.lambda2),

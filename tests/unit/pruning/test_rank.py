@@ -452,3 +452,27 @@ def test_closing_to_an_expected_size_closes_exactly_the_lowest_ranks_it_needs() 
     with torch.no_grad():  # reopening the last one closed puts the size back over the target
         last_closed[0].keep[last_closed[1]] = True
         assert float(hook.expected_density()) > 0.6 * before
+
+
+def test_closing_by_energy_closes_the_weakest_share_of_each_matrix_first() -> None:
+    """`close_order: energy` ranks the kept ranks by their share of their matrix's energy (|P_r| |Q_r| g_r)^2: every
+    rank closed had a share at or under every open one's, and the log alphas play no part in the order."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    hook = build_pruning(pruning_settings(method="rank", budget=0.3, lag_limit=1.1, lag_response="close",
+                                          close_order="energy"), 10)[0]
+    hook.setup(model)
+    with torch.no_grad():
+        for m in hook.modules:
+            m.log_alpha.copy_(torch.linspace(6.0, 3.0, m.log_alpha.numel()))  # every gate 1, the last ranks lowest
+            m.P.mul_(torch.rand(m.P.shape[1]))
+        shares = hook.energy_shares()
+        before = float(hook.expected_density())
+        hook.close_to_expected(0.6 * before)
+        assert float(hook.expected_density()) <= 0.6 * before
+    keep = torch.cat([m.keep for m in hook.modules])
+    assert (~keep).any() and shares[~keep].max() <= shares[keep].min()
+    by_alpha = torch.cat([m.log_alpha.detach() for m in hook.modules])
+    assert by_alpha[~keep].max() > by_alpha[keep].min()  # not the log-alpha order
+    with pytest.raises(ValueError, match="close_order"):
+        pruning_settings(method="rank", budget=0.3, close_order="energy")
