@@ -47,6 +47,11 @@ CASES: dict[str, list[str]] = {
     "structured": ["pruning.method=structured", "pruning.budget=0.5", "pruning.finetune_ratio=0.25"],
     "magnitude_zero3_2ranks": ["pruning.method=magnitude", "pruning.budget=0.3",
                                "train.deepspeed_config=ds_configs/cpu_zero3.json", "NPROC:2"],
+    "dense_zero3": ["train.deepspeed_config=ds_configs/cpu_zero3.json"],
+    "movement_fixed_zero3": ["pruning.method=movement", "pruning.budget=0.5", "pruning.finetune_ratio=0.25",
+                             "train.deepspeed_config=ds_configs/cpu_zero3.json"],
+    "rank_zero3": ["pruning.method=rank", "pruning.budget=0.5", "pruning.finetune_ratio=0.25",
+                   "train.deepspeed_config=ds_configs/cpu_zero3.json"],
     "movement_resume": ["pruning.method=movement", "pruning.budget=0.5", "train.stop_after_steps=6", "RESUME"],
 }
 BASE = ["--config", "configs/tiny.yaml", "train.deepspeed_config=ds_configs/cpu_zero0.json", "train.max_steps=12",

@@ -38,7 +38,13 @@ from mtp.config import load_config
 from mtp.pruning import pruning_settings
 from mtp.training import zero_step
 from mtp.training.distributed import init_distributed
-from mtp.training.optim import build_ds_config, lr_lambda, skip_single_rank_reduction, split_param_groups
+from mtp.training.optim import (
+    build_ds_config,
+    lr_lambda,
+    skip_single_rank_reduction,
+    split_param_groups,
+    zero3_layers_as_leaves,
+)
 
 PEER_DEEPSPEED = "0.18.9"
 BENCH = Path(__file__).resolve().parent
@@ -52,6 +58,7 @@ def engine_step(cfg, model, hooks, ds_extra=None):
 
     ds = build_ds_config(cfg, 1) | (ds_extra or {})
     zero_step.install()  # as the trainer does
+    zero3_layers_as_leaves(model, ds)  # as the trainer does
     engine, *_ = deepspeed.initialize(model=model, config=ds,
                                       model_parameters=split_param_groups(model, hooks, cfg.train.weight_decay),
                                       lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(0, 10**6)))

@@ -139,6 +139,23 @@ def skip_single_rank_reduction(engine: Any) -> None:
         engine.enable_backward_allreduce = False
 
 
+def zero3_layers_as_leaves(model: torch.nn.Module, ds: dict[str, Any]) -> int:
+    """Under ZeRO-3, each encoder layer a ZeRO-3 leaf module: DeepSpeed fetches and releases a layer's parameters
+    together and hooks the layer alone, not each of its submodules (per-module hooks are most of ZeRO-3's extra
+    host work at one rank). The same values: only when parameters are gathered changes. A `leaf_module` block in the
+    user's `zero_optimization` is left to DeepSpeed instead. Returns how many layers were marked."""
+    if zero_stage(ds) != 3 or "leaf_module" in ds.get("zero_optimization", {}):
+        return 0
+    from deepspeed.utils import set_z3_leaf_module
+
+    from mtp.model import encoder_layers
+
+    layers = encoder_layers(model)
+    for layer in layers:
+        set_z3_leaf_module(layer, True)
+    return len(layers)
+
+
 def share_master_weights(engine: Any) -> int:
     """When the model trains in fp32, ZeRO's fp32 master partition is a second copy of the parameters' own
     partition: make the two one tensor. Stages 1-2 always clone it; stage 3 means to share it but compares a

@@ -40,6 +40,7 @@ from mtp.training.optim import (
     split_param_groups,
     torch_dtype,
     total_steps,
+    zero3_layers_as_leaves,
     zero_stage,
 )
 from mtp.training.state import TrainState
@@ -116,6 +117,7 @@ class Trainer:
         warmup = int(cfg.train.warmup_ratio * max_steps)
         enter_phase(hooks, "engine_setup")
         zero_step.install()  # ZeRO-1/2's step without its per-parameter extras (same values; mtp/training/zero_step.py)
+        zero3_layers_as_leaves(model, ds_config)
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds_config,
             optimizer=None if "optimizer" in ds_config else adamw(groups, cfg),

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from deepspeed.utils import z3_leaf_module
 
 from mtp.config import load_config
-from mtp.training.optim import build_ds_config
+from mtp.model import encoder_layers
+from mtp.training.optim import build_ds_config, zero3_layers_as_leaves
 from mtp.training.trainer import LossNotFinite, check_finite_loss
+from tests.unit.pruning.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -47,3 +50,15 @@ def test_gradient_buffers_follow_the_world_size_unless_set(tmp_path: Path, name:
     stated["zero_optimization"]["contiguous_gradients"] = True
     kept = ds_config(tmp_path, {"zero_optimization": stated["zero_optimization"]}, 1, name)["zero_optimization"]
     assert kept["contiguous_gradients"] is True
+
+
+def test_zero3_makes_each_encoder_layer_one_leaf_unless_the_config_says() -> None:
+    """Under ZeRO-3 every encoder layer is a ZeRO-3 leaf (its parameters fetched together, its submodules unhooked);
+    other stages mark nothing, and a `leaf_module` block of the user's config is left to DeepSpeed."""
+    model = tiny_model()
+    assert zero3_layers_as_leaves(model, {"zero_optimization": {"stage": 2}}) == 0
+    assert zero3_layers_as_leaves(model, {"zero_optimization": {"stage": 3, "leaf_module": {"names": []}}}) == 0
+    assert not any(z3_leaf_module(m) for m in model.modules())
+    layers = encoder_layers(model)
+    assert zero3_layers_as_leaves(model, {"zero_optimization": {"stage": 3}}) == len(layers) > 0
+    assert [m for m in model.modules() if z3_leaf_module(m)] == layers
