@@ -254,6 +254,7 @@ NEUTRAL_WHEN_UNSET: dict[tuple[str, ...], Any] = {
     ("pruning", "lag_limit"): None,
     ("pruning", "lag_response"): "shift",
     ("pruning", "close_order"): "log_alpha",
+    ("pruning", "close_from"): None,
     ("pruning", "finetune_ratio"): 0.0,
     ("pruning", "attention_share"): None,
     ("distill", "task_teachers"): {},  # before the section: keys added later go first

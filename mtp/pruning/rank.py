@@ -57,6 +57,12 @@ class RankSettings(PruningSettings):
     """Which kept ranks `lag_response: close` closes first: the smallest log alpha over all matrices, or the smallest
     share of their matrix's energy (|P_r|^2 |Q_r|^2 g_r^2 over the matrix's sum, g the deterministic gate: the
     singular-value order at the start, a truncated SVD as it goes)."""
+    close_from: float | None = Field(None, ge=0.0, lt=1.0)
+    """Where on the ramp `lag_response: close` starts, as a fraction of it (0.5: half-way); before it the Lagrangian
+    runs alone. From there the most the expected size may be falls on a straight line from the size it has at that
+    step to `lag_limit` times the final target at the ramp's end (never under `lag_limit` times the schedule's
+    target), so the ranks the Lagrangian left open close over the rest of the ramp instead of at the cut. None: the
+    limit holds along the whole ramp."""
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
@@ -68,6 +74,9 @@ class RankSettings(PruningSettings):
                              "itself (leave lag_limit unset)")
         if self.lag_response != "shift" and self.lag_limit is None:
             raise ValueError("pruning.lag_response: says what lag_limit does; set lag_limit (e.g. 1.1) with it")
+        if self.close_from is not None and self.lag_response != "close":
+            raise ValueError("pruning.close_from: says where lag_response 'close' starts; set lag_response: close "
+                             "(and lag_limit) with it")
         if self.close_order != "log_alpha" and self.lag_response != "close":
             raise ValueError("pruning.close_order: orders the closing of lag_response 'close'; set lag_response: close "
                              "(and lag_limit) with it")
@@ -302,6 +311,7 @@ class RankPruning(PruningHook):
         # gap at once, where lambda1 only integrates it; from 0, lambda1 alone wound up while the saturated gates
         # lagged and then overshot (a 1,000-step MiniLM run ended at 0.40 of the blocks for B = 0.5)
         self.lambda2 = c.lambda2_init
+        self.close_start: tuple[int, float] | None = None  # (step, expected size) where `close_from` began closing
         self.projected = False
         with gathered([m.log_alpha for m in self.modules]):  # made partitioned under ZeRO-3
             self.start_density = self.expected_density().item()
@@ -429,7 +439,9 @@ class RankPruning(PruningHook):
             self.lambda1 = self.lambda1 + self.cfg.lagrangian_lr * gap
             self.lambda2 = self.lambda2 + self.cfg.lagrangian_lr * gap * gap
             if self.cfg.lag_limit is not None and self.cfg.lag_response == "close":
-                self.close_to_expected(self.target(step) * self.cfg.lag_limit)
+                limit = self.closing_limit(step)
+                if limit is not None:
+                    self.close_to_expected(limit)
             elif self.cfg.lag_limit is not None:
                 self.shift_to_target(self.target(step) * self.cfg.lag_limit, only_down=True)
         self._set_sampling()
@@ -473,6 +485,23 @@ class RankPruning(PruningHook):
                                           for m in self.modules])
         return self._rank_costs
 
+    def closing_limit(self, step: int) -> float | None:
+        """The most the expected size may be after `step` (a fraction of the dense blocks) under `lag_response:
+        close`; None before `close_from`."""
+        assert self.cfg.lag_limit is not None
+        limit = self.target(step) * self.cfg.lag_limit
+        if self.cfg.close_from is None:
+            return limit
+        ramp_end = self.schedule_end - self.cooldown
+        if step < self.warmup + self.cfg.close_from * (ramp_end - self.warmup):
+            return None
+        if self.close_start is None:  # the size the Lagrangian left, where closing starts (one host read)
+            self.close_start = (step, float(self.last_density))
+        start, size = self.close_start
+        final = self.target(ramp_end) * self.cfg.lag_limit
+        along = min(1.0, (step - start) / max(1, ramp_end - start))
+        return max(limit, size + (final - size) * along)
+
     @torch.no_grad()
     def close_to_expected(self, target: float) -> None:
         """Close the kept ranks with the smallest log alpha (or energy share, `close_order`), over all matrices,
@@ -514,14 +543,20 @@ class RankPruning(PruningHook):
         return torch.cat(shares)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "fixed": self.fixed, "lambda1": float(self.lambda1), "lambda2": float(self.lambda2),
-                "start_density": self.start_density, "last_density": float(self.last_density)}
+        state = {"step": self.step, "fixed": self.fixed, "lambda1": float(self.lambda1),
+                 "lambda2": float(self.lambda2), "start_density": self.start_density,
+                 "last_density": float(self.last_density)}
+        if self.close_start is not None:
+            state["close_start"] = list(self.close_start)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.lambda1, self.lambda2 = state.get("lambda1", 0.0), state.get("lambda2", 0.0)
         self.start_density = state.get("start_density", self.start_density)
         self.last_density = state.get("last_density", self.last_density)
+        close_start = state.get("close_start")
+        self.close_start = (int(close_start[0]), float(close_start[1])) if close_start is not None else None
         self.projected = self.fixed  # the keep masks themselves come back with the checkpoint's buffers
         self._set_sampling()
 

@@ -476,3 +476,35 @@ def test_closing_by_energy_closes_the_weakest_share_of_each_matrix_first() -> No
     assert by_alpha[~keep].max() > by_alpha[keep].min()  # not the log-alpha order
     with pytest.raises(ValueError, match="close_order"):
         pruning_settings(method="rank", budget=0.3, close_order="energy")
+
+
+def test_closing_from_half_way_follows_a_line_from_the_lagging_size_to_the_limit() -> None:
+    """`close_from: 0.5`: no limit before half the ramp; from there a straight line from the size the Lagrangian
+    left to `lag_limit` times the final target at the ramp's end (never under the limit on the schedule), kept
+    through a checkpoint; a closed loop that lags ends within its limit."""
+    hook = build_pruning(pruning_settings(method="rank", budget=0.3, warmup_ratio=0.1, cooldown_ratio=0.2,
+                                          lag_limit=1.05, lag_response="close", close_from=0.5), 100)[0]
+    hook.setup(tiny_model())
+    ramp_end = hook.schedule_end - hook.cooldown  # 80; the ramp starts at 10, so closing starts at 45
+    final = hook.target(ramp_end) * 1.05
+    assert hook.closing_limit(44) is None and hook.close_start is None
+    hook.last_density = 0.9
+    assert hook.closing_limit(45) == pytest.approx(max(0.9, hook.target(45) * 1.05))
+    assert hook.close_start == (45, 0.9)
+    middle = hook.closing_limit(62)
+    assert max(final, hook.target(62) * 1.05) <= middle < 0.9
+    assert middle == pytest.approx(max(hook.target(62) * 1.05, 0.9 + (final - 0.9) * 17 / 35))
+    assert hook.closing_limit(ramp_end) == pytest.approx(final)
+    restored = build_pruning(hook.cfg, 100)[0]
+    restored.setup(tiny_model())
+    restored.load_state_dict(hook.state_dict())
+    assert restored.close_start == hook.close_start
+    lagging, _, _ = rank_closed_loop(100)
+    closing, model, _ = rank_closed_loop(100, lag_limit=1.05, lag_response="close", close_from=0.5)
+    end = closing.budget.target / closing.budget.dense_blocks
+    with torch.no_grad():
+        expected = float(closing.expected_density())
+    assert expected <= end * 1.05 + 1e-4 < lagging.last_density
+    assert closing.close_start is not None and closing.final_report(model)["within_budget"]
+    with pytest.raises(ValueError, match="close_from"):
+        pruning_settings(method="rank", budget=0.3, close_from=0.5)
