@@ -52,6 +52,11 @@ CASES: dict[str, list[str]] = {
                              "train.deepspeed_config=ds_configs/cpu_zero3.json"],
     "rank_zero3": ["pruning.method=rank", "pruning.budget=0.5", "pruning.finetune_ratio=0.25",
                    "train.deepspeed_config=ds_configs/cpu_zero3.json"],
+    # every encoder parameter partitioned (no persistence threshold): the layers are fetched and released whole
+    "rank_zero3_partitioned": ["pruning.method=rank", "pruning.budget=0.5", "pruning.finetune_ratio=0.25",
+                               "ZERO3_PARTITIONED"],
+    "movement_fixed_zero3_partitioned": ["pruning.method=movement", "pruning.budget=0.5",
+                                         "pruning.finetune_ratio=0.25", "ZERO3_PARTITIONED"],
     "movement_resume": ["pruning.method=movement", "pruning.budget=0.5", "train.stop_after_steps=6", "RESUME"],
 }
 BASE = ["--config", "configs/tiny.yaml", "train.deepspeed_config=ds_configs/cpu_zero0.json", "train.max_steps=12",
@@ -83,6 +88,16 @@ def bf16_config(repo: Path, work: Path) -> Path:
     return path
 
 
+def zero3_partitioned_config(repo: Path, work: Path) -> Path:
+    """ds_configs/cpu_zero3.json with no parameter kept whole (persistence threshold 0), written into the work
+    folder: the tiny model's tensors are all under the file's threshold, so otherwise none is ever partitioned."""
+    ds = json.loads((repo / "ds_configs" / "cpu_zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = work / "zero3_partitioned.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
 def run_case(repo: Path, work: Path, name: str, env: dict[str, str], bf16: bool = False,
              seed: int | None = None) -> dict:
     args, nproc, resume = list(CASES[name]), "1", "RESUME" in CASES[name]
@@ -92,6 +107,9 @@ def run_case(repo: Path, work: Path, name: str, env: dict[str, str], bf16: bool 
         args = [a for a in args if not a.startswith("train.deepspeed_config=")]
         args.append(f"train.deepspeed_config={bf16_config(repo, work)}")
     args = [a for a in args if a != "RESUME"]
+    if "ZERO3_PARTITIONED" in args:
+        args.remove("ZERO3_PARTITIONED")
+        args.append(f"train.deepspeed_config={zero3_partitioned_config(repo, work)}")
     for a in [a for a in args if a.startswith("NPROC:")]:
         nproc = a.split(":")[1]
         args.remove(a)

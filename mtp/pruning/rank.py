@@ -321,6 +321,7 @@ class RankPruning(PruningHook):
         self.batched_density: torch.Tensor | None = None
         self._batched_index: tuple[tuple[Any, ...], list[int], torch.Tensor | None] | None = None
         self._rank_costs: torch.Tensor | None = None
+        self._rank_owners: torch.Tensor | None = None
         model.register_forward_pre_hook(self.gates_for_all_layers)
 
     def gates_for_all_layers(self, model: nn.Module, _args: Any) -> None:
@@ -506,29 +507,40 @@ class RankPruning(PruningHook):
     def close_to_expected(self, target: float) -> None:
         """Close the kept ranks with the smallest log alpha (or energy share, `close_order`), over all matrices,
         until the expected size is at most `target` (a fraction of the dense blocks): the last one closed is the one
-        that brings it there. The ranks left keep their gates. Reads on the host which masks change, all at once (one
-        sync on an accelerator, every call)."""
+        that brings it there. The ranks left keep their gates. Reads on the host which masks change, all matrices at
+        once (one sync on an accelerator, every call); the energy order first reads whether the size is over the
+        target at all, and only then gathers every P and Q for the shares."""
         assert self.budget is not None
-        params = [m.log_alpha for m in self.modules]
-        shares = self.energy_shares() if self.cfg.close_order == "energy" else None  # gathers its own parameters
-        with gathered(params):  # every data-parallel rank sorts the same values
+        with gathered([m.log_alpha for m in self.modules]):  # every data-parallel rank sorts the same values
             first = self.modules[0]
             alphas = torch.cat([m.alphas() for m in self.modules])
             keep = torch.cat([m.keep for m in self.modules])
             open_cost = (self.rank_costs(alphas.device) * expected_open_each(alphas, first.beta, first.low,
                                                                               first.high) * keep).double()
             excess = open_cost.sum() - (target * self.budget.dense_blocks - self.budget.non_prunable)
-            key = alphas if shares is None else shares.to(alphas.device)
-            order = torch.sort(key.masked_fill(~keep, -math.inf), stable=True).indices  # closed ones first
-            removed_before = torch.cumsum(open_cost[order], 0) - open_cost[order]
-            close = torch.zeros_like(keep)
-            close[order] = removed_before < excess  # still over the target before this one closes
-        closing = close & keep
-        changed = torch.stack([part.any() for part in closing.split([m.keep.numel() for m in self.modules])])
+        if self.cfg.close_order == "energy":
+            if not bool(excess > 0):
+                return
+            key = self.energy_shares().to(alphas.device)
+        else:
+            key = alphas
+        order = torch.sort(key.masked_fill(~keep, -math.inf), stable=True).indices  # closed ones first
+        removed_before = torch.cumsum(open_cost[order], 0) - open_cost[order]
+        close = torch.zeros_like(keep)
+        close[order] = removed_before < excess  # still over the target before this one closes
+        owner = self.rank_owners(close.device)
+        changed = torch.zeros(len(self.modules), device=close.device).index_add_(0, owner, (close & keep).float()) > 0
         for m, shut, moved in zip(self.modules, close.split([m.keep.numel() for m in self.modules]),
                                   changed.tolist(), strict=True):  # one host read for every matrix
             if moved:
                 m.keep.masked_fill_(shut.to(m.keep.device), False)
+
+    def rank_owners(self, device: torch.device) -> torch.Tensor:
+        """Every rank's matrix (its index in `self.modules`), the layers' ranks concatenated; made once per device."""
+        if self._rank_owners is None or self._rank_owners.device != device:
+            self._rank_owners = torch.cat([torch.full((m.keep.numel(),), i, device=device)
+                                           for i, m in enumerate(self.modules)])
+        return self._rank_owners
 
     @torch.no_grad()
     def energy_shares(self) -> torch.Tensor:

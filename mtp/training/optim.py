@@ -142,9 +142,12 @@ def skip_single_rank_reduction(engine: Any) -> None:
 def zero3_layers_as_leaves(model: torch.nn.Module, ds: dict[str, Any]) -> int:
     """Under ZeRO-3, each encoder layer a ZeRO-3 leaf module: DeepSpeed fetches and releases a layer's parameters
     together and hooks the layer alone, not each of its submodules (per-module hooks are most of ZeRO-3's extra
-    host work at one rank). The same values: only when parameters are gathered changes. A `leaf_module` block in the
-    user's `zero_optimization` is left to DeepSpeed instead. Returns how many layers were marked."""
-    if zero_stage(ds) != 3 or "leaf_module" in ds.get("zero_optimization", {}):
+    host work at one rank). The same operators on the same values; a run agrees with one without leaves to float32
+    rounding, not bit for bit (docs/gpu.md). A config that chooses leaves itself (`leaf_module`, or
+    `stage3_module_granularity_threshold`, which also changes how DeepSpeed frees a leaf's parameters) is left to
+    DeepSpeed. Returns how many layers were marked."""
+    zero = ds.get("zero_optimization", {})
+    if zero_stage(ds) != 3 or "leaf_module" in zero or zero.get("stage3_module_granularity_threshold", 0):
         return 0
     from deepspeed.utils import set_z3_leaf_module
 

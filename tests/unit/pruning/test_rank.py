@@ -461,7 +461,11 @@ def test_closing_by_energy_closes_the_weakest_share_of_each_matrix_first() -> No
     model = tiny_model()
     hook = build_pruning(pruning_settings(method="rank", budget=0.3, lag_limit=1.1, lag_response="close",
                                           close_order="energy"), 10)[0]
+    weights = [m.weight.detach().clone() for _, _, m in prunable_modules(model)]
     hook.setup(model)
+    singular = [torch.linalg.svdvals(w.double()) for w in weights]  # at the start: s_r^2 over the matrix's sum
+    expected = torch.cat([s ** 2 / (s ** 2).sum() for s in singular])
+    assert torch.allclose(hook.energy_shares(), expected, rtol=1e-4, atol=1e-9)
     with torch.no_grad():
         for m in hook.modules:
             m.log_alpha.copy_(torch.linspace(6.0, 3.0, m.log_alpha.numel()))  # every gate 1, the last ranks lowest
@@ -474,6 +478,11 @@ def test_closing_by_energy_closes_the_weakest_share_of_each_matrix_first() -> No
     assert (~keep).any() and shares[~keep].max() <= shares[keep].min()
     by_alpha = torch.cat([m.log_alpha.detach() for m in hook.modules])
     assert by_alpha[~keep].max() > by_alpha[keep].min()  # not the log-alpha order
+    after = hook.energy_shares()  # a closed rank has no share; each matrix's open ranks share it all again
+    assert (after[~keep] == 0).all()
+    for part, m in zip(after.split([m.keep.numel() for m in hook.modules]), hook.modules, strict=True):
+        if m.keep.any():
+            assert float(part.sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="close_order"):
         pruning_settings(method="rank", budget=0.3, close_order="energy")
 
@@ -498,13 +507,14 @@ def test_closing_from_half_way_follows_a_line_from_the_lagging_size_to_the_limit
     restored = build_pruning(hook.cfg, 100)[0]
     restored.setup(tiny_model())
     restored.load_state_dict(hook.state_dict())
-    assert restored.close_start == hook.close_start
+    assert restored.close_start == hook.close_start and restored.closing_limit(62) == hook.closing_limit(62)
     lagging, _, _ = rank_closed_loop(100)
     closing, model, _ = rank_closed_loop(100, lag_limit=1.05, lag_response="close", close_from=0.5)
     end = closing.budget.target / closing.budget.dense_blocks
     with torch.no_grad():
         expected = float(closing.expected_density())
     assert expected <= end * 1.05 + 1e-4 < lagging.last_density
-    assert closing.close_start is not None and closing.final_report(model)["within_budget"]
+    assert closing.close_start is not None and closing.close_start[0] == 45  # the first ramp step from half-way
+    assert closing.final_report(model)["within_budget"]
     with pytest.raises(ValueError, match="close_from"):
         pruning_settings(method="rank", budget=0.3, close_from=0.5)

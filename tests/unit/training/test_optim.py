@@ -58,6 +58,8 @@ def test_zero3_makes_each_encoder_layer_one_leaf_unless_the_config_says() -> Non
     model = tiny_model()
     assert zero3_layers_as_leaves(model, {"zero_optimization": {"stage": 2}}) == 0
     assert zero3_layers_as_leaves(model, {"zero_optimization": {"stage": 3, "leaf_module": {"names": []}}}) == 0
+    assert zero3_layers_as_leaves(model, {"zero_optimization": {"stage": 3,
+                                                                "stage3_module_granularity_threshold": 10**6}}) == 0
     assert not any(z3_leaf_module(m) for m in model.modules())
     layers = encoder_layers(model)
     assert zero3_layers_as_leaves(model, {"zero_optimization": {"stage": 3}}) == len(layers) > 0
