@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 CASES: dict[str, list[str]] = {
@@ -79,23 +80,25 @@ def digest(run: Path) -> dict:
     return results
 
 
-def bf16_config(repo: Path, work: Path) -> Path:
-    """ds_configs/cpu_zero2.json with bf16 on, written into the work folder."""
-    ds = json.loads((repo / "ds_configs" / "cpu_zero2.json").read_text())
-    ds["bf16"] = {"enabled": True}
-    path = work / "bf16_zero2.json"
+def derived_config(repo: Path, work: Path, source: str, name: str, change: Callable[[dict], None]) -> Path:
+    """ds_configs/`source` with `change` applied, written into the work folder as `name`."""
+    ds = json.loads((repo / "ds_configs" / source).read_text())
+    change(ds)
+    path = work / name
     path.write_text(json.dumps(ds))
     return path
+
+
+def bf16_config(repo: Path, work: Path) -> Path:
+    """ds_configs/cpu_zero2.json with bf16 on."""
+    return derived_config(repo, work, "cpu_zero2.json", "bf16_zero2.json", lambda ds: ds.update(bf16={"enabled": True}))
 
 
 def zero3_partitioned_config(repo: Path, work: Path) -> Path:
-    """ds_configs/cpu_zero3.json with no parameter kept whole (persistence threshold 0), written into the work
-    folder: the tiny model's tensors are all under the file's threshold, so otherwise none is ever partitioned."""
-    ds = json.loads((repo / "ds_configs" / "cpu_zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = work / "zero3_partitioned.json"
-    path.write_text(json.dumps(ds))
-    return path
+    """ds_configs/cpu_zero3.json with no parameter kept whole (persistence threshold 0): the tiny model's tensors are
+    all under the file's threshold, so otherwise none is ever partitioned."""
+    return derived_config(repo, work, "cpu_zero3.json", "zero3_partitioned.json",
+                          lambda ds: ds["zero_optimization"].update(stage3_param_persistence_threshold=0))
 
 
 def run_case(repo: Path, work: Path, name: str, env: dict[str, str], bf16: bool = False,
