@@ -76,9 +76,12 @@ class MaskedLinear(PrunableLayer):
         # a method's term of the scores, taken in the training forward pass (where ZeRO-3 has gathered them)
         self.score_term: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.aux: torch.Tensor | None = None
+        # whether the scores still learn: not once the masks are fixed (they would change nothing, and their
+        # gradient would be computed, reduced and counted in the clipping norm every step for nothing)
+        self.learn_scores = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scores is not None and self.training:
+        if self.scores is not None and self.training and self.learn_scores:
             if self.score_term is not None:
                 self.aux = self.score_term(self.scores)
             weight = _StraightThroughMask.apply(self.weight, self.scores, self.mask.to(self.weight.dtype))
@@ -172,8 +175,18 @@ class ElementwisePruning(PruningHook):
         if self.in_fixed_phase(step):  # the final masks, kept from here on
             self.final_masks()
             self.fixed = True
+            self._stop_score_learning()
             return
         self.move_masks(step)
+
+    def _stop_score_learning(self) -> None:
+        """At fixed masks the scores take no part in the forward pass: no gradient, no regulariser term."""
+        for m in self.modules:
+            m.learn_scores = not self.fixed
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._stop_score_learning()
 
     def move_masks(self, step: int) -> None:
         """The masks of this step: the top `density` of the criterion, the density on the cubic schedule."""

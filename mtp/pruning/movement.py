@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -14,6 +14,10 @@ from mtp.pruning.elementwise import MaskedLinear, ScopedElementwisePruning, Scop
 
 class ScoreLearning(PruningSettings):
     """The keys of methods that learn a score S for every weight (movement, soft movement)."""
+
+    version: ClassVar[int] = 2
+    """2: the scores stop learning once the masks are fixed (their gradient no longer counts in the clipping norm
+    of the fixed-mask phase)."""
 
     score_lr: float = Field(1e-2, gt=0.0)
     """Learning rate of movement scores."""

@@ -13,14 +13,16 @@ def _needs_glue(glue_dir: Path) -> None:
 
 
 PRUNE = ["pruning.budget=0.3", "pruning.warmup_ratio=0.25", "pruning.cooldown_ratio=0.25"]
+# the ZeRO runs end with two steps at fixed masks (steps 7 and 8), where the scores no longer learn
+FIXED_PHASE = ["pruning.cooldown_ratio=0.125", "pruning.finetune_ratio=0.25"]
 
 
 @pytest.fixture(scope="session")
 def zero_runs(tmp_path_factory: pytest.TempPathFactory, tiny_pretrained: Path) -> dict[int, Path]:
-    """The same 8-step 2-rank movement-pruning job (one global threshold over every matrix: the scores are gathered
-    across partitions) under ZeRO-0, 1, 2 and 3, from one saved tiny checkpoint (ZeRO-3 builds the encoder
-    partitioned and loads it in): what the ZeRO agreement, share, results, TensorBoard, budget, export and resume
-    tests read."""
+    """The same 8-step 2-rank movement-pruning job (its last two steps at fixed masks; one global threshold over
+    every matrix: the scores are gathered across partitions) under ZeRO-0, 1, 2 and 3, from one saved tiny
+    checkpoint (ZeRO-3 builds the encoder partitioned and loads it in): what the ZeRO agreement, share, results,
+    TensorBoard, budget, export and resume tests read."""
     import json
 
     from tests.conftest import ROOT, launch
@@ -34,8 +36,8 @@ def zero_runs(tmp_path_factory: pytest.TempPathFactory, tiny_pretrained: Path) -
             ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
             ds_config = out.parent / "zero3_no_persistence.json"
             ds_config.write_text(json.dumps(ds))
-        launch(["--config", "configs/tiny.yaml", "pruning.method=movement", *PRUNE, "pruning.scope=global",
-                f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
+        launch(["--config", "configs/tiny.yaml", "pruning.method=movement", *PRUNE, *FIXED_PHASE,
+                "pruning.scope=global", f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
                 f"train.deepspeed_config={ds_config}", f"output_dir={out}"])
         outs[stage] = out
     return outs

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, free_port, launch, results
-from tests.integration.conftest import PRUNE
+from tests.integration.conftest import FIXED_PHASE, PRUNE
 from tests.integration.test_pruning_dist import masks
 
 pytestmark = pytest.mark.slow
@@ -52,11 +52,11 @@ def test_results_and_tensorboard_hold_what_a_user_watches(zero_runs: dict[int, P
 
 def test_stopped_and_resumed_run_matches_uninterrupted(zero_runs: dict[int, Path], tmp_path: Path,
                                                       tiny_pretrained: Path) -> None:
-    """Stopped after 4 of 8 steps, in the middle of the pruning ramp, and resumed: the same losses, scores, tokens and
-    masks as the uninterrupted run (the pruning state travels in the checkpoint)."""
+    """Stopped after 4 of 8 steps, in the middle of the pruning ramp, and resumed through the fixed-mask phase: the
+    same losses, scores, tokens and masks as the uninterrupted run (the pruning state travels in the checkpoint)."""
     reference = results(zero_runs[2])  # the uninterrupted 8-step ZeRO-2 run
     out = tmp_path / "resumed"
-    common = ["--config", TINY, "pruning.method=movement", *PRUNE, "pruning.scope=global",
+    common = ["--config", TINY, "pruning.method=movement", *PRUNE, *FIXED_PHASE, "pruning.scope=global",
               f"encoder.name={tiny_pretrained}", "encoder.random_init=false",
               "train.deepspeed_config=ds_configs/cpu_zero2.json", f"output_dir={out}"]
     launch([*common, "train.stop_after_steps=4"])

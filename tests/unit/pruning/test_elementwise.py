@@ -68,3 +68,40 @@ def test_soft_movement_projects_to_the_budget_at_the_end() -> None:
     report = hook.final_report(model)
     assert report["within_budget"]
     assert hook.budget.target - report["kept_blocks"] <= 1
+
+
+@pytest.mark.parametrize("method", ["movement", "soft_movement"])
+def test_scores_stop_learning_once_the_masks_are_fixed(method: str) -> None:
+    """From the fixed-mask phase on the scores take no part in the forward pass (no gradient, no regulariser term),
+    the masks stay as they are, and a hook loaded from a checkpoint in that phase does the same."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    hook = build_pruning(pruning_settings(method=method, budget=0.3, finetune_ratio=0.3, cooldown_ratio=0.1), 10)[0]
+    hook.setup(model)
+    modules = [m for _, _, m in prunable_modules(model)]
+    for m in modules:
+        m.scores.data.normal_()
+    ids = torch.randint(0, model.encoder.config.vocab_size, (2, 5))
+
+    def backward() -> None:
+        for m in modules:
+            m.scores.grad = None
+        model.encoder(input_ids=ids).last_hidden_state.sum().backward()
+
+    hook.on_optimizer_step(model, 5)  # on the ramp: the scores learn
+    backward()
+    assert all(m.scores.grad is not None and m.learn_scores for m in modules)
+    hook.on_optimizer_step(model, 8)  # past the schedule's end (7): the masks are fixed
+    assert hook.fixed
+    masks = [m.mask.clone() for m in modules]
+    backward()
+    assert all(m.scores.grad is None and not m.learn_scores for m in modules)
+    assert hook.extra_loss(model, 8) is None
+    hook.on_optimizer_step(model, 9)
+    assert all(torch.equal(m.mask, before) for m, before in zip(modules, masks, strict=True))
+    resumed = build_pruning(pruning_settings(method=method, budget=0.3, finetune_ratio=0.3, cooldown_ratio=0.1),
+                            10)[0]
+    fresh = tiny_model().train()
+    resumed.setup(fresh)
+    resumed.load_state_dict(hook.state_dict())
+    assert not any(m.learn_scores for _, _, m in prunable_modules(fresh))
