@@ -142,9 +142,8 @@ def pruned_path(base, settings: dict, budget: float, total: int, phase: str):
             hook.project()
             hook.fixed = True
             hook._set_sampling()
-        else:
-            hook.final_masks()
-            hook.fixed = True
+        else:  # the fixed-mask phase as a run enters it (movement's scores stop learning there)
+            hook.fix_masks()
     return model, hooks
 
 

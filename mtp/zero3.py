@@ -47,6 +47,36 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.bool: "BOOL"}
 
 
+SavedPart = tuple[str, tuple[int, ...], int | None]
+"""A saved tensor of one parameter: its name in the file, its shape, and its offset in the parameter's flattened
+values (None: the parameter itself)."""
+
+
+def saved_parts(model: nn.Module) -> list[tuple[nn.Parameter, list[SavedPart]]]:
+    """Every parameter with the tensors it is saved as: itself, or, where its module keeps several tensors in one
+    parameter (a module's `saved_parts(name)` gives their suffixes, offsets and shapes), each of them apart, so that
+    saved files keep one layout whatever the training-time storage."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, param in model.named_parameters():
+        owner, _, local = name.rpartition(".")
+        split = getattr(modules.get(owner), "saved_parts", None)
+        parts = split(local) if split is not None else None
+        if parts is None:
+            out.append((param, [(name, full_shape(param), None)]))
+        else:
+            out.append((param, [(f"{owner}.{suffix}" if owner else suffix, tuple(shape), offset)
+                                for suffix, offset, shape in parts]))
+    return out
+
+
+def _part(tensor: torch.Tensor, shape: tuple[int, ...], offset: int | None) -> torch.Tensor:
+    """The saved tensor `(shape, offset)` of a whole (gathered) parameter."""
+    if offset is None:
+        return tensor
+    return tensor.reshape(-1).narrow(0, offset, math.prod(shape)).view(shape)
+
+
 def save_full_state(model: nn.Module, path: Path, write: bool = True) -> None:
     """The whole state (parameters, persistent buffers) into one safetensors file, written tensor by tensor.
 
@@ -54,36 +84,48 @@ def save_full_state(model: nn.Module, path: Path, write: bool = True) -> None:
     model; every rank must call this (the gathers are collective) and only the one with `write` writes. The file
     is what `safetensors.torch.save_file(full_state_dict(model), path)` writes, up to the order of the tensors."""
     persistent = set(model.state_dict().keys())
-    entries = [(name, p, tuple(getattr(p, "ds_shape", p.shape))) for name, p in model.named_parameters()]
-    entries += [(name, b, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
+    params = saved_parts(model)
+    buffers = [(name, b) for name, b in model.named_buffers() if name in persistent]
     header: dict[str, Any] = {}
     offset = 0
-    for name, tensor, shape in entries:
-        size = math.prod(shape) * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(shape),
+    entries = [(name, shape, p.element_size(), p.dtype) for p, parts in params for name, shape, _ in parts]
+    entries += [(name, tuple(b.shape), b.element_size(), b.dtype) for name, b in buffers]
+    for name, shape, element_size, dtype in entries:
+        size = math.prod(shape) * element_size
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     partial = path.with_name(path.name + ".partial")
+
+    def raw(tensor: torch.Tensor) -> bytes:
+        return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
     with open(partial, "wb") if write else nullcontext() as out:
         if out is not None:
             out.write(struct.pack("<Q", len(encoded)) + encoded)
-        for _, tensor, _ in entries:
-            with gathered([tensor]) if isinstance(tensor, nn.Parameter) else nullcontext():
+        for param, parts in params:
+            with gathered([param]):
                 if out is not None:
-                    out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    for _, shape, part_offset in parts:
+                        out.write(raw(_part(param, shape, part_offset)))
+        for _, buffer in buffers:
+            if out is not None:
+                out.write(raw(buffer))
     if write:
         partial.replace(path)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state (parameters gathered one by one under ZeRO-3, persistent buffers) as CPU tensors."""
+    """The whole state (parameters gathered one by one under ZeRO-3, persistent buffers) as CPU tensors, in the
+    saved layout (`saved_parts`)."""
     persistent = set(model.state_dict().keys())
     state = {}
-    for name, param in model.named_parameters():
+    for param, parts in saved_parts(model):
         with gathered([param]):
-            state[name] = param.detach().cpu().clone()
+            for name, shape, offset in parts:
+                state[name] = _part(param.detach(), shape, offset).cpu().clone()
     for name, buf in model.named_buffers():
         if name in persistent:
             state[name] = buf.detach().cpu().clone()

@@ -172,12 +172,16 @@ class ElementwisePruning(PruningHook):
         assert self.budget is not None
         if self.fixed:
             return
-        if self.in_fixed_phase(step):  # the final masks, kept from here on
-            self.final_masks()
-            self.fixed = True
-            self._stop_score_learning()
+        if self.in_fixed_phase(step):
+            self.fix_masks()
             return
         self.move_masks(step)
+
+    def fix_masks(self) -> None:
+        """The final masks, kept from here on (the fixed-mask phase)."""
+        self.final_masks()
+        self.fixed = True
+        self._stop_score_learning()
 
     def _stop_score_learning(self) -> None:
         """At fixed masks the scores take no part in the forward pass: no gradient, no regulariser term."""

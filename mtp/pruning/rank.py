@@ -22,7 +22,7 @@ from mtp.pruning.base import (
     prunable_modules,
     replace_prunable,
 )
-from mtp.zero3 import gathered, is_partitioned
+from mtp.zero3 import full_shape, gathered, is_partitioned
 
 
 class RankSettings(PruningSettings):
@@ -120,6 +120,63 @@ def expected_open_each(log_alpha: torch.Tensor, beta: float, low: float, high: f
     return torch.sigmoid(log_alpha - constant(beta * math.log(-low / high), log_alpha))
 
 
+def factor_views(factors: torch.Tensor, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """P (d_out x r) and Q (r x d_in), views of the one parameter that holds both (P's rows, then Q's values)."""
+    return factors[:out_features], factors[out_features:].view(-1, in_features)
+
+
+class _LowRankProduct(torch.autograd.Function):
+    """y = P (g * (Q x)) + b over the ranks in `index` (all of them when None), with P and Q read from their one
+    parameter: the same operators and values as F.linear(F.linear(x, Q) * g, P, b) under autograd, and one gradient
+    for both factors, written into one tensor (one tensor per matrix for the optimizer and ZeRO to handle, not two).
+    It keeps the parameter itself for the backward pass, not views of it, so that ZeRO-3 may release it between."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factors: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor | None,
+                index: torch.Tensor | None, out_features: int, in_features: int) -> torch.Tensor:
+        p, q = factor_views(factors, out_features, in_features)
+        if index is not None:
+            p, q = p.index_select(1, index), q.index_select(0, index)
+        hidden = F.linear(x, q)
+        y = F.linear(hidden * gates, p, bias)
+        ctx.sizes = (out_features, in_features)
+        ctx.has_bias = bias is not None
+        # the selected factors are copies (kept, as autograd keeps them); whole ones are re-read from the parameter
+        ctx.save_for_backward(x, factors, gates, hidden, index, *((p, q) if index is not None else ()))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, factors, gates, hidden, index, *selected = ctx.saved_tensors
+        out_features, in_features = ctx.sizes
+        p, q = selected if index is not None else factor_views(factors, out_features, in_features)
+        grad_2d = grad.reshape(-1, out_features)
+        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+        grad_scaled = grad_2d.mm(p)
+        grad_hidden = grad_scaled * gates
+        grad_x = grad_gates = grad_factors = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_hidden.mm(q).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            # as autograd's mm backward takes a weight's gradient (grad^T input; the weight enters transposed)
+            scaled_2d, x_2d = hidden_2d * gates, x.reshape(-1, in_features)
+            if index is None:  # written in place into the one gradient of both factors
+                grad_factors = torch.empty_like(factors)
+                whole_p, whole_q = factor_views(grad_factors, out_features, in_features)
+                torch.mm(grad_2d.t(), scaled_2d, out=whole_p)
+                torch.mm(grad_hidden.t(), x_2d, out=whole_q)
+            else:
+                grad_factors = torch.zeros_like(factors)
+                whole_p, whole_q = factor_views(grad_factors, out_features, in_features)
+                whole_p.index_add_(1, index, grad_2d.t().mm(scaled_2d))
+                whole_q.index_add_(0, index, grad_hidden.t().mm(x_2d))
+        if ctx.needs_input_grad[2]:
+            grad_gates = (grad_scaled * hidden_2d).sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_factors, grad_gates, grad_bias, None, None, None
+
+
 class FactorizedLinear(PrunableLayer):
     """y = P diag(g) Q x + b, initialised from the SVD of W (P = U sqrt(S), Q = sqrt(S) V^T), so it starts as W."""
 
@@ -135,8 +192,10 @@ class FactorizedLinear(PrunableLayer):
         root = s.sqrt()
         dtype = linear.weight.dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.P = nn.Parameter((u * root).to(dtype).contiguous())  # SVD factors come column-major
-        self.Q = nn.Parameter((root[:, None] * vh).to(dtype).contiguous())
+        # P = U sqrt(S) (d_out x r) and Q = sqrt(S) V^T (r x d_in) in one parameter of r columns: P's rows, then Q's
+        # values (factor_views); two-dimensional, so it takes the weights' decay as P and Q each would
+        rank = s.numel()
+        self.factors = nn.Parameter(torch.cat([u * root, (root[:, None] * vh).reshape(-1, rank)]).to(dtype))
         self.bias = linear.bias
         self.log_alpha = nn.Parameter(torch.full((s.numel(),), float(log_alpha_init)))
         # size_control "shift": one amount added to every log alpha, moved by the hook (not by the optimizer, whose
@@ -158,6 +217,27 @@ class FactorizedLinear(PrunableLayer):
     @property
     def rank_cost(self) -> int:
         return self.in_features + self.out_features
+
+    @property
+    def P(self) -> torch.Tensor:  # noqa: N802 (the factorisation's own name)
+        """P (d_out x r), a view of `factors`."""
+        return factor_views(self.factors, self.out_features, self.in_features)[0]
+
+    @property
+    def Q(self) -> torch.Tensor:  # noqa: N802
+        """Q (r x d_in), a view of `factors`."""
+        return factor_views(self.factors, self.out_features, self.in_features)[1]
+
+    def saved_parts(self, name: str) -> list[tuple[str, int, tuple[int, int]]] | None:
+        """`factors` is saved as P and Q (mtp.zero3.saved_parts): the files keep the factorisation's own layout."""
+        if name != "factors":
+            return None
+        rank = full_shape(self.factors)[1]
+        return [("P", 0, (self.out_features, rank)), ("Q", self.out_features * rank, (rank, self.in_features))]
+
+    def _product(self, x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """P (g * (Q x)) + b over the ranks in `index` (all when None); `gates` are those ranks' gates."""
+        return _LowRankProduct.apply(x, self.factors, gates, self.bias, index, self.out_features, self.in_features)
 
     def alphas(self) -> torch.Tensor:
         """log alpha in float32, with the hook's common offset where it keeps one."""
@@ -210,8 +290,7 @@ class FactorizedLinear(PrunableLayer):
             # whole vector and then selected, as before (a CPU's vectorised sigmoid rounds a shorter vector's tail
             # differently in the last bit)
             g = self.gates(log_alpha, all_kept=True).index_select(0, kept)
-            hidden = F.linear(x, self.Q.index_select(0, kept)) * g.to(x.dtype)
-            return F.linear(hidden, self.P.index_select(1, kept), self.bias)
+            return self._product(x, g.to(x.dtype), kept)
         g = self.gates(log_alpha, kept is None)
         if sampled:
             self.aux = self.expected_open(log_alpha, kept is None)
@@ -220,7 +299,7 @@ class FactorizedLinear(PrunableLayer):
             # passes no gradient, so multiplying its rank by it gives the same output and gradients as leaving
             # it out; only ranks dropped by the projection (a mask fixed for the rest of the run) are left out
             if kept is None:
-                return F.linear(F.linear(x, self.Q) * g.to(x.dtype), self.P, self.bias)
+                return self._product(x, g.to(x.dtype), None)
             open_ranks = kept
         else:
             open_ranks = torch.nonzero(g > 0).squeeze(1)
@@ -228,10 +307,8 @@ class FactorizedLinear(PrunableLayer):
             return self._bias_only(x)
         if open_ranks.numel() < g.numel():
             # closed gates are exactly 0 (and pass no gradient through the clamp): leave their ranks out
-            hidden = F.linear(x, self.Q.index_select(0, open_ranks)) * g.index_select(0, open_ranks).to(x.dtype)
-            return F.linear(hidden, self.P.index_select(1, open_ranks), self.bias)
-        hidden = F.linear(x, self.Q) * g.to(x.dtype)
-        return F.linear(hidden, self.P, self.bias)
+            return self._product(x, g.index_select(0, open_ranks).to(x.dtype), open_ranks)
+        return self._product(x, g.to(x.dtype), None)
 
     def _forward_with(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The map with the hook's gates of the kept ranks (all ranks before the projection)."""
@@ -239,14 +316,13 @@ class FactorizedLinear(PrunableLayer):
         kept = self.kept_index()
         if kept is not None and kept.numel() == 0:
             return self._bias_only(x)
-        p, q = (self.P, self.Q) if kept is None else (self.P.index_select(1, kept), self.Q.index_select(0, kept))
-        return F.linear(F.linear(x, q) * gates, p, self.bias)
+        return self._product(x, gates, kept)
 
     def _bias_only(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank closed: the map is its bias. A zero-width product would break ZeRO-3's linear in the backward
-        pass; the zero term keeps P and Q in the graph, so every data-parallel rank reduces the same gradients
+        pass; the zero term keeps the factors in the graph, so every data-parallel rank reduces the same gradients
         whichever gates it sampled."""
-        out = x.new_zeros(*x.shape[:-1], self.out_features) + 0 * (self.P.sum() + self.Q.sum()).to(x.dtype)
+        out = x.new_zeros(*x.shape[:-1], self.out_features) + 0 * self.factors.sum().to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     @staticmethod
@@ -357,7 +433,7 @@ class RankPruning(PruningHook):
         counts, index = self._kept_positions()
         if index is not None:
             gates = gates.index_select(0, index)
-        gates = gates.to(first.P.dtype)
+        gates = gates.to(first.factors.dtype)
         for m, g in zip(self.modules, torch.split(gates, counts), strict=True):
             m.given_gates = g
 
@@ -548,7 +624,7 @@ class RankPruning(PruningHook):
         gate, 0 for a closed rank), the layers' ranks concatenated; one matrix gathered at a time under ZeRO-3."""
         shares = []
         for m in self.modules:
-            with gathered([m.P, m.Q, m.log_alpha]):
+            with gathered([m.factors, m.log_alpha]):
                 strength = m.P.detach().float().norm(dim=0) * m.Q.detach().float().norm(dim=1)
                 energy = (strength * m.deterministic_gates(m.alphas().detach()) * m.keep).double() ** 2
                 shares.append(energy / energy.sum().clamp_min(torch.finfo(torch.float64).tiny))

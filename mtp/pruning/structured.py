@@ -258,15 +258,19 @@ class StructuredPruning(PruningHook):
         if self.fixed:
             return
         self._step_taylor()
-        if self.in_fixed_phase(step):  # the final groups, kept from here on
-            self.final_masks()
-            self.fixed = True
+        if self.in_fixed_phase(step):
+            self.fix_masks()
             return
         target = int(self.schedule(step, float(self.removable), float(self.allowance)))
         if target < self.removable:
             head_target = None if self.head_allowance is None else \
                 int(self.schedule(step, float(self.all_heads_cost), float(self.head_allowance)))
             self.select(target, head_target)
+
+    def fix_masks(self) -> None:
+        """The final groups, kept from here on (the fixed-mask phase)."""
+        self.final_masks()
+        self.fixed = True
 
     def final_masks(self) -> None:
         """The groups of the budget, and no more Taylor accumulation (what the fixed-mask phase trains with)."""

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -21,6 +22,7 @@ from mtp.pruning import (
     prunable_modules,
     pruning_settings,
 )
+from mtp.zero3 import full_state_dict
 from tests.unit.pruning.tiny import tiny_model
 
 
@@ -54,7 +56,7 @@ def test_a_factorised_map_with_every_rank_closed_is_its_bias_under_zero3_linear(
         out = layer(x)
         torch.testing.assert_close(out, layer.bias.detach().expand(3, 5, 16))
         out.sum().backward()
-    assert torch.equal(layer.P.grad, torch.zeros_like(layer.P)) and torch.equal(layer.Q.grad, torch.zeros_like(layer.Q))
+    assert torch.equal(layer.factors.grad, torch.zeros_like(layer.factors))
     torch.testing.assert_close(layer.bias.grad, torch.full((16,), 30.0))
 
 
@@ -286,7 +288,8 @@ def test_the_gate_offset_is_in_the_saved_state_its_fold_and_its_compact_form() -
         layer.log_alpha.copy_(torch.linspace(-1.0, 4.0, 16))
         layer.gate_offset.fill_(-2.0)  # closes the ranks whose log alpha is below about 2
     layer.eval()
-    state = {f"m.{k}": v for k, v in layer.state_dict().items()}
+    state = {f"m.{k}": v for k, v in full_state_dict(layer).items()}  # the saved layout: P and Q apart
+    assert state["m.P"].shape == (16, 16) and state["m.Q"].shape == (16, 24)
     settings = pruning_settings(method="rank", budget=0.5, size_control="shift")
     x = torch.randn(3, 24)
     folded = FactorizedLinear.fold(state, "m", settings)
@@ -518,3 +521,33 @@ def test_closing_from_half_way_follows_a_line_from_the_lagging_size_to_the_limit
     assert closing.final_report(model)["within_budget"]
     with pytest.raises(ValueError, match="close_from"):
         pruning_settings(method="rank", budget=0.3, close_from=0.5)
+
+
+@pytest.mark.parametrize("selected", [False, True])
+@pytest.mark.parametrize("batch_shape", [(7,), (3, 5)])
+def test_the_low_rank_product_gives_autograds_bits(selected: bool, batch_shape: tuple[int, ...]) -> None:
+    """The fused product (P and Q in one parameter, one gradient for both) against F.linear(F.linear(x, Q) * g, P, b)
+    under autograd, on P and Q as separate leaves: the same output and gradients, bit for bit, in float32."""
+    torch.manual_seed(0)
+    layer = FactorizedLinear(nn.Linear(24, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=2.5)
+    x = torch.randn(*batch_shape, 24, requires_grad=True)
+    gates = torch.rand(16, requires_grad=True)
+    index = torch.tensor([0, 3, 4, 9, 15]) if selected else None
+    p_ref = layer.P.detach().clone().requires_grad_()
+    q_ref = layer.Q.detach().clone().requires_grad_()
+    bias_ref = layer.bias.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    gates_ref = gates.detach().clone().requires_grad_()
+    g = gates if index is None else gates.index_select(0, index)
+    g_ref = gates_ref if index is None else gates_ref.index_select(0, index)
+    p_use, q_use = (p_ref, q_ref) if index is None else (p_ref.index_select(1, index), q_ref.index_select(0, index))
+    expected = F.linear(F.linear(x_ref, q_use) * g_ref, p_use, bias_ref)
+    out = layer._product(x, g, index)
+    assert torch.equal(out, expected)
+    upstream = torch.randn_like(out)
+    expected.backward(upstream)
+    out.backward(upstream)
+    assert torch.equal(layer.factors.grad[:16], p_ref.grad)
+    assert torch.equal(layer.factors.grad[16:].view(16, 24), q_ref.grad)
+    for mine, reference in ((x.grad, x_ref.grad), (gates.grad, gates_ref.grad), (layer.bias.grad, bias_ref.grad)):
+        assert torch.equal(mine, reference)
