@@ -76,12 +76,9 @@ class MaskedLinear(PrunableLayer):
         # a method's term of the scores, taken in the training forward pass (where ZeRO-3 has gathered them)
         self.score_term: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.aux: torch.Tensor | None = None
-        # whether the scores still learn: not once the masks are fixed (they would change nothing, and their
-        # gradient would be computed, reduced and counted in the clipping norm every step for nothing)
-        self.learn_scores = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scores is not None and self.training and self.learn_scores:
+        if self.scores is not None and self.training and self.scores.requires_grad:
             if self.score_term is not None:
                 self.aux = self.score_term(self.scores)
             weight = _StraightThroughMask.apply(self.weight, self.scores, self.mask.to(self.weight.dtype))
@@ -184,9 +181,13 @@ class ElementwisePruning(PruningHook):
         self._stop_score_learning()
 
     def _stop_score_learning(self) -> None:
-        """At fixed masks the scores take no part in the forward pass: no gradient, no regulariser term."""
-        for m in self.modules:
-            m.learn_scores = not self.fixed
+        """At fixed masks the scores stop learning: they would change nothing, yet their gradient would be computed,
+        reduced and counted in the clipping norm every step. They leave the forward pass and stop requiring a
+        gradient, which DeepSpeed reads as a zero gradient under every ZeRO stage (ZeRO-3 would otherwise apply the
+        last one it reduced again: a parameter's gradient partition is only overwritten when a new one arrives)."""
+        if self.with_scores:
+            for m in self.modules:
+                m.scores.requires_grad_(not self.fixed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

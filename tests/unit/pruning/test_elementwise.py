@@ -90,12 +90,12 @@ def test_scores_stop_learning_once_the_masks_are_fixed(method: str) -> None:
 
     hook.on_optimizer_step(model, 5)  # on the ramp: the scores learn
     backward()
-    assert all(m.scores.grad is not None and m.learn_scores for m in modules)
+    assert all(m.scores.grad is not None and m.scores.requires_grad for m in modules)
     hook.on_optimizer_step(model, 8)  # past the schedule's end (7): the masks are fixed
     assert hook.fixed
     masks = [m.mask.clone() for m in modules]
     backward()
-    assert all(m.scores.grad is None and not m.learn_scores for m in modules)
+    assert all(m.scores.grad is None and not m.scores.requires_grad for m in modules)
     assert hook.extra_loss(model, 8) is None
     hook.on_optimizer_step(model, 9)
     assert all(torch.equal(m.mask, before) for m, before in zip(modules, masks, strict=True))
@@ -104,4 +104,4 @@ def test_scores_stop_learning_once_the_masks_are_fixed(method: str) -> None:
     fresh = tiny_model().train()
     resumed.setup(fresh)
     resumed.load_state_dict(hook.state_dict())
-    assert not any(m.learn_scores for _, _, m in prunable_modules(fresh))
+    assert not any(m.scores.requires_grad for _, _, m in prunable_modules(fresh))
