@@ -113,3 +113,27 @@ def test_the_compiled_encoder_computes_the_eager_one_and_keeps_its_names() -> No
     compiled = model("rte", input_ids=ids, attention_mask=torch.ones_like(ids))["logits"]
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
     assert list(model.state_dict()) == keys
+
+
+def test_a_parameter_kept_in_parts_is_saved_as_its_parts(tmp_path: Path) -> None:
+    """A module that keeps several tensors in one parameter (`saved_parts`, as rank's P and Q) is saved as those
+    tensors apart, by both writers, with the values of the parameter's slices."""
+    from safetensors.torch import load_file, save_file
+
+    from mtp.zero3 import full_state_dict, save_full_state
+
+    class TwoInOne(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.both = torch.nn.Parameter(torch.arange(14.0).reshape(7, 2))
+
+        def saved_parts(self, name: str) -> list[tuple[str, int, tuple[int, ...]]] | None:
+            return [("first", 0, (3, 2)), ("second", 6, (2, 4))] if name == "both" else None
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), TwoInOne())
+    save_full_state(model, tmp_path / "streamed.safetensors")
+    save_file(full_state_dict(model), str(tmp_path / "reference.safetensors"))
+    for saved in (load_file(tmp_path / "streamed.safetensors"), load_file(tmp_path / "reference.safetensors")):
+        assert sorted(saved) == ["0.bias", "0.weight", "1.first", "1.second"]
+        assert torch.equal(saved["1.first"], torch.arange(6.0).reshape(3, 2))
+        assert torch.equal(saved["1.second"], torch.arange(6.0, 14.0).reshape(2, 4))
