@@ -63,6 +63,9 @@ def engine_step(cfg, model, hooks, ds_extra=None):
                                       model_parameters=split_param_groups(model, hooks, cfg.train.weight_decay),
                                       lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(0, 10**6)))
     skip_single_rank_reduction(engine)  # as the trainer does
+    for hook in hooks:
+        if getattr(hook, "fix_after_build", False):
+            hook.fix_masks()
     state = {"step": 0}
 
     def step(task, batch):
@@ -142,8 +145,9 @@ def pruned_path(base, settings: dict, budget: float, total: int, phase: str):
             hook.project()
             hook.fixed = True
             hook._set_sampling()
-        else:  # the fixed-mask phase as a run enters it (movement's scores stop learning there)
-            hook.fix_masks()
+        else:  # the final masks; the fixed-mask phase is entered once the engine is built, as a run enters it
+            hook.final_masks()  # (movement's scores then stop requiring a gradient: engine_step)
+            hook.fix_after_build = True
     return model, hooks
 
 
