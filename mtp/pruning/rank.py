@@ -127,9 +127,10 @@ def factor_views(factors: torch.Tensor, out_features: int, in_features: int) -> 
 
 class _LowRankProduct(torch.autograd.Function):
     """y = P (g * (Q x)) + b over the ranks in `index` (all of them when None), with P and Q read from their one
-    parameter: the same operators and values as F.linear(F.linear(x, Q) * g, P, b) under autograd, and one gradient
-    for both factors, written into one tensor (one tensor per matrix for the optimizer and ZeRO to handle, not two).
-    It keeps the parameter itself for the backward pass, not views of it, so that ZeRO-3 may release it between."""
+    parameter: the products F.linear(F.linear(x, Q) * g, P, b) runs under autograd (the same matrix products, so the
+    same values bit for bit), with one gradient for both factors, written into one tensor: one tensor per matrix for
+    the optimizer and ZeRO to handle, not two, and fewer operators than autograd's two linears. Under ZeRO-3 it keeps
+    the parameter itself for the backward pass, not views of it, so that ZeRO-3 may release it in between."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, factors: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor | None,
@@ -137,41 +138,42 @@ class _LowRankProduct(torch.autograd.Function):
         p, q = factor_views(factors, out_features, in_features)
         if index is not None:
             p, q = p.index_select(1, index), q.index_select(0, index)
-        hidden = F.linear(x, q)
-        y = F.linear(hidden * gates, p, bias)
-        ctx.sizes = (out_features, in_features)
+        x_2d = x.reshape(-1, in_features)
+        hidden = torch.mm(x_2d, q.t())  # F.linear(x, q) is this product (its batch dimensions folded)
+        scaled = hidden * gates
+        y = torch.mm(scaled, p.t()) if bias is None else torch.addmm(bias, scaled, p.t())  # as F.linear(., p, b)
+        ctx.shapes = (x.shape, out_features, in_features)
         ctx.has_bias = bias is not None
-        # the selected factors are copies (kept, as autograd keeps them); whole ones are re-read from the parameter
-        ctx.save_for_backward(x, factors, gates, hidden, index, *((p, q) if index is not None else ()))
-        return y
+        # the factors' views are kept where the parameter stays whole; a ZeRO-3 partition is read again
+        factors_kept = (p, q) if index is not None or not is_partitioned(factors) else ()
+        ctx.save_for_backward(x_2d, factors, gates, hidden, scaled, index, *factors_kept)
+        return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, factors, gates, hidden, index, *selected = ctx.saved_tensors
-        out_features, in_features = ctx.sizes
-        p, q = selected if index is not None else factor_views(factors, out_features, in_features)
+        x_2d, factors, gates, hidden, scaled, index, *factors_kept = ctx.saved_tensors
+        x_shape, out_features, in_features = ctx.shapes
+        p, q = factors_kept if factors_kept else factor_views(factors, out_features, in_features)
         grad_2d = grad.reshape(-1, out_features)
-        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
         grad_scaled = grad_2d.mm(p)
         grad_hidden = grad_scaled * gates
         grad_x = grad_gates = grad_factors = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_hidden.mm(q).view(x.shape)
+            grad_x = grad_hidden.mm(q).view(x_shape)
         if ctx.needs_input_grad[1]:
             # as autograd's mm backward takes a weight's gradient (grad^T input; the weight enters transposed)
-            scaled_2d, x_2d = hidden_2d * gates, x.reshape(-1, in_features)
             if index is None:  # written in place into the one gradient of both factors
                 grad_factors = torch.empty_like(factors)
                 whole_p, whole_q = factor_views(grad_factors, out_features, in_features)
-                torch.mm(grad_2d.t(), scaled_2d, out=whole_p)
+                torch.mm(grad_2d.t(), scaled, out=whole_p)
                 torch.mm(grad_hidden.t(), x_2d, out=whole_q)
             else:
                 grad_factors = torch.zeros_like(factors)
                 whole_p, whole_q = factor_views(grad_factors, out_features, in_features)
-                whole_p.index_add_(1, index, grad_2d.t().mm(scaled_2d))
+                whole_p.index_add_(1, index, grad_2d.t().mm(scaled))
                 whole_q.index_add_(0, index, grad_hidden.t().mm(x_2d))
         if ctx.needs_input_grad[2]:
-            grad_gates = (grad_scaled * hidden_2d).sum(0)
+            grad_gates = (grad_scaled * hidden).sum(0)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_2d.sum(0)
         return grad_x, grad_factors, grad_gates, grad_bias, None, None, None
