@@ -42,22 +42,21 @@ class RankSettings(PruningSettings):
     multipliers by gradient ascent), or "shift": after every optimizer step all log alpha move by one common amount,
     found by bisection on the device, that puts the expected size on the target exactly (the gradients then rank the
     ranks; no penalty in the loss)."""
-    lag_limit: float | None = Field(None, ge=1.0)
+    lag_limit: float | None = Field(1.05, ge=1.0)
     """With "lagrangian": the most the expected size may stay above the target along the ramp, as a factor (1.05:
-    5% over). After an optimizer step that leaves it higher, every log alpha moves down by one common amount (found
-    as in "shift") that brings it to that limit; steps that stay under it change nothing. Bounds the lag of the gates
-    behind the budget at small sizes, so that the final projection cuts at most that much. None: the Lagrangian
-    alone."""
-    lag_response: Literal["shift", "close"] = "shift"
-    """What `lag_limit` does to a size over its limit: "shift" moves every log alpha down by one amount (the gates
-    left open become partial); "close" closes the kept ranks with the smallest log alpha, over all matrices, until
-    the expected size is at the limit, and leaves the others as they are (a closed rank stays closed, and the final
-    projection keeps only ranks still open)."""
+    5% over); what a size over it does is `lag_response`. Bounds the lag of the gates behind the budget at small
+    sizes, so that the final projection cuts at most that much. None: the Lagrangian alone (and the cut at the fix,
+    which removed most of a small model at once: docs/results/size_control/)."""
+    lag_response: Literal["shift", "close"] = "close"
+    """What `lag_limit` does to a size over its limit: "close" closes the kept ranks with the smallest log alpha,
+    over all matrices, until the expected size is at the limit, and leaves the others as they are (a closed rank
+    stays closed, and the final projection keeps only ranks still open); "shift" moves every log alpha down by one
+    common amount (found by bisection, as in size_control "shift"; the gates left open become partial)."""
     close_order: Literal["log_alpha", "energy"] = "log_alpha"
     """Which kept ranks `lag_response: close` closes first: the smallest log alpha over all matrices, or the smallest
     share of their matrix's energy (|P_r|^2 |Q_r|^2 g_r^2 over the matrix's sum, g the deterministic gate: the
     singular-value order at the start, a truncated SVD as it goes)."""
-    close_from: float | None = Field(None, ge=0.0, lt=1.0)
+    close_from: float | None = Field(0.5, ge=0.0, lt=1.0)
     """Where on the ramp `lag_response: close` starts, as a fraction of it (0.5: half-way); before it the Lagrangian
     runs alone. From there the most the expected size may be falls on a straight line from the size it has at that
     step to `lag_limit` times the final target at the ramp's end (never under `lag_limit` times the schedule's
@@ -66,6 +65,22 @@ class RankSettings(PruningSettings):
     gate_beta: float = Field(2.0 / 3.0, gt=0.0)
     gate_low: float = Field(-0.1, lt=0.0)
     gate_high: float = Field(1.1, gt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limits_follow_what_is_set(cls, data: Any) -> Any:
+        """The size limit's defaults apply only where they mean something: not under size_control "shift" (which
+        holds the size itself), not lag_response "close" without a limit, not close_from without closing."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("size_control", "lagrangian") != "lagrangian":
+            data.setdefault("lag_limit", None)
+        if data.get("lag_limit", 1.05) is None:
+            data.setdefault("lag_response", "shift")
+        if data.get("lag_response", "close") != "close":
+            data.setdefault("close_from", None)
+        return data
 
     @model_validator(mode="after")
     def _lag_limit_needs_the_lagrangian(self) -> RankSettings:

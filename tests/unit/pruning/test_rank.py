@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -124,12 +125,14 @@ def test_rank_factorisation_of_a_roberta_base_block() -> None:
     assert ffn_in.P.shape == (3072, 768) and ffn_in.Q.shape == (768, 768)
 
 
-def rank_closed_loop(steps: int, **overrides: float) -> tuple[RankPruning, nn.Module, float]:
+def rank_closed_loop(steps: int, budget: float = 0.3, **overrides: Any) -> tuple[RankPruning, nn.Module, float]:
     """Train a tiny model's gates as in training (task loss plus the Lagrangian, AdamW); returns the hook, the model
-    and the largest |expected size - target| once the ramp is under way (after 30% of the steps)."""
+    and the largest |expected size - target| once the ramp is under way (after 30% of the steps). The Lagrangian
+    alone unless `overrides` set a size limit (`lag_limit`; the method's defaults with `defaults=True`)."""
     torch.manual_seed(0)
     model = tiny_model().train()
-    cfg = pruning_settings(method="rank", budget=0.3, warmup_ratio=0.1, cooldown_ratio=0.2, **overrides)
+    limit = {} if overrides.pop("defaults", False) or "lag_limit" in overrides else {"lag_limit": None}
+    cfg = pruning_settings(method="rank", budget=budget, warmup_ratio=0.1, cooldown_ratio=0.2, **limit, **overrides)
     hook = build_pruning(cfg, steps)[0]
     hook.setup(model)
     groups = hook.param_groups(model)
@@ -398,13 +401,13 @@ def test_the_lag_limit_holds_a_lagging_run_at_its_limit_and_leaves_a_tracking_on
     lagging, _, _ = rank_closed_loop(100)
     end = lagging.budget.target / lagging.budget.dense_blocks
     assert lagging.last_density - end > 0.05
-    limited, model, _ = rank_closed_loop(100, lag_limit=1.05)
+    limited, model, _ = rank_closed_loop(100, lag_limit=1.05, lag_response="shift")
     with torch.no_grad():
         expected = float(limited.expected_density())
     assert expected <= end * 1.05 + 1e-4, (expected, end)
     assert limited.final_report(model)["expected_over_target"] <= 1.05 + 1e-4
     assert any(float(m.gate_offset) < 0 for m in limited.modules)  # the limit acted
-    free, free_model, _ = rank_closed_loop(100, lag_limit=100.0)
+    free, free_model, _ = rank_closed_loop(100, lag_limit=100.0, lag_response="shift")
     assert all(float(m.gate_offset) == 0.0 for m in free.modules)
     for a, b in zip(free.modules, lagging.modules, strict=True):
         assert torch.equal(a.log_alpha, b.log_alpha)
@@ -430,7 +433,7 @@ def test_the_closing_lag_limit_closes_the_lowest_ranks_and_leaves_the_others_as_
     assert closing.final_report(model)["within_budget"]
     assert not any(bool((c & m.keep).any()) for c, m in zip(closed_on_the_ramp, closing.modules, strict=True))
     with pytest.raises(ValueError, match="lag_response"):
-        pruning_settings(method="rank", budget=0.3, lag_response="close")
+        pruning_settings(method="rank", budget=0.3, lag_limit=None, lag_response="close")
 
 
 def test_closing_to_an_expected_size_closes_exactly_the_lowest_ranks_it_needs() -> None:
@@ -487,7 +490,7 @@ def test_closing_by_energy_closes_the_weakest_share_of_each_matrix_first() -> No
         if m.keep.any():
             assert float(part.sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="close_order"):
-        pruning_settings(method="rank", budget=0.3, close_order="energy")
+        pruning_settings(method="rank", budget=0.3, lag_response="shift", close_order="energy")
 
 
 def test_closing_from_half_way_follows_a_line_from_the_lagging_size_to_the_limit() -> None:
@@ -520,7 +523,27 @@ def test_closing_from_half_way_follows_a_line_from_the_lagging_size_to_the_limit
     assert closing.close_start is not None and closing.close_start[0] == 45  # the first ramp step from half-way
     assert closing.final_report(model)["within_budget"]
     with pytest.raises(ValueError, match="close_from"):
-        pruning_settings(method="rank", budget=0.3, close_from=0.5)
+        pruning_settings(method="rank", budget=0.3, lag_response="shift", close_from=0.5)
+
+
+def test_by_default_a_small_target_is_reached_by_training_not_by_the_cut() -> None:
+    """Rank's defaults (the Lagrangian, then closing the lagging ranks from half the ramp to 1.05 times the target):
+    a tiny run at a small size ends its ramp within 5% of the target, where the Lagrangian alone lags it by far
+    (the final projection would then cut the rest at once); the size limits' defaults step aside where they mean
+    nothing."""
+    settings = pruning_settings(method="rank", budget=0.1)
+    assert (settings.lag_limit, settings.lag_response, settings.close_from) == (1.05, "close", 0.5)
+    alone, _, _ = rank_closed_loop(100, budget=0.1)
+    default, model, _ = rank_closed_loop(100, budget=0.1, defaults=True)
+    end = default.budget.target / default.budget.dense_blocks
+    with torch.no_grad():
+        expected = float(default.expected_density())
+    assert expected <= end * 1.05 + 1e-4 and alone.last_density > end * 1.5, (expected, alone.last_density, end)
+    report = default.final_report(model)
+    assert report["within_budget"] and report["expected_over_target"] <= 1.05 + 1e-3
+    shift = pruning_settings(method="rank", budget=0.1, size_control="shift")
+    assert (shift.lag_limit, shift.lag_response, shift.close_from) == (None, "shift", None)
+    assert pruning_settings(method="rank", budget=0.1, lag_response="shift").close_from is None
 
 
 @pytest.mark.parametrize("selected", [False, True])
