@@ -22,7 +22,7 @@ from mtp.pruning.base import (
     prunable_modules,
     replace_prunable,
 )
-from mtp.zero3 import full_shape, gathered, is_partitioned
+from mtp.zero3 import full_numel, full_shape, gathered, is_partitioned
 
 
 class RankSettings(PruningSettings):
@@ -413,8 +413,7 @@ class RankPruning(PruningHook):
         # on an accelerator every layer's gates come from one set of operators per forward pass (not per matrix)
         self.batched_density: torch.Tensor | None = None
         self._batched_index: tuple[tuple[Any, ...], list[int], torch.Tensor | None] | None = None
-        self._rank_costs: torch.Tensor | None = None
-        self._rank_owners: torch.Tensor | None = None
+        self._rank_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         model.register_forward_pre_hook(self.gates_for_all_layers)
 
     def gates_for_all_layers(self, model: nn.Module, _args: Any) -> None:
@@ -573,11 +572,22 @@ class RankPruning(PruningHook):
         self.last_density = float(density) if host_reads_are_free(density) else density
 
     def rank_costs(self, device: torch.device) -> torch.Tensor:
-        """Every rank's cost (d_in + d_out of its matrix), the layers' ranks concatenated; made once per device."""
-        if self._rank_costs is None or self._rank_costs.device != device:
-            self._rank_costs = torch.cat([torch.full((m.log_alpha.numel(),), float(m.rank_cost), device=device)
-                                          for m in self.modules])
-        return self._rank_costs
+        """Every rank's cost (d_in + d_out of its matrix), the layers' ranks concatenated."""
+        return self._tables(device)[0]
+
+    def rank_owners(self, device: torch.device) -> torch.Tensor:
+        """Every rank's matrix (its index in `self.modules`), the layers' ranks concatenated."""
+        return self._tables(device)[1]
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-rank cost and owner tables, made once per device (every matrix keeps its rank count)."""
+        if device not in self._rank_tables:
+            counts = [full_numel(m.log_alpha) for m in self.modules]
+            owners = torch.repeat_interleave(torch.arange(len(self.modules), device=device),
+                                             torch.tensor(counts, device=device))
+            costs = torch.tensor([float(m.rank_cost) for m in self.modules], device=device)[owners]
+            self._rank_tables[device] = (costs, owners)
+        return self._rank_tables[device]
 
     def closing_limit(self, step: int) -> float | None:
         """The most the expected size may be after `step` (a fraction of the dense blocks) under `lag_response:
@@ -627,13 +637,6 @@ class RankPruning(PruningHook):
                                   changed.tolist(), strict=True):  # one host read for every matrix
             if moved:
                 m.keep.masked_fill_(shut.to(m.keep.device), False)
-
-    def rank_owners(self, device: torch.device) -> torch.Tensor:
-        """Every rank's matrix (its index in `self.modules`), the layers' ranks concatenated; made once per device."""
-        if self._rank_owners is None or self._rank_owners.device != device:
-            self._rank_owners = torch.cat([torch.full((m.keep.numel(),), i, device=device)
-                                           for i, m in enumerate(self.modules)])
-        return self._rank_owners
 
     @torch.no_grad()
     def energy_shares(self) -> torch.Tensor:
