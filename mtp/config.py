@@ -287,7 +287,7 @@ def recipe_dump(cfg: ExperimentConfig) -> str:
             node = node[key]
         if keys[-1] in node and node[keys[-1]] == neutral:  # a method's own key is absent from the others'
             del node[keys[-1]]
-    version = type(cfg.pruning).version
+    version = cfg.pruning.recipe_version()
     if version != 1:  # a method whose code changed what it trains: its earlier runs are stale
         tree["pruning"]["method_version"] = version
     return yaml.safe_dump(tree, sort_keys=False)

@@ -53,6 +53,10 @@ class PruningSettings(Strict):
     """The method's version: raised when a change to its code changes what a run trains. A run trained at another
     version is stale (its fingerprint differs); version 1 leaves today's fingerprints as they are."""
 
+    def recipe_version(self) -> int:
+        """The version that these settings train with: `version`, or lower where the change does not reach them."""
+        return self.version
+
     method: str = "none"
     budget: float = Field(1.0, gt=0.0)
     """Encoder budget B: a fraction of the dense encoder-block parameters (<= 1) or a parameter count (> 1)."""

@@ -181,10 +181,11 @@ class ElementwisePruning(PruningHook):
         self._stop_score_learning()
 
     def _stop_score_learning(self) -> None:
-        """At fixed masks the scores stop learning: they would change nothing, yet their gradient would be computed,
+        """At fixed masks the scores leave the step: they would change nothing, yet their gradient would be computed,
         reduced and counted in the clipping norm every step. They leave the forward pass and stop requiring a
-        gradient, which DeepSpeed reads as a zero gradient under every ZeRO stage (ZeRO-3 would otherwise apply the
-        last one it reduced again: a parameter's gradient partition is only overwritten when a new one arrives)."""
+        gradient: the ZeRO-0 optimizer skips them, DeepSpeed's ZeRO stages read a zero gradient (Adam's momentum may
+        still move them; nothing reads them any more), where ZeRO-3 would otherwise apply the last gradient it
+        reduced again (a parameter's gradient partition is only overwritten when a new one arrives)."""
         if self.with_scores:
             for m in self.modules:
                 m.scores.requires_grad_(not self.fixed)

@@ -16,8 +16,11 @@ class ScoreLearning(PruningSettings):
     """The keys of methods that learn a score S for every weight (movement, soft movement)."""
 
     version: ClassVar[int] = 2
-    """2: the scores stop learning once the masks are fixed (their gradient no longer counts in the clipping norm
-    of the fixed-mask phase)."""
+    """2: the scores stop requiring a gradient once the masks are fixed (their gradient no longer counts in the
+    clipping norm of the fixed-mask phase). A run without that phase (`finetune_ratio: 0`) trains as at version 1."""
+
+    def recipe_version(self) -> int:
+        return self.version if self.finetune_ratio > 0 else 1
 
     score_lr: float = Field(1e-2, gt=0.0)
     """Learning rate of movement scores."""

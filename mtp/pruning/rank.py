@@ -154,13 +154,23 @@ class _LowRankProduct(torch.autograd.Function):
         if index is not None:
             p, q = p.index_select(1, index), q.index_select(0, index)
         x_2d = x.reshape(-1, in_features)
+        # under torch.autocast the products run in its dtype, as autocast runs F.linear's; the backward pass (which
+        # autocast does not reach) then computes in that dtype too and returns each gradient in its input's dtype
+        device = x.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if cast is not None:  # (the multiply by the gates promotes, as outside the function)
+            x_2d, p, q = x_2d.to(cast), p.to(cast), q.to(cast)
+            bias = bias.to(cast) if bias is not None else None
         hidden = torch.mm(x_2d, q.t())  # F.linear(x, q) is this product (its batch dimensions folded)
         scaled = hidden * gates
+        if cast is not None:
+            scaled = scaled.to(cast)
         y = torch.mm(scaled, p.t()) if bias is None else torch.addmm(bias, scaled, p.t())  # as F.linear(., p, b)
         ctx.shapes = (x.shape, out_features, in_features)
         ctx.has_bias = bias is not None
+        ctx.cast = cast is not None
         # the factors' views are kept where the parameter stays whole; a ZeRO-3 partition is read again
-        factors_kept = (p, q) if index is not None or not is_partitioned(factors) else ()
+        factors_kept = (p, q) if index is not None or cast is not None or not is_partitioned(factors) else ()
         ctx.save_for_backward(x_2d, factors, gates, hidden, scaled, index, *factors_kept)
         return y.view(*x.shape[:-1], out_features)
 
@@ -171,13 +181,17 @@ class _LowRankProduct(torch.autograd.Function):
         p, q = factors_kept if factors_kept else factor_views(factors, out_features, in_features)
         grad_2d = grad.reshape(-1, out_features)
         grad_scaled = grad_2d.mm(p)
+        if ctx.cast:  # the gates' multiply ran promoted (to the gates' dtype): its backward does too
+            grad_scaled = grad_scaled.to(gates.dtype)
         grad_hidden = grad_scaled * gates
+        if ctx.cast:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         grad_x = grad_gates = grad_factors = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_hidden.mm(q).view(x_shape)
         if ctx.needs_input_grad[1]:
             # as autograd's mm backward takes a weight's gradient (grad^T input; the weight enters transposed)
-            if index is None:  # written in place into the one gradient of both factors
+            if index is None and not ctx.cast:  # written in place into the one gradient of both factors
                 grad_factors = torch.empty_like(factors)
                 whole_p, whole_q = factor_views(grad_factors, out_features, in_features)
                 torch.mm(grad_2d.t(), scaled, out=whole_p)
@@ -185,8 +199,15 @@ class _LowRankProduct(torch.autograd.Function):
             else:
                 grad_factors = torch.zeros_like(factors)
                 whole_p, whole_q = factor_views(grad_factors, out_features, in_features)
-                whole_p.index_add_(1, index, grad_2d.t().mm(scaled))
-                whole_q.index_add_(0, index, grad_hidden.t().mm(x_2d))
+                grad_p, grad_q = grad_2d.t().mm(scaled), grad_hidden.t().mm(x_2d)
+                if ctx.cast:
+                    grad_p, grad_q = grad_p.to(factors.dtype), grad_q.to(factors.dtype)
+                if index is None:
+                    whole_p.copy_(grad_p)
+                    whole_q.copy_(grad_q)
+                else:
+                    whole_p.index_add_(1, index, grad_p)
+                    whole_q.index_add_(0, index, grad_q)
         if ctx.needs_input_grad[2]:
             grad_gates = (grad_scaled * hidden).sum(0)
         if ctx.has_bias and ctx.needs_input_grad[3]:

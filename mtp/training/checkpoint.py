@@ -35,7 +35,14 @@ def save_checkpoint(engine: Any, folder: Path, state: TrainState, sampler: Any, 
 
 def load_checkpoint(engine: Any, folder: Path, sampler: Any, hooks: list[Hook], rank: int) -> TrainState:
     """Restore the latest checkpoint into the engine, the sampler, the hooks and the RNG; returns the progress."""
-    path, client = engine.load_checkpoint(str(folder))
+    try:
+        path, client = engine.load_checkpoint(str(folder))
+    except RuntimeError as error:
+        if "factors" in str(error) and ".P" in str(error):  # rank's P and Q, one parameter since f7a1593
+            raise ConfigError(f"--resume: {folder} holds a rank-pruning checkpoint from before rank kept P and Q in "
+                              f"one parameter (mtp f7a1593); resume it with an mtp from before that commit, or "
+                              f"start the run over") from None
+        raise
     if path is None:
         raise ConfigError(f"--resume: no checkpoint in {folder}")
     saved = client["mtp"]

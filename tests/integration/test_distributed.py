@@ -167,3 +167,32 @@ def test_a_terminated_job_cleans_up_and_resumes_from_its_last_checkpoint(tmp_pat
             f"output_dir={out}", "--resume"])
     res = results(out)
     assert res["steps"] == int(done.split("_")[-1]) + 2 and not res["finished"]
+
+
+def test_a_rank_checkpoint_from_before_the_fused_factors_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A rank run checkpointed when P and Q were two parameters (its model state holds `.P` and `.Q`, not
+    `.factors`) is not resumed with DeepSpeed's raw state-dict error: one line names the folder and what to do, exit
+    2."""
+    import torch
+
+    out = tmp_path / "run"
+    common = ["--config", TINY, "pruning.method=rank", "pruning.budget=0.5", "train.max_steps=4",
+              "train.checkpoint_every=2", "train.deepspeed_config=ds_configs/cpu_zero0.json", f"output_dir={out}"]
+    launch([*common, "train.stop_after_steps=2"], nproc=1)
+    states = out / "checkpoints" / "step_2" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    module = {}
+    for name, value in saved["module"].items():  # the layout before: P's rows, then Q
+        if name.endswith(".factors"):
+            rank = value.shape[1]
+            out_features = saved["module"][name[: -len("factors")] + "bias"].shape[0]
+            module[name[: -len("factors")] + "P"] = value[:out_features].clone()
+            module[name[: -len("factors")] + "Q"] = value[out_features:].reshape(rank, -1).clone()
+        else:
+            module[name] = value
+    saved["module"] = module
+    torch.save(saved, states)
+    proc = launch([*common, "--resume"], nproc=1, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("mtp: error:")]
+    assert len(lines) == 1 and "before rank kept P and Q in one parameter" in lines[0], lines

@@ -41,7 +41,8 @@ def test_svd_factorisation_reproduces_the_pretrained_layer() -> None:
 def test_a_factorised_map_with_every_rank_closed_is_its_bias_under_zero3_linear(monkeypatch) -> None:
     """Found on a GPU: once a ZeRO-3 engine exists, DeepSpeed routes F.linear through its own autograd function,
     whose backward fails on a zero-width product. A map whose ranks are all closed must give its bias, and P and
-    Q must still get (zero) gradients, so that every data-parallel rank reduces the same tensors."""
+    Q must still get (zero) gradients, so that every data-parallel rank reduces the same tensors. (The layer's
+    products no longer call F.linear: the patch stays so that a path back to it under ZeRO-3 is caught.)"""
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
     import mtp.pruning.rank as pruning
@@ -574,3 +575,33 @@ def test_the_low_rank_product_gives_autograds_bits(selected: bool, batch_shape: 
     assert torch.equal(layer.factors.grad[16:].view(16, 24), q_ref.grad)
     for mine, reference in ((x.grad, x_ref.grad), (gates.grad, gates_ref.grad), (layer.bias.grad, bias_ref.grad)):
         assert torch.equal(mine, reference)
+
+
+@pytest.mark.parametrize("selected", [False, True])
+def test_the_low_rank_product_under_autocast_computes_as_autocast_runs_the_linears(selected: bool) -> None:
+    """Under torch.autocast (bf16 on the CPU) the fused product runs its products in bf16 as autocast runs F.linear,
+    its backward pass too, and each gradient comes back in its input's dtype (float32), close to autograd's."""
+    torch.manual_seed(0)
+    layer = FactorizedLinear(nn.Linear(24, 16), beta=2 / 3, stretch=(-0.1, 1.1), log_alpha_init=2.5)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    gates = torch.rand(16, requires_grad=True)
+    index = torch.tensor([0, 3, 4, 9, 15]) if selected else None
+    refs = [t.detach().clone().requires_grad_() for t in (layer.P, layer.Q, layer.bias, x, gates)]
+    p_ref, q_ref, bias_ref, x_ref, gates_ref = refs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = gates if index is None else gates.index_select(0, index)
+        g_ref = gates_ref if index is None else gates_ref.index_select(0, index)
+        p_use, q_use = (p_ref, q_ref) if index is None else (p_ref.index_select(1, index), q_ref.index_select(0, index))
+        expected = F.linear(F.linear(x_ref, q_use) * g_ref, p_use, bias_ref)
+        out = layer._product(x, g, index)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out)
+    expected.backward(upstream)
+    out.backward(upstream)
+    grads = {"P": layer.factors.grad[:16], "Q": layer.factors.grad[16:].view(16, 24), "bias": layer.bias.grad,
+             "x": x.grad, "gates": gates.grad}
+    for (name, mine), reference in zip(grads.items(), (p_ref.grad, q_ref.grad, bias_ref.grad, x_ref.grad,
+                                                       gates_ref.grad), strict=True):
+        assert mine.dtype == torch.float32, name
+        torch.testing.assert_close(mine, reference, atol=5e-2, rtol=2e-2, msg=name)
