@@ -273,7 +273,9 @@ def test_gate_groups_keep_a_constant_learning_rate() -> None:
 
 def test_recipes_that_leave_the_new_keys_alone_keep_their_fingerprints() -> None:
     """The committed results of the long comparison carry the fingerprints of their recipes: the dense and movement
-    runs still match after distillation, init_from, finetune_ratio and the soft-movement defaults were added."""
+    runs still match after distillation, init_from, finetune_ratio and the soft-movement defaults were added; the
+    distilled comparison's rank runs match with the Lagrangian alone, the recipe they ran before rank's default
+    changed."""
     from mtp.compare import ComparePlan, load_compare_config, recipe_fingerprint
 
     cfg = load_compare_config(ROOT / "configs/compare_minilm_long.yaml")
@@ -295,9 +297,18 @@ def test_recipes_that_leave_the_new_keys_alone_keep_their_fingerprints() -> None
     runs = [s for s in distilled_plan.runs if s.method != "movement" and s.seed is None
             and (kept / f"{s.name}.json").is_file()]
     assert len(runs) >= 40
+    # rank's size control became its default (close from half the ramp): its runs changed recipe, and with the
+    # Lagrangian alone (`lag_limit: null`) they are the recipes they were
+    as_before = distilled.model_copy(update={"overrides_by_run": {**distilled.overrides_by_run,
+                                                                   "-rank-": ["pruning.lag_limit=null"]}})
+    as_before_plan = ComparePlan.build(as_before, ROOT / distilled.base)
     for spec in runs:
         stored = json.loads((kept / f"{spec.name}.json").read_text())["recipe"]
-        assert recipe_fingerprint(distilled_plan, spec) == stored, spec.name
+        if spec.method == "rank":
+            assert recipe_fingerprint(distilled_plan, spec) != stored, spec.name
+            assert recipe_fingerprint(as_before_plan, as_before_plan.by_name[spec.name]) == stored, spec.name
+        else:
+            assert recipe_fingerprint(distilled_plan, spec) == stored, spec.name
     spec = next(s for s in runs if s.name == "mt-magnitude-0.5")
     per_task = distilled.model_copy(update={"pruned_overrides": [*distilled.pruned_overrides,
                                                                  'distill.task_teachers={"rte": "x"}']})
