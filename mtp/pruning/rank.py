@@ -196,8 +196,8 @@ class _LowRankProduct(torch.autograd.Function):
                 whole_p, whole_q = factor_views(grad_factors, out_features, in_features)
                 torch.mm(grad_2d.t(), scaled, out=whole_p)
                 torch.mm(grad_hidden.t(), x_2d, out=whole_q)
-            else:
-                grad_factors = torch.zeros_like(factors)
+            else:  # a selection of ranks leaves the others' gradient 0; a cast one is copied in whole
+                grad_factors = torch.zeros_like(factors) if index is not None else torch.empty_like(factors)
                 whole_p, whole_q = factor_views(grad_factors, out_features, in_features)
                 grad_p, grad_q = grad_2d.t().mm(scaled), grad_hidden.t().mm(x_2d)
                 if ctx.cast:
