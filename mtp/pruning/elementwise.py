@@ -5,6 +5,7 @@ rule: what ranks the entries (`criterion`), where the top-k is taken (`scope`), 
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtp.model import encoder_layers
 from mtp.pruning.base import (
     PrunableLayer,
     PruningHook,
@@ -51,16 +53,18 @@ class _StraightThroughMask(torch.autograd.Function):
 
 
 class MaskedLinear(PrunableLayer):
-    """y = (W * M) x + b; with scores, M's gradient flows straight through to S.
+    """y = (W * M) x + b; with scores bound (`bind_scores`), M's gradient flows straight through to S.
 
     The mask is a 0/1 buffer in the weight's dtype (no conversion in the forward pass), a bool under ZeRO-3 (it is
-    not partitioned: a quarter of the memory); count kept entries with `count_nonzero`, never by summing it.
+    not partitioned: a quarter of the memory); count kept entries with `count_nonzero`, never by summing it. The
+    scores S are a slice of a parameter the layer does not own (one per encoder block: `attach_block_scores`), so
+    that DeepSpeed handles one score tensor per block, not one per matrix; saved files keep them as `PATH.scores`.
     """
 
     compact_format = "bitmask"
     state_suffixes = ("mask", "scores")
 
-    def __init__(self, linear: nn.Linear, with_scores: bool):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
@@ -70,18 +74,39 @@ class MaskedLinear(PrunableLayer):
             self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=linear.weight.device))
         else:
             self.register_buffer("mask", torch.ones_like(linear.weight))
-        # built inside deepspeed.zero.Init under ZeRO-3 (mtp/zero3.py): the scores are partitioned
-        self.scores = nn.Parameter(torch.zeros(self.mask.shape, dtype=linear.weight.dtype,
-                                               device=linear.weight.device)) if with_scores else None
+        # (the block's score parameter, this matrix's offset in it): a tuple, so that the module does not register
+        # the parameter as its own
+        self.score_source: tuple[nn.Parameter, int] | None = None
         # a method's term of the scores, taken in the training forward pass (where ZeRO-3 has gathered them)
         self.score_term: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.aux: torch.Tensor | None = None
 
+    def bind_scores(self, param: nn.Parameter, offset: int) -> None:
+        """Learn S in `param`'s values from `offset` on (one entry per weight, row-major)."""
+        self.score_source = (param, offset)
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """S, a view of the block's score parameter (under ZeRO-3: read it only while that parameter is gathered)."""
+        if self.score_source is None:
+            return None
+        param, offset = self.score_source
+        return param.narrow(0, offset, self.mask.numel()).view(self.mask.shape)
+
+    @property
+    def score_grad(self) -> torch.Tensor | None:
+        """dL/dS, a view of the block's score gradient (None while it has none)."""
+        if self.score_source is None or self.score_source[0].grad is None:
+            return None
+        param, offset = self.score_source
+        return param.grad.narrow(0, offset, self.mask.numel()).view(self.mask.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scores is not None and self.training and self.scores.requires_grad:
+        if self.score_source is not None and self.training and self.score_source[0].requires_grad:
+            scores = self.scores
             if self.score_term is not None:
-                self.aux = self.score_term(self.scores)
-            weight = _StraightThroughMask.apply(self.weight, self.scores, self.mask.to(self.weight.dtype))
+                self.aux = self.score_term(scores)
+            weight = _StraightThroughMask.apply(self.weight, scores, self.mask.to(self.weight.dtype))
         else:
             weight = self.weight * self.mask.to(self.weight.dtype)
         return F.linear(x, weight, self.bias)
@@ -116,6 +141,44 @@ class MaskedLinear(PrunableLayer):
         return linear
 
 
+def attach_block_scores(model: nn.Module, modules: list[MaskedLinear], dtype: torch.dtype,
+                        device: torch.device) -> list[nn.Parameter]:
+    """One score parameter per encoder block, S = 0, registered on the block (`mtp_scores`: under ZeRO-3 it is
+    gathered while the block runs, the matrices inside it read their slices) and bound to its masked matrices in
+    order; saved files keep each matrix's slice as `PATH.scores` (`saved_parts`). Call it where the layers are built
+    (inside `deepspeed.zero.Init` under ZeRO-3: the parameter is made by a module's constructor, so it is
+    partitioned)."""
+    params = []
+    by_block: dict[int, list[tuple[str, MaskedLinear]]] = {}
+    inside = {id(m) for m in modules}
+    for idx, layer in enumerate(encoder_layers(model)):
+        by_block[idx] = [(name, m) for name, m in layer.named_modules() if id(m) in inside]
+    for idx, layer in enumerate(encoder_layers(model)):
+        members = by_block[idx]
+        holder = _BlockScores(sum(m.mask.numel() for _, m in members), dtype, device)
+        layer.register_parameter(BLOCK_SCORES, holder.scores)
+        offset, parts = 0, []
+        for name, m in members:
+            m.bind_scores(holder.scores, offset)
+            parts.append((f"{name}.scores", offset, tuple(m.mask.shape)))
+            offset += m.mask.numel()
+        holder.scores.saved_parts = parts  # mtp.zero3.saved_parts: the files keep one tensor per matrix
+        params.append(holder.scores)
+    return params
+
+
+BLOCK_SCORES = "mtp_scores"
+"""The name of an encoder block's score parameter."""
+
+
+class _BlockScores(nn.Module):
+    """Makes a block's score parameter in a module constructor (what `deepspeed.zero.Init` partitions)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.scores = nn.Parameter(torch.zeros(numel, dtype=dtype, device=device))
+
+
 class SparseLinear(nn.Module):
     """y = x W^T + b with W held as a CSR sparse matrix (the compact form's inference layer)."""
 
@@ -142,8 +205,11 @@ class ElementwisePruning(PruningHook):
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
-        replace_prunable(model, lambda linear, _idx, _kind: MaskedLinear(linear, self.with_scores))
+        replace_prunable(model, lambda linear, _idx, _kind: MaskedLinear(linear))
         self.modules = [m for _, _, m in prunable_modules(model)]
+        first = self.modules[0].weight
+        self.score_params = attach_block_scores(model, self.modules, first.dtype, first.device) \
+            if self.with_scores else []
         self.density = 1.0
         self.threshold: float | torch.Tensor | list[float | torch.Tensor] = 0.0
         self.topk = [TopK() for _ in self.modules]  # per-matrix selectors (their state only makes them fast)
@@ -186,9 +252,8 @@ class ElementwisePruning(PruningHook):
         gradient: the ZeRO-0 optimizer skips them, DeepSpeed's ZeRO stages read a zero gradient (Adam's momentum may
         still move them; nothing reads them any more), where ZeRO-3 would otherwise apply the last gradient it
         reduced again (a parameter's gradient partition is only overwritten when a new one arrives)."""
-        if self.with_scores:
-            for m in self.modules:
-                m.scores.requires_grad_(not self.fixed)
+        for param in self.score_params:
+            param.requires_grad_(not self.fixed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -201,16 +266,20 @@ class ElementwisePruning(PruningHook):
         self.update_masks(self.density)
 
     def criterion_param(self, m: MaskedLinear) -> nn.Parameter:
-        return m.weight if m.scores is None else m.scores
+        """The parameter the criterion reads: the weight, or the block's scores."""
+        return m.weight if m.score_source is None else m.score_source[0]
 
     def criteria(self, keep: bool = False) -> Iterator[tuple[MaskedLinear, torch.Tensor]]:
-        """Each matrix with its criterion, one matrix gathered at a time under ZeRO-3 (the one place that does): with
-        `keep`, a gathered criterion is copied so that it outlives its gather."""
-        for m in self.modules:
-            source = self.criterion_param(m)
-            with gathered([source]):
-                crit = self.criterion(m)
-                yield m, crit.clone() if keep and is_partitioned(source) else crit
+        """Each matrix with its criterion, one criterion parameter gathered at a time under ZeRO-3 (the one place
+        that does; a block's scores serve its six matrices): with `keep`, a gathered criterion is copied so that it
+        outlives its gather."""
+        for _, group in itertools.groupby(self.modules, key=lambda m: id(self.criterion_param(m))):
+            members = list(group)
+            param = self.criterion_param(members[0])
+            with gathered([param]):
+                for m in members:
+                    crit = self.criterion(m)
+                    yield m, crit.clone() if keep and is_partitioned(param) else crit
 
     def update_masks(self, density: float) -> None:
         """Keep the top `density` of the prunable entries, per matrix or over all matrices at once (`scope`)."""

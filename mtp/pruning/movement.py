@@ -31,7 +31,8 @@ class MovementSettings(ScopeSetting, ScoreLearning):
 
 
 class MovementPruning(ScopedElementwisePruning):
-    """Keeps the entries with the largest scores S; S starts at 0 and learns from g * W in its own optimizer group."""
+    """Keeps the entries with the largest scores S; S starts at 0 and learns from g * W in its own optimizer group (one
+    score parameter per encoder block)."""
 
     cfg: MovementSettings
     with_scores = True
@@ -40,5 +41,5 @@ class MovementPruning(ScopedElementwisePruning):
         return m.scores.detach()
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        return [{"params": [m.scores for m in self.modules], "lr": self.cfg.score_lr, "weight_decay": 0.0,
+        return [{"params": self.score_params, "lr": self.cfg.score_lr, "weight_decay": 0.0,
                  "name": "scores"}]

@@ -12,7 +12,6 @@ from torch import nn
 
 from mtp.pruning.elementwise import Scope
 from mtp.pruning.movement import MovementPruning, ScoreLearning
-from mtp.zero3 import gathered
 
 
 def sigmoid_sum(scores: torch.Tensor) -> torch.Tensor:
@@ -55,9 +54,8 @@ class SoftMovementPruning(MovementPruning):
         # sigmoid(S) > tau  <=>  S > logit(tau): one comparison per entry, no sigmoid
         cut = -math.inf if self.threshold <= 0 else math.inf if self.threshold >= 1 else math.log(
             self.threshold / (1 - self.threshold))
-        for m in self.modules:
-            with gathered([m.scores]):
-                torch.gt(m.scores.detach(), cut, out=m.mask)
+        for m, scores in self.criteria():
+            torch.gt(scores, cut, out=m.mask)
 
     def final_report(self, model: nn.Module) -> dict[str, Any]:
         if not self.fixed:  # it does not reach the budget by itself

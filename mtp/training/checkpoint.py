@@ -35,14 +35,10 @@ def save_checkpoint(engine: Any, folder: Path, state: TrainState, sampler: Any, 
 
 def load_checkpoint(engine: Any, folder: Path, sampler: Any, hooks: list[Hook], rank: int) -> TrainState:
     """Restore the latest checkpoint into the engine, the sampler, the hooks and the RNG; returns the progress."""
-    try:
-        path, client = engine.load_checkpoint(str(folder))
-    except RuntimeError as error:
-        if "factors" in str(error) and ".P" in str(error):  # rank's P and Q, one parameter since f7a1593
-            raise ConfigError(f"--resume: {folder} holds a rank-pruning checkpoint from before rank kept P and Q in "
-                              f"one parameter (mtp f7a1593); resume it with an mtp from before that commit, or "
-                              f"start the run over") from None
-        raise
+    problem = layout_problem(folder, set(engine.module.state_dict()))
+    if problem is not None:
+        raise ConfigError(f"--resume: {folder}: {problem}")
+    path, client = engine.load_checkpoint(str(folder))
     if path is None:
         raise ConfigError(f"--resume: no checkpoint in {folder}")
     saved = client["mtp"]
@@ -54,6 +50,34 @@ def load_checkpoint(engine: Any, folder: Path, sampler: Any, hooks: list[Hook], 
         rng_file = Path(path) / f"rng_rank{rank}.safetensors"
     load_rng(rng_file)
     return TrainState.from_checkpoint(saved)
+
+
+# parameters whose training-time storage changed: (a key of the old layout, its new key, what changed)
+STORAGE_CHANGES = ((".P", ".factors", "rank kept P and Q in one parameter (mtp f7a1593)"),
+                   (".scores", ".mtp_scores", "movement kept one score parameter per encoder block"))
+
+
+def layout_problem(folder: Path, expected: set[str]) -> str | None:
+    """Why the latest checkpoint in `folder` cannot be loaded into a model whose state keys are `expected`, read from
+    the keys it saved (memory-mapped, before DeepSpeed loads anything), or None: a checkpoint of another model or
+    method, or one written before a method changed how it stores its parameters."""
+    latest = folder / "latest"
+    if not latest.is_file():
+        return None
+    states = sorted((folder / latest.read_text().strip()).glob("*model_states.pt"))
+    if not states:
+        return None
+    saved = set(torch.load(states[0], map_location="cpu", mmap=True, weights_only=False).get("module") or {})
+    if not saved or saved == expected:  # (no module state saved: DeepSpeed's own load decides)
+        return None
+    extra, missing = sorted(saved - expected), sorted(expected - saved)
+    for old, new, change in STORAGE_CHANGES:
+        if any(k.endswith(old) for k in extra) and any(k.endswith(new) for k in missing):
+            return (f"the checkpoint is from before {change}; resume it with the mtp that wrote it, or start the "
+                    f"run over")
+    first = f"it holds {extra[0]}, which this model lacks" if extra else f"it lacks {missing[0]}"
+    return f"the checkpoint was written by another model or method ({first}); start the run over or resume it with " \
+           f"the config that wrote it"
 
 
 def save_rng(path: Path) -> None:

@@ -195,4 +195,25 @@ def test_a_rank_checkpoint_from_before_the_fused_factors_is_refused_in_one_line(
     proc = launch([*common, "--resume"], nproc=1, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("mtp: error:")]
-    assert len(lines) == 1 and "before rank kept P and Q in one parameter" in lines[0], lines
+    assert len(lines) == 1 and "from before rank kept P and Q in one parameter" in lines[0], lines
+
+
+def test_a_movement_checkpoint_from_before_the_block_scores_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A movement run checkpointed when every matrix had its own score parameter (`PATH.scores`, not one
+    `mtp_scores` per block) is refused from the checkpoint's keys before DeepSpeed loads it: one line, exit 2."""
+    import torch
+
+    out = tmp_path / "run"
+    common = ["--config", TINY, "pruning.method=movement", "pruning.budget=0.5", "train.max_steps=4",
+              "train.checkpoint_every=2", "train.deepspeed_config=ds_configs/cpu_zero0.json", f"output_dir={out}"]
+    launch([*common, "train.stop_after_steps=2"], nproc=1)
+    states = out / "checkpoints" / "step_2" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    assert any(k.endswith(".mtp_scores") for k in saved["module"])
+    saved["module"] = {(k[: -len("mtp_scores")] + "attention.self.query.scores" if k.endswith(".mtp_scores") else k): v
+                       for k, v in saved["module"].items()}
+    torch.save(saved, states)
+    proc = launch([*common, "--resume"], nproc=1, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("mtp: error:")]
+    assert len(lines) == 1 and "from before movement kept one score parameter per encoder block" in lines[0], lines

@@ -41,7 +41,9 @@ def test_elementwise_masks_hit_the_budget_exactly(method: str, scope: str) -> No
 
 def test_masks_act_in_the_forward_pass_with_straight_through_scores() -> None:
     torch.manual_seed(0)
-    layer = MaskedLinear(nn.Linear(6, 4), with_scores=True).train()
+    layer = MaskedLinear(nn.Linear(6, 4)).train()
+    scores = nn.Parameter(torch.zeros(30))  # a block's scores: this layer's slice starts at 5
+    layer.bind_scores(scores, 5)
     layer.mask[:, :3] = False
     x = torch.randn(2, 6)
     expected = x @ (layer.weight * layer.mask).T + layer.bias
@@ -50,7 +52,9 @@ def test_masks_act_in_the_forward_pass_with_straight_through_scores() -> None:
     out.sum().backward()
     # dL/dS = dL/dM = dL/dW_eff * W: nonzero for pruned entries too (they can come back)
     grad_weff = torch.ones(2, 4).T @ x
-    torch.testing.assert_close(layer.scores.grad, grad_weff * layer.weight.detach())
+    torch.testing.assert_close(layer.score_grad, grad_weff * layer.weight.detach())
+    torch.testing.assert_close(scores.grad[5:29].view(4, 6), grad_weff * layer.weight.detach())
+    assert not scores.grad[:5].any() and not scores.grad[29:].any()
     torch.testing.assert_close(layer.weight.grad, grad_weff * layer.mask)
 
 
@@ -84,18 +88,18 @@ def test_scores_stop_learning_once_the_masks_are_fixed(method: str) -> None:
     ids = torch.randint(0, model.encoder.config.vocab_size, (2, 5))
 
     def backward() -> None:
-        for m in modules:
-            m.scores.grad = None
+        for param in hook.score_params:
+            param.grad = None
         model.encoder(input_ids=ids).last_hidden_state.sum().backward()
 
     hook.on_optimizer_step(model, 5)  # on the ramp: the scores learn
     backward()
-    assert all(m.scores.grad is not None and m.scores.requires_grad for m in modules)
+    assert all(m.score_grad is not None and m.scores.requires_grad for m in modules)
     hook.on_optimizer_step(model, 8)  # past the schedule's end (7): the masks are fixed
     assert hook.fixed
     masks = [m.mask.clone() for m in modules]
     backward()
-    assert all(m.scores.grad is None and not m.scores.requires_grad for m in modules)
+    assert all(m.score_grad is None and not m.scores.requires_grad for m in modules)
     assert hook.extra_loss(model, 8) is None
     hook.on_optimizer_step(model, 9)
     assert all(torch.equal(m.mask, before) for m, before in zip(modules, masks, strict=True))
