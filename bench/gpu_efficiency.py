@@ -185,7 +185,7 @@ def pruning(arch: str, micro_batch: int, args) -> dict[str, Any]:
     for name, settings in PRUNING_PATHS.items():
         for phase in ("ramp", "at_budget"):
             model, hooks = pruned_path(base, settings, args.budget, total, phase)
-            paths[f"{name}:{phase}"] = engine_step(cfg, model, hooks)
+            paths[f"{name}:{phase}"] = engine_step(cfg, model, hooks, fixed_phase=phase == "at_budget")
     del base
     seconds = alternated(paths, batches, args.warmup, args.rounds)
     dense = fastest(seconds["dense"])

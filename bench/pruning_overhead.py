@@ -53,7 +53,9 @@ PREFIXES = ["attention.self.query", "attention.self.key", "attention.self.value"
             "intermediate.dense", r"layer\.\d+\.output\.dense"]
 
 
-def engine_step(cfg, model, hooks, ds_extra=None):
+def engine_step(cfg, model, hooks, ds_extra=None, fixed_phase: bool = False):
+    """One training step of `model` under DeepSpeed, as the trainer runs it; with `fixed_phase` the hooks enter their
+    fixed phase once the engine is built, as a run enters it."""
     import deepspeed
 
     ds = build_ds_config(cfg, 1) | (ds_extra or {})
@@ -63,9 +65,9 @@ def engine_step(cfg, model, hooks, ds_extra=None):
                                       model_parameters=split_param_groups(model, hooks, cfg.train.weight_decay),
                                       lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(0, 10**6)))
     skip_single_rank_reduction(engine)  # as the trainer does
-    for hook in hooks:
-        if getattr(hook, "fix_after_build", False):
-            hook.fix_masks()
+    if fixed_phase:
+        for hook in hooks:
+            hook.enter_fixed_phase()
     state = {"step": 0}
 
     def step(task, batch):
@@ -131,7 +133,8 @@ def close_gates_to(hook, fraction: float) -> None:
 
 def pruned_path(base, settings: dict, budget: float, total: int, phase: str):
     """A copy of `base` with the hook of `settings` set up, along its ramp (`phase` "ramp": masks move every step)
-    or at the budget ("at_budget": rank's gates beyond it closed, the other methods' final masks fixed)."""
+    or at the budget ("at_budget": rank's gates beyond it closed; build its engine with `fixed_phase=True`, which
+    fixes the masks or ranks at the budget as a run does)."""
     from mtp.pruning import build_pruning
 
     model = copy.deepcopy(base)
@@ -139,15 +142,8 @@ def pruned_path(base, settings: dict, budget: float, total: int, phase: str):
     for hook in hooks:
         hook.setup(model)
     hook = hooks[0]
-    if phase == "at_budget":
-        if settings["method"] == "rank":  # as a run at its budget: gates beyond it closed, then the projection
-            close_gates_to(hook, hook.budget.target / hook.budget.dense_blocks)
-            hook.project()
-            hook.fixed = True
-            hook._set_sampling()
-        else:  # the final masks; the fixed-mask phase is entered once the engine is built, as a run enters it
-            hook.final_masks()  # (movement's scores then stop requiring a gradient: engine_step)
-            hook.fix_after_build = True
+    if phase == "at_budget" and settings["method"] == "rank":  # as a run at its budget: gates beyond it closed (the
+        close_gates_to(hook, hook.budget.target / hook.budget.dense_blocks)  # projection follows in engine_step)
     return model, hooks
 
 

@@ -142,7 +142,8 @@ def pruning_row(model_name: str, method: str | None, phase: str, args: argparse.
             measured = profile_steps(engine_step(cfg, base, []), batches, args.warmup, args.steps)
         else:
             model, hooks = pruned_path(base, PRUNING_PATHS[method], args.budget, 10 ** 6, phase)
-            measured = profile_steps(engine_step(cfg, model, hooks), batches, args.warmup, args.steps)
+            measured = profile_steps(engine_step(cfg, model, hooks, fixed_phase=phase == "at_budget"), batches,
+                                     args.warmup, args.steps)
     return {"model": model_name, "method": method or "dense", "phase": phase, "zero": 2, **measured}
 
 

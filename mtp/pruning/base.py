@@ -269,6 +269,11 @@ class PruningHook(Hook):
     def in_fixed_phase(self, step: int) -> bool:
         return step > self.schedule_end
 
+    def enter_fixed_phase(self) -> None:
+        """Fix the masks or ranks at the budget for the rest of the run: what a run does at the first step past its
+        schedule, and what a bench that times the fixed phase calls once the engine is built."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "fixed": self.fixed}
 

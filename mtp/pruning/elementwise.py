@@ -236,11 +236,11 @@ class ElementwisePruning(PruningHook):
         if self.fixed:
             return
         if self.in_fixed_phase(step):
-            self.fix_masks()
+            self.enter_fixed_phase()
             return
         self.move_masks(step)
 
-    def fix_masks(self) -> None:
+    def enter_fixed_phase(self) -> None:
         """The final masks, kept from here on (the fixed-mask phase)."""
         self.final_masks()
         self.fixed = True

@@ -536,14 +536,19 @@ class RankPruning(PruningHook):
     def _as(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
         return value.to(like.dtype) if isinstance(value, torch.Tensor) else value
 
+    def enter_fixed_phase(self) -> None:
+        """The ranks projected to the budget and kept from here on (the fine-tuning phase), gates deterministic."""
+        self.project()
+        self.fixed = True
+        self._set_sampling()
+
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Gradient ascent on the multipliers: d/d(lambda1) = gap, d/d(lambda2) = gap^2; at the end of the schedule
         the ranks are projected to the budget and fixed for the fine-tuning phase."""
         sampled = self.modules[0].sample
         self.step = step
         if not self.fixed and self.in_fixed_phase(step):
-            self.project()
-            self.fixed = True
+            self.enter_fixed_phase()
         elif sampled and self.cfg.size_control == "shift":
             self.shift_to_target(self.target(step))
         elif sampled:

@@ -259,7 +259,7 @@ class StructuredPruning(PruningHook):
             return
         self._step_taylor()
         if self.in_fixed_phase(step):
-            self.fix_masks()
+            self.enter_fixed_phase()
             return
         target = int(self.schedule(step, float(self.removable), float(self.allowance)))
         if target < self.removable:
@@ -267,7 +267,7 @@ class StructuredPruning(PruningHook):
                 int(self.schedule(step, float(self.all_heads_cost), float(self.head_allowance)))
             self.select(target, head_target)
 
-    def fix_masks(self) -> None:
+    def enter_fixed_phase(self) -> None:
         """The final groups, kept from here on (the fixed-mask phase)."""
         self.final_masks()
         self.fixed = True
