@@ -54,14 +54,14 @@ values (None: the parameter itself)."""
 
 def saved_parts(model: nn.Module) -> list[tuple[nn.Parameter, list[SavedPart]]]:
     """Every parameter with the tensors it is saved as: itself, or, where one parameter holds several tensors (its
-    `saved_parts` attribute, or its module's `saved_parts(name)`, gives their suffixes under the module, offsets and
-    shapes), each of them apart, so that saved files keep one layout whatever the training-time storage."""
+    module's `saved_parts(name)` gives their names under the module, offsets and shapes), each of them apart, so that
+    saved files keep one layout whatever the training-time storage."""
     modules = dict(model.named_modules())
     out = []
     for name, param in model.named_parameters():
         owner, _, local = name.rpartition(".")
         split = getattr(modules.get(owner), "saved_parts", None)
-        parts = getattr(param, "saved_parts", None) or (split(local) if split is not None else None)
+        parts = split(local) if split is not None else None
         if parts is None:
             out.append((param, [(name, full_shape(param), None)]))
         else:

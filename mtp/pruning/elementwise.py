@@ -57,8 +57,8 @@ class MaskedLinear(PrunableLayer):
 
     The mask is a 0/1 buffer in the weight's dtype (no conversion in the forward pass), a bool under ZeRO-3 (it is
     not partitioned: a quarter of the memory); count kept entries with `count_nonzero`, never by summing it. The
-    scores S are a slice of a parameter the layer does not own (one per encoder block: `attach_block_scores`), so
-    that DeepSpeed handles one score tensor per block, not one per matrix; saved files keep them as `PATH.scores`.
+    scores S are one piece of a parameter the layer does not own (one per encoder block: `BlockScores`), so that
+    DeepSpeed handles one score tensor per block, not one per matrix; saved files keep them as `PATH.scores`.
     """
 
     compact_format = "bitmask"
@@ -74,36 +74,41 @@ class MaskedLinear(PrunableLayer):
             self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=linear.weight.device))
         else:
             self.register_buffer("mask", torch.ones_like(linear.weight))
-        # (the block's score parameter, this matrix's offset in it): a tuple, so that the module does not register
-        # the parameter as its own
-        self.score_source: tuple[nn.Parameter, int] | None = None
+        # (the block's scores, this matrix's piece of them): a tuple, so that the module registers nothing of it
+        self.score_source: tuple[BlockScores, int] | None = None
         # a method's term of the scores, taken in the training forward pass (where ZeRO-3 has gathered them)
         self.score_term: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.aux: torch.Tensor | None = None
 
-    def bind_scores(self, param: nn.Parameter, offset: int) -> None:
-        """Learn S in `param`'s values from `offset` on (one entry per weight, row-major)."""
-        self.score_source = (param, offset)
+    def bind_scores(self, block: BlockScores, index: int) -> None:
+        """Learn S as piece `index` of `block`'s scores."""
+        self.score_source = (block, index)
+
+    @property
+    def score_param(self) -> nn.Parameter | None:
+        """The parameter that holds S (with the other matrices' of the block)."""
+        return None if self.score_source is None else self.score_source[0].param
 
     @property
     def scores(self) -> torch.Tensor | None:
         """S, a view of the block's score parameter (under ZeRO-3: read it only while that parameter is gathered)."""
         if self.score_source is None:
             return None
-        param, offset = self.score_source
-        return param.narrow(0, offset, self.mask.numel()).view(self.mask.shape)
+        block, index = self.score_source
+        return block.piece(block.param, index)
 
     @property
     def score_grad(self) -> torch.Tensor | None:
         """dL/dS, a view of the block's score gradient (None while it has none)."""
-        if self.score_source is None or self.score_source[0].grad is None:
+        if self.score_source is None or self.score_source[0].param.grad is None:
             return None
-        param, offset = self.score_source
-        return param.grad.narrow(0, offset, self.mask.numel()).view(self.mask.shape)
+        block, index = self.score_source
+        return block.piece(block.param.grad, index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.score_source is not None and self.training and self.score_source[0].requires_grad:
-            scores = self.scores
+        if self.score_source is not None and self.training and self.score_source[0].param.requires_grad:
+            block, index = self.score_source
+            scores = block.forward_piece(index)
             if self.score_term is not None:
                 self.aux = self.score_term(scores)
             weight = _StraightThroughMask.apply(self.weight, scores, self.mask.to(self.weight.dtype))
@@ -141,37 +146,69 @@ class MaskedLinear(PrunableLayer):
         return linear
 
 
-def attach_block_scores(model: nn.Module, modules: list[MaskedLinear], dtype: torch.dtype,
-                        device: torch.device) -> list[nn.Parameter]:
-    """One score parameter per encoder block, S = 0, registered on the block (`mtp_scores`: under ZeRO-3 it is
-    gathered while the block runs, the matrices inside it read their slices) and bound to its masked matrices in
-    order; saved files keep each matrix's slice as `PATH.scores` (`saved_parts`). Call it where the layers are built
-    (inside `deepspeed.zero.Init` under ZeRO-3: the parameter is made by a module's constructor, so it is
-    partitioned)."""
-    params = []
-    by_block: dict[int, list[tuple[str, MaskedLinear]]] = {}
-    inside = {id(m) for m in modules}
-    for idx, layer in enumerate(encoder_layers(model)):
-        by_block[idx] = [(name, m) for name, m in layer.named_modules() if id(m) in inside]
-    for idx, layer in enumerate(encoder_layers(model)):
-        members = by_block[idx]
-        holder = _BlockScores(sum(m.mask.numel() for _, m in members), dtype, device)
-        layer.register_parameter(BLOCK_SCORES, holder.scores)
-        offset, parts = 0, []
-        for name, m in members:
-            m.bind_scores(holder.scores, offset)
-            parts.append((f"{name}.scores", offset, tuple(m.mask.shape)))
-            offset += m.mask.numel()
-        holder.scores.saved_parts = parts  # mtp.zero3.saved_parts: the files keep one tensor per matrix
-        params.append(holder.scores)
-    return params
-
-
 BLOCK_SCORES = "mtp_scores"
 """The name of an encoder block's score parameter."""
 
 
-class _BlockScores(nn.Module):
+class BlockScores:
+    """The scores S of one encoder block's masked matrices, in one parameter registered on the block (`mtp_scores`:
+    under ZeRO-3 it is gathered while the block runs), each matrix's S a piece of it in row-major order.
+
+    In the training forward pass the pieces come from one `split` per pass of the block, made when the first matrix
+    asks for its piece and dropped when the block's pass begins and ends (forward hooks on the block): the backward
+    pass then writes the block's score gradient in one `cat`, where a slice per matrix would build a zeroed
+    gradient of the whole block for each. Saved files keep one `PATH.scores` per matrix: the block answers
+    `saved_parts` (mtp.zero3.saved_parts). Held by plain references, so `copy.deepcopy` of a model copies it whole.
+    """
+
+    def __init__(self, block: nn.Module, members: list[tuple[str, MaskedLinear]], dtype: torch.dtype,
+                 device: torch.device):
+        self.paths = [name for name, _ in members]
+        self.shapes = [tuple(m.mask.shape) for _, m in members]
+        self.sizes = [m.mask.numel() for _, m in members]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.param = _ScoreParameter(sum(self.sizes), dtype, device).scores
+        block.register_parameter(BLOCK_SCORES, self.param)
+        block.saved_parts = self.saved_parts  # a bound method in the block's __dict__: deepcopy rebinds it
+        block.register_forward_pre_hook(self._drop_pieces)
+        block.register_forward_hook(self._drop_pieces)
+        self._pieces: list[torch.Tensor] | None = None
+        for index, (_, m) in enumerate(members):
+            m.bind_scores(self, index)
+
+    def piece(self, values: torch.Tensor, index: int) -> torch.Tensor:
+        """Matrix `index`'s piece of `values` (the parameter or its gradient), by a slice."""
+        return values.narrow(0, self.offsets[index], self.sizes[index]).view(self.shapes[index])
+
+    def forward_piece(self, index: int) -> torch.Tensor:
+        """Matrix `index`'s piece of the parameter in this forward pass of the block (one split per pass)."""
+        if self._pieces is None:
+            self._pieces = [p.view(shape) for p, shape in zip(self.param.split(self.sizes), self.shapes, strict=True)]
+        return self._pieces[index]
+
+    def _drop_pieces(self, *_: Any) -> None:
+        self._pieces = None
+
+    def saved_parts(self, name: str) -> list[tuple[str, int, tuple[int, ...]]] | None:
+        """`mtp_scores` is saved as each matrix's `PATH.scores` (offsets in the parameter, shapes)."""
+        if name != BLOCK_SCORES:
+            return None
+        return [(f"{path}.scores", offset, shape)
+                for path, offset, shape in zip(self.paths, self.offsets, self.shapes, strict=True)]
+
+
+def attach_block_scores(model: nn.Module, modules: list[MaskedLinear], dtype: torch.dtype,
+                        device: torch.device) -> list[nn.Parameter]:
+    """One score parameter per encoder block, S = 0, bound to the block's masked matrices (`BlockScores`). Call it
+    where the layers are built (inside `deepspeed.zero.Init` under ZeRO-3: the parameter is made by a module's
+    constructor, so it is partitioned)."""
+    inside = {id(m) for m in modules}
+    blocks = [BlockScores(layer, [(name, m) for name, m in layer.named_modules() if id(m) in inside], dtype, device)
+              for layer in encoder_layers(model)]
+    return [block.param for block in blocks]
+
+
+class _ScoreParameter(nn.Module):
     """Makes a block's score parameter in a module constructor (what `deepspeed.zero.Init` partitions)."""
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
@@ -267,7 +304,7 @@ class ElementwisePruning(PruningHook):
 
     def criterion_param(self, m: MaskedLinear) -> nn.Parameter:
         """The parameter the criterion reads: the weight, or the block's scores."""
-        return m.weight if m.score_source is None else m.score_source[0]
+        return m.weight if m.score_param is None else m.score_param
 
     def criteria(self, keep: bool = False) -> Iterator[tuple[MaskedLinear, torch.Tensor]]:
         """Each matrix with its criterion, one criterion parameter gathered at a time under ZeRO-3 (the one place

@@ -67,7 +67,10 @@ def layout_problem(folder: Path, expected: set[str]) -> str | None:
     states = sorted((folder / latest.read_text().strip()).glob("*model_states.pt"))
     if not states:
         return None
-    saved = set(torch.load(states[0], map_location="cpu", mmap=True, weights_only=False).get("module") or {})
+    try:
+        saved = set(torch.load(states[0], map_location="cpu", mmap=True, weights_only=False).get("module") or {})
+    except Exception:  # not a zipfile checkpoint (another checkpoint engine, an old format): DeepSpeed's load decides
+        return None
     if not saved or saved == expected:  # (no module state saved: DeepSpeed's own load decides)
         return None
     extra, missing = sorted(saved - expected), sorted(expected - saved)
@@ -76,8 +79,8 @@ def layout_problem(folder: Path, expected: set[str]) -> str | None:
             return (f"the checkpoint is from before {change}; resume it with the mtp that wrote it, or start the "
                     f"run over")
     first = f"it holds {extra[0]}, which this model lacks" if extra else f"it lacks {missing[0]}"
-    return f"the checkpoint was written by another model or method ({first}); start the run over or resume it with " \
-           f"the config that wrote it"
+    return f"the checkpoint was written by another model, method or mtp version ({first}); start the run over, or " \
+           f"resume it with the config and the mtp that wrote it"
 
 
 def save_rng(path: Path) -> None:

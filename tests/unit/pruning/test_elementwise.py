@@ -15,6 +15,7 @@ from mtp.pruning import (
     prunable_modules,
     pruning_settings,
 )
+from mtp.pruning.elementwise import BlockScores
 from tests.unit.pruning.tiny import tiny_model
 
 
@@ -40,22 +41,53 @@ def test_elementwise_masks_hit_the_budget_exactly(method: str, scope: str) -> No
 
 
 def test_masks_act_in_the_forward_pass_with_straight_through_scores() -> None:
+    """Two masked maps in one block: each output uses W * M, and dL/dS = dL/dW_eff * W lands in that map's piece of
+    the block's one score parameter (by one split per pass of the block), for every pass of the block."""
     torch.manual_seed(0)
-    layer = MaskedLinear(nn.Linear(6, 4)).train()
-    scores = nn.Parameter(torch.zeros(30))  # a block's scores: this layer's slice starts at 5
-    layer.bind_scores(scores, 5)
-    layer.mask[:, :3] = False
+    block = nn.Sequential(MaskedLinear(nn.Linear(6, 4)), MaskedLinear(nn.Linear(4, 3))).train()
+    scores = BlockScores(block, [("0", block[0]), ("1", block[1])], torch.float32, torch.device("cpu")).param
+    assert scores.shape == (24 + 12,) and [name for name, _ in block.named_parameters()][0] == "mtp_scores"
+    first, second = block
+    first.mask[:, :3] = False
+    second.mask[0] = False
     x = torch.randn(2, 6)
-    expected = x @ (layer.weight * layer.mask).T + layer.bias
-    out = layer(x)
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    # dL/dS = dL/dM = dL/dW_eff * W: nonzero for pruned entries too (they can come back)
-    grad_weff = torch.ones(2, 4).T @ x
-    torch.testing.assert_close(layer.score_grad, grad_weff * layer.weight.detach())
-    torch.testing.assert_close(scores.grad[5:29].view(4, 6), grad_weff * layer.weight.detach())
-    assert not scores.grad[:5].any() and not scores.grad[29:].any()
-    torch.testing.assert_close(layer.weight.grad, grad_weff * layer.mask)
+    hidden = x @ (first.weight * first.mask).T + first.bias
+    torch.testing.assert_close(block(x), hidden @ (second.weight * second.mask).T + second.bias)
+    for passes in (1, 2):  # the second pass accumulates a gradient equal to the first
+        scores.grad = None
+        for _ in range(passes):
+            block(x).sum().backward()
+        # dL/dS = dL/dM = dL/dW_eff * W: nonzero for pruned entries too (they can come back)
+        grad_out = torch.ones(2, 3)
+        grad_second = grad_out.T @ hidden.detach()
+        grad_first = ((grad_out @ (second.weight * second.mask)).T @ x).detach()
+        torch.testing.assert_close(scores.grad[:24].view(4, 6), passes * grad_first * first.weight.detach())
+        torch.testing.assert_close(scores.grad[24:].view(3, 4), passes * grad_second * second.weight.detach())
+        torch.testing.assert_close(first.score_grad, passes * grad_first * first.weight.detach())
+        torch.testing.assert_close(first.weight.grad, passes * grad_first * first.mask)
+        torch.testing.assert_close(second.weight.grad, passes * grad_second * second.mask)
+        first.weight.grad = second.weight.grad = first.bias.grad = second.bias.grad = None
+
+
+def test_a_copied_movement_model_keeps_its_saved_layout_and_learns_its_own_scores() -> None:
+    """`copy.deepcopy` of a model with block scores: the copy saves each matrix's `PATH.scores` and its passes write
+    gradients into its own score parameters, not the original's."""
+    import copy
+
+    from mtp.zero3 import full_state_dict
+
+    model = tiny_model().train()
+    hook = build_pruning(pruning_settings(method="movement", budget=0.3), 10)[0]
+    hook.setup(model)
+    twin = copy.deepcopy(model)
+    keys = set(full_state_dict(twin))
+    paths = [name for name, m in twin.named_modules() if isinstance(m, MaskedLinear)]
+    assert {f"{p}.scores" for p in paths} <= keys and not any(k.endswith("mtp_scores") for k in keys)
+    ids = torch.randint(0, twin.encoder.config.vocab_size, (2, 5))
+    twin.encoder(input_ids=ids).last_hidden_state.sum().backward()
+    copied = [p for name, p in twin.named_parameters() if name.endswith("mtp_scores")]
+    assert copied and all(p.grad is not None for p in copied)
+    assert all(p.grad is None for p in hook.score_params)
 
 
 def test_soft_movement_projects_to_the_budget_at_the_end() -> None:
