@@ -123,7 +123,34 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                 "range": max(means) - min(means) if len(means) > 1 else None})
     report["size_at_fix"] = size_checks(plan, by_key)
     report["exposure"] = exposure(plan, by_key)
+    report["summary"] = summary(report)
     return report
+
+
+def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method and budget: the multitask mean (over its seeds where there are several), the best
+    ensemble's mean (over its members' seeds where they ran), the margin between the two with each side's range, and
+    the margin on the held-out halves of the dev sets where every run scored them."""
+    spread = {(r["method"], r["budget"]): r for r in report.get("spread", [])}
+    rows = []
+    for method, method_rows in report["methods"].items():
+        for row in method_rows:
+            mt, ens = row["multitask"], row["best_ensemble"]
+            seeds = spread.get((method, row["budget"]))
+            mt_mean = seeds["mean"] if seeds and seeds["runs"] > 1 else (mt or {}).get("mean")
+            members = row.get("member_seeds") or {}
+            ens_mean = members["mean"] if len(members.get("means", [])) > 1 else (ens or {}).get("mean")
+            held = row.get("held_out") or {}
+            rows.append({
+                "method": method, "budget": row["budget"], "multitask": mt_mean,
+                "multitask_runs": seeds["runs"] if seeds and seeds["runs"] > 1 else int(mt is not None),
+                "multitask_range": seeds["range"] if seeds else None,
+                "best_ensemble": ens_mean, "ensemble_runs": len(members.get("means", [])) or int(ens is not None),
+                "ensemble_range": members.get("range"),
+                "ensemble_complete": bool(ens and ens.get("complete")),
+                "margin": None if mt_mean is None or ens_mean is None else mt_mean - ens_mean,
+                "margin_on_second_half": held.get("margin_on_second_half")})
+    return rows
 
 
 def member_spread(cfg: CompareConfig, tasks: list[str], method: str, members: list[Choice], mean: float,
@@ -223,6 +250,25 @@ def _cell(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The summary as markdown lines: method x budget, multitask, best ensemble, margin with both sides' ranges."""
+    def side(mean: float | None, runs: int, spread: float | None) -> str:
+        if mean is None:
+            return "—"
+        return f"{mean:.2f}" + (f" [{spread:.2f}, {runs} runs]" if runs > 1 and spread is not None else "")
+
+    lines = ["## Summary", "", "| method | budget | multitask | best ensemble | margin | margin, held-out half |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        partial = "" if r["ensemble_complete"] or r["best_ensemble"] is None else " (partial grid)"
+        multitask = side(r["multitask"], r["multitask_runs"], r["multitask_range"])
+        ensemble = side(r["best_ensemble"], r["ensemble_runs"], r["ensemble_range"])
+        lines.append(f"| {r['method']} | {r['budget']:g} | {multitask} | {ensemble}{partial} | "
+                     + ("—" if r["margin"] is None else f"{r['margin']:+.2f}") + " | "
+                     + ("—" if r["margin_on_second_half"] is None else f"{r['margin_on_second_half']:+.2f}") + " |")
+    return lines + [""]
+
+
 def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) -> str:
     tasks = report["tasks"]
     lines = ["# Multitask pruning vs the best single-task ensemble", "",
@@ -230,6 +276,11 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
              f"Encoder blocks (dense): {report['dense_blocks']:,} parameters; "
              f"embeddings {report['embeddings_per_encoder']:,} per encoder (the multitask model carries one table, "
              "an ensemble of T models carries T).", ""]
+    if report.get("summary"):
+        lines += summary_table(report["summary"]) + [
+            "Means over the multitask model's seeds and over the best ensemble's member seeds where they ran (each "
+            "side's range in brackets: max - min over its runs); the held-out margin chooses the ensemble on one half "
+            "of each dev set and scores both sides on the other. The sections below have every run.", ""]
     header = "| budget | model | " + " | ".join(tasks) + " | mean | kept blocks | allocation |"
     sep = "|" + "---|" * (len(tasks) + 5)
     dense = report.get("dense") or {}

@@ -471,5 +471,11 @@ def test_member_seeds_plan_a_second_seed_of_every_possible_member_and_report_the
     assert row["member_seeds"] == {"means": [62.0, 58.0], "missing_seeds": [], "mean": 60.0, "range": 4.0}
     md = render_markdown(report, cfg, "mtp compare")
     assert "| movement | 0.5 | 62.00, 58.00 | 4.00 | 70.00, 72.00 | 2.00 | +11.00 |" in md
+    # the summary: both sides over their seeds, the margin between the means, each side's range
+    assert report["summary"] == [{"method": "movement", "budget": 0.5, "multitask": 71.0, "multitask_runs": 2,
+                                  "multitask_range": 2.0, "best_ensemble": 60.0, "ensemble_runs": 2,
+                                  "ensemble_range": 4.0, "ensemble_complete": True, "margin": 11.0,
+                                  "margin_on_second_half": None}]
+    assert "| movement | 0.5 | 71.00 [2.00, 2 runs] | 60.00 [4.00, 2 runs] | +11.00 | — |" in md
     with pytest.raises(ConfigError, match="member_seeds_budget: 0.3 is not one of budgets"):
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["member_seeds=[7]", "member_seeds_budget=0.3"])
