@@ -48,7 +48,8 @@ from mtp.training.distributed import init_distributed  # noqa: E402
 SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
          "masked_select", "unique"}
 PRUNING_PATHS = {"magnitude": {"method": "magnitude"}, "movement": {"method": "movement"},
-                 "rank": {"method": "rank"}, "structured": {"method": "structured"}}
+                 "soft_movement": {"method": "soft_movement"}, "rank": {"method": "rank"},
+                 "structured": {"method": "structured"}}
 BENCH = Path(__file__).resolve().parent
 
 

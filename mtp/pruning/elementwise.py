@@ -290,8 +290,9 @@ class ElementwisePruning(PruningHook):
         gradient: the ZeRO-0 optimizer skips them, DeepSpeed's ZeRO stages read a zero gradient (Adam's momentum may
         still move them; nothing reads them any more), where ZeRO-3 would otherwise apply the last gradient it
         reduced again (a parameter's gradient partition is only overwritten when a new one arrives)."""
-        for param in self.score_params:
-            param.requires_grad_(not self.fixed)
+        if self.with_scores:  # (a hook not set up yet may be loaded: magnitude's has nothing to do)
+            for param in self.score_params:
+                param.requires_grad_(not self.fixed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
