@@ -76,9 +76,6 @@ class MaskedLinear(PrunableLayer):
             self.register_buffer("mask", torch.ones_like(linear.weight))
         # (the block's scores, this matrix's piece of them): a tuple, so that the module registers nothing of it
         self.score_source: tuple[BlockScores, int] | None = None
-        # a method's term of the scores, taken in the training forward pass (where ZeRO-3 has gathered them)
-        self.score_term: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.aux: torch.Tensor | None = None
 
     def bind_scores(self, block: BlockScores, index: int) -> None:
         """Learn S as piece `index` of `block`'s scores."""
@@ -109,8 +106,6 @@ class MaskedLinear(PrunableLayer):
         if self.score_source is not None and self.training and self.score_source[0].param.requires_grad:
             block, index = self.score_source
             scores = block.forward_piece(index)
-            if self.score_term is not None:
-                self.aux = self.score_term(scores)
             weight = _StraightThroughMask.apply(self.weight, scores, self.mask.to(self.weight.dtype))
         else:
             weight = self.weight * self.mask.to(self.weight.dtype)
@@ -174,6 +169,9 @@ class BlockScores:
         block.register_forward_pre_hook(self._drop_pieces)
         block.register_forward_hook(self._drop_pieces)
         self._pieces: list[torch.Tensor] | None = None
+        # a method's term of the block's scores, taken in its training forward pass (where ZeRO-3 has gathered them)
+        self.score_term: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.aux: torch.Tensor | None = None
         for index, (_, m) in enumerate(members):
             m.bind_scores(self, index)
 
@@ -185,6 +183,8 @@ class BlockScores:
         """Matrix `index`'s piece of the parameter in this forward pass of the block (one split per pass)."""
         if self._pieces is None:
             self._pieces = [p.view(shape) for p, shape in zip(self.param.split(self.sizes), self.shapes, strict=True)]
+            if self.score_term is not None:  # once per pass, over the whole block
+                self.aux = self.score_term(self.param)
         return self._pieces[index]
 
     def _drop_pieces(self, *_: Any) -> None:
@@ -199,14 +199,13 @@ class BlockScores:
 
 
 def attach_block_scores(model: nn.Module, modules: list[MaskedLinear], dtype: torch.dtype,
-                        device: torch.device) -> list[nn.Parameter]:
+                        device: torch.device) -> list[BlockScores]:
     """One score parameter per encoder block, S = 0, bound to the block's masked matrices (`BlockScores`). Call it
     where the layers are built (inside `deepspeed.zero.Init` under ZeRO-3: the parameter is made by a module's
     constructor, so it is partitioned)."""
     inside = {id(m) for m in modules}
-    blocks = [BlockScores(layer, [(name, m) for name, m in layer.named_modules() if id(m) in inside], dtype, device)
-              for layer in encoder_layers(model)]
-    return [block.param for block in blocks]
+    return [BlockScores(layer, [(name, m) for name, m in layer.named_modules() if id(m) in inside], dtype, device)
+            for layer in encoder_layers(model)]
 
 
 class _ScoreParameter(nn.Module):
@@ -246,8 +245,8 @@ class ElementwisePruning(PruningHook):
         replace_prunable(model, lambda linear, _idx, _kind: MaskedLinear(linear))
         self.modules = [m for _, _, m in prunable_modules(model)]
         first = self.modules[0].weight
-        self.score_params = attach_block_scores(model, self.modules, first.dtype, first.device) \
-            if self.with_scores else []
+        self.blocks = attach_block_scores(model, self.modules, first.dtype, first.device) if self.with_scores else []
+        self.score_params = [block.param for block in self.blocks]
         self.density = 1.0
         self.threshold: float | torch.Tensor | list[float | torch.Tensor] = 0.0
         self.topk = [TopK() for _ in self.modules]  # per-matrix selectors (their state only makes them fast)

@@ -15,7 +15,7 @@ from mtp.pruning.movement import MovementPruning, ScoreLearning
 
 
 def sigmoid_sum(scores: torch.Tensor) -> torch.Tensor:
-    """sum(sigmoid(S)): the regulariser's term of one matrix, in float32."""
+    """sum(sigmoid(S)): the regulariser's term of one encoder block's scores, in float32."""
     return torch.sigmoid(scores.float()).sum()
 
 
@@ -35,8 +35,8 @@ class SoftMovementPruning(MovementPruning):
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
-        for m in self.modules:
-            m.score_term = sigmoid_sum
+        for block in self.blocks:  # one term per encoder block: the sum over its six matrices' scores at once
+            block.score_term = sigmoid_sum
 
     @property
     def scope(self) -> Scope:
@@ -45,7 +45,7 @@ class SoftMovementPruning(MovementPruning):
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         if self.cfg.soft_lambda == 0 or self.fixed:
             return None
-        total = sum(m.aux for m in self.modules if m.aux is not None)
+        total = sum(block.aux for block in self.blocks if block.aux is not None)
         assert self.budget is not None
         return self.cfg.soft_lambda * self.progress() * total / self.budget.prunable
 

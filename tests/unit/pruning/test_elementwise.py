@@ -141,3 +141,28 @@ def test_scores_stop_learning_once_the_masks_are_fixed(method: str) -> None:
     resumed.setup(fresh)
     resumed.load_state_dict(hook.state_dict())
     assert not any(m.scores.requires_grad for _, _, m in prunable_modules(fresh))
+
+
+def test_soft_movements_regulariser_is_the_mean_sigmoid_of_every_score_taken_once_per_block() -> None:
+    """lambda_t * sum over every matrix of sum(sigmoid(S)) / prunable weights, computed per encoder block in its
+    forward pass (one term per block), with its gradient sigmoid'(S) * lambda_t / prunable on every score."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    hook = build_pruning(pruning_settings(method="soft_movement", budget=0.3, soft_lambda=50.0), 10)[0]
+    hook.setup(model)
+    modules = [m for _, _, m in prunable_modules(model)]
+    with torch.no_grad():
+        for param in hook.score_params:
+            param.normal_()
+    hook.on_optimizer_step(model, 5)
+    weight = hook.cfg.soft_lambda * hook.progress() / hook.budget.prunable
+    assert 0 < hook.progress() < 1
+    model.encoder(input_ids=torch.randint(0, model.encoder.config.vocab_size, (2, 5)))
+    loss = hook.extra_loss(model, 5)
+    expected = weight * sum(torch.sigmoid(m.scores.detach()).sum() for m in modules)
+    torch.testing.assert_close(loss, expected)
+    assert len([b for b in hook.blocks if b.aux is not None]) == len(hook.blocks) == len(modules) // 6
+    loss.backward()
+    for m in modules:
+        s = torch.sigmoid(m.scores.detach())
+        torch.testing.assert_close(m.score_grad, weight * s * (1 - s))
