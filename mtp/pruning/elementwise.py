@@ -151,10 +151,10 @@ class BlockScores:
 
     In the training forward pass the pieces come from one `split` per pass of the block, made when the first matrix
     asks for its piece and dropped when the block's pass begins and ends (forward hooks on the block, which fire when
-    the block is called as a module, as transformers calls its layers): the backward
-    pass then writes the block's score gradient in one `cat`, where a slice per matrix would build a zeroed
-    gradient of the whole block for each. Saved files keep one `PATH.scores` per matrix: the block answers
-    `saved_parts` (mtp.zero3.saved_parts). Held by plain references, so `copy.deepcopy` of a model copies it whole.
+    the block is called as a module, as transformers calls its layers): the backward pass then writes the block's
+    score gradient in one `cat`, where a slice per matrix would build a zeroed gradient of the whole block for each.
+    Saved files keep one `PATH.scores` per matrix: the block answers `saved_parts` (mtp.zero3.saved_parts). Held by
+    plain references, so `copy.deepcopy` of a model copies it whole.
     """
 
     def __init__(self, block: nn.Module, members: list[tuple[str, MaskedLinear]], dtype: torch.dtype,
