@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,51 +170,53 @@ def test_a_terminated_job_cleans_up_and_resumes_from_its_last_checkpoint(tmp_pat
     assert res["steps"] == int(done.split("_")[-1]) + 2 and not res["finished"]
 
 
-def test_a_rank_checkpoint_from_before_the_fused_factors_is_refused_in_one_line(tmp_path: Path) -> None:
-    """A rank run checkpointed when P and Q were two parameters (its model state holds `.P` and `.Q`, not
-    `.factors`) is not resumed with DeepSpeed's raw state-dict error: one line names the folder and what to do, exit
-    2."""
+def resume_from_a_rewritten_checkpoint(tmp_path: Path, method: str, rewrite: Any) -> list[str]:
+    """A tiny `method` run stopped at its step-2 checkpoint, its saved module state rewritten by `rewrite`, then
+    resumed: the exit code must be 2; returns the lines that start with `mtp: error:`."""
     import torch
 
     out = tmp_path / "run"
-    common = ["--config", TINY, "pruning.method=rank", "pruning.budget=0.5", "train.max_steps=4",
+    common = ["--config", TINY, f"pruning.method={method}", "pruning.budget=0.5", "train.max_steps=4",
               "train.checkpoint_every=2", "train.deepspeed_config=ds_configs/cpu_zero0.json", f"output_dir={out}"]
     launch([*common, "train.stop_after_steps=2"], nproc=1)
     states = out / "checkpoints" / "step_2" / "mp_rank_00_model_states.pt"
     saved = torch.load(states, map_location="cpu", weights_only=False)
-    module = {}
-    for name, value in saved["module"].items():  # the layout before: P's rows, then Q
-        if name.endswith(".factors"):
-            rank = value.shape[1]
-            out_features = saved["module"][name[: -len("factors")] + "bias"].shape[0]
-            module[name[: -len("factors")] + "P"] = value[:out_features].clone()
-            module[name[: -len("factors")] + "Q"] = value[out_features:].reshape(rank, -1).clone()
-        else:
-            module[name] = value
-    saved["module"] = module
+    saved["module"] = rewrite(saved["module"])
     torch.save(saved, states)
     proc = launch([*common, "--resume"], nproc=1, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("mtp: error:")]
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("mtp: error:")]
+
+
+def test_a_rank_checkpoint_from_before_the_fused_factors_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A rank run checkpointed when P and Q were two parameters (its model state holds `.P` and `.Q`, not
+    `.factors`) is not resumed with DeepSpeed's raw state-dict error: one line names the folder and what to do, exit
+    2."""
+
+    def split_factors(state: dict[str, Any]) -> dict[str, Any]:  # the layout before: P's rows, then Q
+        module = {}
+        for name, value in state.items():
+            if name.endswith(".factors"):
+                rank = value.shape[1]
+                out_features = state[name[: -len("factors")] + "bias"].shape[0]
+                module[name[: -len("factors")] + "P"] = value[:out_features].clone()
+                module[name[: -len("factors")] + "Q"] = value[out_features:].reshape(rank, -1).clone()
+            else:
+                module[name] = value
+        return module
+
+    lines = resume_from_a_rewritten_checkpoint(tmp_path, "rank", split_factors)
     assert len(lines) == 1 and "from before rank kept P and Q in one parameter" in lines[0], lines
 
 
 def test_a_movement_checkpoint_from_before_the_block_scores_is_refused_in_one_line(tmp_path: Path) -> None:
     """A movement run checkpointed when every matrix had its own score parameter (`PATH.scores`, not one
     `mtp_scores` per block) is refused from the checkpoint's keys before DeepSpeed loads it: one line, exit 2."""
-    import torch
 
-    out = tmp_path / "run"
-    common = ["--config", TINY, "pruning.method=movement", "pruning.budget=0.5", "train.max_steps=4",
-              "train.checkpoint_every=2", "train.deepspeed_config=ds_configs/cpu_zero0.json", f"output_dir={out}"]
-    launch([*common, "train.stop_after_steps=2"], nproc=1)
-    states = out / "checkpoints" / "step_2" / "mp_rank_00_model_states.pt"
-    saved = torch.load(states, map_location="cpu", weights_only=False)
-    assert any(k.endswith(".mtp_scores") for k in saved["module"])
-    saved["module"] = {(k[: -len("mtp_scores")] + "attention.self.query.scores" if k.endswith(".mtp_scores") else k): v
-                       for k, v in saved["module"].items()}
-    torch.save(saved, states)
-    proc = launch([*common, "--resume"], nproc=1, check=False)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("mtp: error:")]
+    def per_matrix_scores(state: dict[str, Any]) -> dict[str, Any]:
+        assert any(k.endswith(".mtp_scores") for k in state)
+        return {(k[: -len("mtp_scores")] + "attention.self.query.scores" if k.endswith(".mtp_scores") else k): v
+                for k, v in state.items()}
+
+    lines = resume_from_a_rewritten_checkpoint(tmp_path, "movement", per_matrix_scores)
     assert len(lines) == 1 and "from before movement kept one score parameter per encoder block" in lines[0], lines
