@@ -27,10 +27,11 @@ class CompareConfig(Strict):
     dense_baselines: bool = True
     multitask_overrides: list[str] = Field(default_factory=list)
     single_task_overrides: list[str] = Field(default_factory=list)
-    single_task_steps: int | Literal["match_exposure"] | None = Field(None)
-    """Optimizer steps of every pruned single-task run: a number, or "match_exposure" (each task's run takes as many
-    batches of its task as the pruned multitask model sees: multitask steps x grad_accum x p_task, from the
-    sampling strategy and the tasks' train rows). None: single_task_overrides decide."""
+    single_task_steps: int | Literal["match_exposure"] | dict[str, int] | None = Field(None)
+    """Optimizer steps of every pruned single-task run: a number; a mapping task -> steps (the tasks it leaves out
+    keep the length single_task_overrides give them); or "match_exposure" (each task's run takes as many batches of
+    its task as the pruned multitask model sees: multitask steps x grad_accum x p_task, from the sampling strategy
+    and the tasks' train rows). None: single_task_overrides decide."""
     pruned_overrides: list[str] = Field(default_factory=list)
     """Extra overrides for every pruned run (schedule, distillation weights), after the two above; dense runs keep
     their recipe."""
@@ -95,8 +96,12 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     if stray:
         raise ConfigError(f"{path}: spread_budgets: {stray[0]} is not one of budgets {cfg.budgets}")
     if isinstance(cfg.single_task_steps, int) and cfg.single_task_steps <= 0:
-        raise ConfigError(f"{path}: single_task_steps: a positive number of steps or match_exposure, "
-                          f"got {cfg.single_task_steps}")
+        raise ConfigError(f"{path}: single_task_steps: a positive number of steps, a mapping task -> steps or "
+                          f"match_exposure, got {cfg.single_task_steps}")
+    if isinstance(cfg.single_task_steps, dict):
+        bad = next(((t, n) for t, n in cfg.single_task_steps.items() if n <= 0), None)
+        if bad is not None:
+            raise ConfigError(f"{path}: single_task_steps.{bad[0]}: a positive number of steps, got {bad[1]}")
     if cfg.member_seeds and cfg.member_seeds_budget not in cfg.budgets:
         raise ConfigError(f"{path}: member_seeds_budget: {cfg.member_seeds_budget} is not one of budgets {cfg.budgets}")
     stray = [m for m in cfg.start_from_pretrained if m not in cfg.methods]

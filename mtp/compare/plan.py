@@ -37,7 +37,7 @@ def _fmt(size: float) -> str:
 
 def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str, int] | None = None) -> list[RunSpec]:
     """Every run the comparison needs, multitask first; `single_task_steps` (task -> optimizer steps) sets the
-    length of the pruned single-task runs."""
+    length of the pruned single-task runs (a task it leaves out keeps the length its overrides give)."""
     runs: list[RunSpec] = []
     t = len(tasks)
     mt = tuple(cfg.multitask_overrides)
@@ -83,7 +83,7 @@ def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str,
             source = [] if teacher is None else [f"distill.teacher={cfg.run_folder(teacher)}"]
             if teacher is not None and spec.method not in cfg.start_from_pretrained:
                 source.insert(0, f"encoder.init_from={cfg.run_folder(teacher)}")
-            length = () if spec.task is None or not single_task_steps else (
+            length = () if spec.task not in (single_task_steps or {}) else (
                 f"train.max_steps={single_task_steps[spec.task]}",)
             spec = replace(spec, overrides=spec.overrides + tuple(cfg.pruned_overrides) + length + tuple(source))
         by_run = tuple(o for pattern, extra in cfg.overrides_by_run.items() if re.search(pattern, spec.name)
@@ -147,12 +147,18 @@ class ComparePlan:
 
 
 def single_task_steps(cfg: CompareConfig, base_path: Path, tasks: list[str]) -> dict[str, int] | None:
-    """Each pruned single-task run's optimizer steps, from `single_task_steps` (None: its overrides decide). With
+    """Each pruned single-task run's optimizer steps, from `single_task_steps` (None, or a task a mapping leaves out:
+    its overrides decide). With
     "match_exposure" the tasks' train rows are read once to work out the multitask sampling probabilities."""
     if cfg.single_task_steps is None:
         return None
     if isinstance(cfg.single_task_steps, int):
         return dict.fromkeys(tasks, cfg.single_task_steps)
+    if isinstance(cfg.single_task_steps, dict):
+        stray = next((t for t in cfg.single_task_steps if t not in tasks), None)
+        if stray is not None:
+            raise ConfigError(f"compare: single_task_steps: {stray!r} is not one of the tasks ({', '.join(tasks)})")
+        return dict(cfg.single_task_steps)
     from mtp.data import load_tasks, task_probabilities
 
     _refuse_per_run_lengths(cfg, tasks)

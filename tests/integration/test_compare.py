@@ -340,6 +340,22 @@ def test_single_task_steps_set_the_pruned_single_task_runs_length_or_match_the_m
     steps = {s.name: plan.experiment(s).train.max_steps for s in plan.runs}
     assert steps["st-rte-movement-0.2"] == 5 and steps["st-stsb-movement-0.1"] == 5
     assert steps["st-rte-dense"] == steps["mt-movement-0.2"] == 8  # the teachers and the multitask side keep theirs
+    fingerprints = {s.name: plan.fingerprint(s) for s in plan.runs}
+
+    # per task: the task named runs that long (the same recipe as the number gives it), the others keep theirs
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps={stsb: 5}"])
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    assert plan.experiment(plan.by_name["st-stsb-movement-0.1"]).train.max_steps == 5
+    assert plan.fingerprint(plan.by_name["st-stsb-movement-0.1"]) == fingerprints["st-stsb-movement-0.1"]
+    unset = ComparePlan.build(load_compare_config(ROOT / "configs/compare_tiny.yaml"), ROOT / cfg.base)
+    rte = "st-rte-movement-0.2"
+    assert plan.fingerprint(plan.by_name[rte]) == unset.fingerprint(unset.by_name[rte])
+    assert plan.experiment(plan.by_name[rte]).train.max_steps == 8
+    with pytest.raises(ConfigError, match="single_task_steps: 'qnli' is not one of the tasks"):
+        ComparePlan.build(load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps={qnli: 5}"]),
+                          ROOT / cfg.base)
+    with pytest.raises(ConfigError, match="single_task_steps.stsb: a positive number of steps, got 0"):
+        load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps={stsb: 0}"])
 
     cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", ["single_task_steps=match_exposure",
                                                                    "multitask_overrides=[train.max_steps=40]"])
