@@ -54,13 +54,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mtp.compare import compare
+    from mtp.compare import compare, describe_plan
 
     if args.only is not None:
         try:
             re.compile(args.only)
         except re.error as err:
             raise ConfigError(f"--only: {args.only!r} is not a regular expression ({err})") from None
+    if args.plan:
+        print(describe_plan(args.config, args.overrides, only=args.only))
+        return 0
     report = compare(args.config, args.overrides, parallel=args.parallel, only=args.only,
                      report_only=args.report_only)
     print(report.read_text())
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--only", default=None,
                          help="train only the runs whose name matches this regular expression (e.g. 'rank|dense')")
     compare.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    compare.add_argument("--plan", action="store_true",
+                         help="list the planned runs (those --only matches) with their length and state; train nothing")
     compare.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the compare YAML")
     compare.set_defaults(func=_cmd_compare)
     sub.add_parser("tune", help="Ray Tune search: the same as python -m tune (see its --help)", add_help=False)

@@ -11,7 +11,7 @@ split the runs between them through claim files.
 from __future__ import annotations
 
 from mtp.compare.allocation import Choice, best_allocation
-from mtp.compare.command import compare
+from mtp.compare.command import compare, describe_plan
 from mtp.compare.config import CompareConfig, load_compare_config
 from mtp.compare.plan import ComparePlan, RunSpec, plan_runs
 from mtp.compare.report import build_report, render_markdown, write_report
@@ -19,5 +19,5 @@ from mtp.compare.runner import run_all, start_run
 from mtp.compare.store import finished_results, recipe_fingerprint, set_aside_if_stale
 
 __all__ = ["Choice", "CompareConfig", "ComparePlan", "RunSpec", "best_allocation", "build_report", "compare",
-           "finished_results", "load_compare_config", "plan_runs", "recipe_fingerprint", "render_markdown", "run_all",
-           "set_aside_if_stale", "start_run", "write_report"]
+           "describe_plan", "finished_results", "load_compare_config", "plan_runs", "recipe_fingerprint",
+           "render_markdown", "run_all", "set_aside_if_stale", "start_run", "write_report"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 from mtp.checks import check_experiment
@@ -11,17 +13,42 @@ from mtp.compare.config import load_compare_config
 from mtp.compare.plan import ComparePlan
 from mtp.compare.report import write_report
 from mtp.compare.runner import run_all
+from mtp.compare.store import run_state
 from mtp.config import ConfigError, load_config
 from mtp.schema import resolve_path
+
+
+def _load_plan(config: str | Path, overrides: list[str]) -> ComparePlan:
+    cfg = load_compare_config(config, overrides)
+    base = Path(cfg.base) if Path(cfg.base).is_file() else resolve_path(cfg.base, f"{config}: base")
+    return ComparePlan.build(cfg, base)
+
+
+def describe_plan(config: str | Path, overrides: list[str], only: str | None = None) -> str:
+    """One line per planned run (those matching `only`): its name, length and where it stands (finished, claimed,
+    resumable, stale, to train), then the count of each state. Reads the run folders and kept results; trains
+    nothing, writes nothing."""
+    plan = _load_plan(config, overrides)
+    chosen = [s for s in plan.runs if only is None or re.search(only, s.name)]
+    rows = []
+    for spec in chosen:
+        train = plan.experiment(spec).train
+        length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epochs"
+        rows.append((spec.name, length, run_state(plan, spec)))
+    width = max((len(r[0]) for r in rows), default=0)
+    lines = [f"{name:<{width}}  {length:>12}  {state}" for name, length, state in rows]
+    kinds = ("finished", "claimed", "resumes", "stale", "to train")
+    tally = Counter(next(k for k in kinds if state.startswith(k)) for _, _, state in rows)
+    lines.append(f"{len(rows)} runs: " + ", ".join(f"{tally[k]} {k}" for k in kinds if tally[k]))
+    return "\n".join(lines)
 
 
 def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: str | None = None,
             report_only: bool = False) -> Path:
     """Check one multitask and one single-task run of the plan (exit 2 on errors before anything trains), train the
     runs not finished yet (those matching `only`), and write the report; returns report.md."""
-    cfg = load_compare_config(config, overrides)
-    base = Path(cfg.base) if Path(cfg.base).is_file() else resolve_path(cfg.base, f"{config}: base")
-    plan = ComparePlan.build(cfg, base)
+    plan = _load_plan(config, overrides)
+    cfg, base = plan.cfg, plan.base_path
     if "low_resource_tasks" in cfg.model_fields_set:
         unknown = [t for t in cfg.low_resource_tasks if t not in plan.tasks]
         if unknown:

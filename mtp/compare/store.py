@@ -126,3 +126,26 @@ def keep_results(plan: ComparePlan, spec: RunSpec) -> None:
     target = report_dir(cfg) / "runs" / f"{spec.name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_state(plan: ComparePlan, spec: RunSpec) -> str:
+    """Where one planned run stands, without touching it: "finished" (its run folder or the kept results hold this
+    recipe), "claimed by HOST:PID" (training elsewhere), "resumes from step_N" (a checkpoint of this recipe),
+    "stale: FINGERPRINT" (its folder holds another recipe; training moves it aside) or "to train"."""
+    run_dir = plan.cfg.run_folder(spec.name)
+    if finished_results(plan, spec) is not None:
+        return "finished"
+    if not run_dir.is_dir():
+        return "to train"
+    claim_file = run_dir / ".claim"
+    if claim_file.is_file():
+        host, _, pid = claim_file.read_text().partition(":")
+        if host != socket.gethostname() or (pid.isdigit() and _alive(int(pid))):
+            return f"claimed by {host}:{pid}"
+    if not _current(run_dir, spec, plan):
+        return f"stale: {run_dir_recipe(run_dir)}"
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        return f"resumes from {latest.read_text().strip()}"
+    return "to train"
+

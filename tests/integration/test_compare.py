@@ -495,3 +495,46 @@ def test_member_seeds_plan_a_second_seed_of_every_possible_member_and_report_the
     assert "| movement | 0.5 | 71.00 [2.00, 2 runs] | 60.00 [4.00, 2 runs] | +11.00 | — |" in md
     with pytest.raises(ConfigError, match="member_seeds_budget: 0.3 is not one of budgets"):
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["member_seeds=[7]", "member_seeds_budget=0.3"])
+
+
+def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: Path) -> None:
+    """`mtp compare --plan`: finished (kept results of this recipe), claimed by a live process elsewhere, resumable
+    from its checkpoint, stale (a folder of another recipe) and to train, with each run's steps; nothing is moved."""
+    from mtp.compare import describe_plan, load_compare_config
+
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    overrides = [f"output_dir={out}", f"results_dir={kept}", "single_task_steps={stsb: 5}"]
+    config = ROOT / "configs/compare_tiny.yaml"
+    cfg = load_compare_config(config, overrides)
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    fingerprint = {s.name: plan.fingerprint(s) for s in plan.runs}
+    (kept / "runs").mkdir(parents=True)
+    (kept / "runs" / "mt-dense.json").write_text(json.dumps({"recipe": fingerprint["mt-dense"], "finished": True}))
+    claimed = out / "runs" / "mt-movement-0.5"
+    claimed.mkdir(parents=True)
+    (claimed / ".claim").write_text("another-host:123")
+    resumable = out / "runs" / "st-stsb-movement-0.1"
+    (resumable / "checkpoints").mkdir(parents=True)
+    (resumable / ".recipe").write_text(fingerprint["st-stsb-movement-0.1"] + "\n")
+    (resumable / "checkpoints" / "latest").write_text("step_3")
+    stale = out / "runs" / "st-rte-movement-0.1"
+    stale.mkdir(parents=True)
+    (stale / ".recipe").write_text("0123456789abcdef\n")
+
+    lines = describe_plan(config, overrides).splitlines()
+    state = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[:-1]}
+    assert len(state) == len(plan.runs)
+    assert state["mt-dense"].endswith("finished")
+    assert state["mt-movement-0.5"].endswith("claimed by another-host:123")
+    assert state["st-stsb-movement-0.1"] == "5 steps  resumes from step_3"
+    assert state["st-rte-movement-0.1"].endswith("stale: 0123456789abcdef")
+    assert state["st-rte-movement-0.2"] == "8 steps  to train"
+    n = len(plan.runs)
+    assert lines[-1] == f"{n} runs: 1 finished, 1 claimed, 1 resumes, 1 stale, {n - 4} to train"
+    assert stale.is_dir() and (claimed / ".claim").is_file()  # looking moves and takes nothing
+    assert describe_plan(config, overrides, only="^st-stsb-").splitlines()[-1] == "3 runs: 1 resumes, 2 to train"
+    proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--only", "^mt-",
+                           *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "3 runs: 1 finished, 1 claimed, 1 to train"
+    assert not (kept / "report.md").exists()
