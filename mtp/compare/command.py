@@ -10,8 +10,8 @@ from pathlib import Path
 
 from mtp.checks import check_experiment
 from mtp.compare.config import load_compare_config
-from mtp.compare.plan import ComparePlan
-from mtp.compare.report import write_report
+from mtp.compare.plan import ComparePlan, is_member_seed
+from mtp.compare.report import member_seed_decisions, write_report
 from mtp.compare.runner import run_all
 from mtp.compare.store import run_state
 from mtp.config import ConfigError, load_config
@@ -19,28 +19,50 @@ from mtp.schema import resolve_path
 
 
 def _load_plan(config: str | Path, overrides: list[str]) -> ComparePlan:
+    """The compare YAML with its overrides, as a plan; config errors (ConfigError, exit 2) before anything runs."""
     cfg = load_compare_config(config, overrides)
     base = Path(cfg.base) if Path(cfg.base).is_file() else resolve_path(cfg.base, f"{config}: base")
-    return ComparePlan.build(cfg, base)
+    plan = ComparePlan.build(cfg, base)
+    if "low_resource_tasks" in cfg.model_fields_set:
+        unknown = [t for t in cfg.low_resource_tasks if t not in plan.tasks]
+        if unknown:
+            raise ConfigError(f"{config}: low_resource_tasks: {unknown[0]!r} is not a task of {cfg.base}")
+    return plan
+
+
+STATES = ("finished", "claimed", "resumes", "stale", "to train", "waits", "skipped")
+"""The kinds of state `describe_plan` tallies (each line's state starts with one)."""
 
 
 def describe_plan(config: str | Path, overrides: list[str], only: str | None = None) -> str:
     """One line per planned run (those matching `only`): its name, length and where it stands (finished, claimed,
-    resumable, stale, to train), then the count of each state. Reads the run folders and kept results; trains
-    nothing, writes nothing."""
+    resumable, stale, to train; a second seed of a single-task run also waits for the grid or is skipped when its
+    first seed is not a best-ensemble member), then the count of each state. Reads the run folders and kept results;
+    trains nothing, writes nothing."""
     plan = _load_plan(config, overrides)
-    chosen = [s for s in plan.runs if only is None or re.search(only, s.name)]
+    pattern = None if only is None else _pattern(only)
+    chosen = [s for s in plan.runs if pattern is None or pattern.search(s.name)]
+    decisions = member_seed_decisions(plan) if any(is_member_seed(s) for s in chosen) else {}
     rows = []
     for spec in chosen:
         train = plan.experiment(spec).train
         length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epochs"
-        rows.append((spec.name, length, run_state(plan, spec)))
+        state = run_state(plan, spec)
+        if decisions.get(spec.name) and state.startswith(("to train", "resumes")):
+            state = decisions[spec.name]
+        rows.append((spec.name, length, state))
     width = max((len(r[0]) for r in rows), default=0)
     lines = [f"{name:<{width}}  {length:>12}  {state}" for name, length, state in rows]
-    kinds = ("finished", "claimed", "resumes", "stale", "to train")
-    tally = Counter(next(k for k in kinds if state.startswith(k)) for _, _, state in rows)
-    lines.append(f"{len(rows)} runs: " + ", ".join(f"{tally[k]} {k}" for k in kinds if tally[k]))
+    tally = Counter(next(k for k in STATES if state.startswith(k)) for _, _, state in rows)
+    lines.append(f"{len(rows)} runs: " + ", ".join(f"{tally[k]} {k}" for k in STATES if tally[k]))
     return "\n".join(lines)
+
+
+def _pattern(only: str) -> re.Pattern[str]:
+    try:
+        return re.compile(only)
+    except re.error as err:
+        raise ConfigError(f"--only: {only!r} is not a regular expression ({err})") from None
 
 
 def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: str | None = None,
@@ -49,10 +71,6 @@ def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: s
     runs not finished yet (those matching `only`), and write the report; returns report.md."""
     plan = _load_plan(config, overrides)
     cfg, base = plan.cfg, plan.base_path
-    if "low_resource_tasks" in cfg.model_fields_set:
-        unknown = [t for t in cfg.low_resource_tasks if t not in plan.tasks]
-        if unknown:
-            raise ConfigError(f"{config}: low_resource_tasks: {unknown[0]!r} is not a task of {cfg.base}")
     for spec in (plan.runs[0], next(s for s in plan.runs if s.task is not None)):
         run_overrides = [*cfg.overrides, *spec.overrides, "output_dir=/nonexistent/mtp-check"]
         if spec.method != "none":

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mtp.config import ConfigError
 from mtp.pruning import pruned_methods
@@ -51,6 +51,9 @@ class CompareConfig(Strict):
     """Extra seeds of every single-task run that can be a member of an ensemble at `member_seeds_budget` (its size
     at most B - (T - 1) x the smallest): the ensemble side's spread, reported beside the multitask model's."""
     member_seeds_budget: float | None = None
+    member_seeds_for: Literal["best_ensemble", "every_candidate"] = "best_ensemble"
+    """Which of those seeds are trained: "best_ensemble" (each method's best-ensemble members at the budget, chosen
+    on the first seeds once every candidate has finished; the others are planned but skipped) or "every_candidate"."""
     low_resource_tasks: list[str] = Field(default_factory=lambda: ["rte", "mrpc", "stsb"])
     output_dir: str = "runs/compare"
     teachers_dir: str | None = None
@@ -66,6 +69,16 @@ class CompareConfig(Strict):
     """DeepSpeed ranks per run (launch.sh --nproc)."""
     launcher_args: list[str] = Field(default_factory=list)
     """Extra launch.sh arguments for every run (e.g. --hostfile FILE)."""
+
+    @field_validator("single_task_steps", mode="before")
+    @classmethod
+    def _steps_per_task(cls, value: object) -> object:
+        """A mapping's values are step counts: a bad one is named by its task."""
+        if isinstance(value, dict):
+            for task, steps in value.items():
+                if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+                    raise ValueError(f"single_task_steps.{task}: a positive number of steps, got {steps!r}")
+        return value
 
     def run_folder(self, name: str) -> Path:
         """The folder of one run: output_dir/runs/NAME, or teachers_dir/runs/NAME for a dense run when teachers_dir
@@ -98,10 +111,6 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     if isinstance(cfg.single_task_steps, int) and cfg.single_task_steps <= 0:
         raise ConfigError(f"{path}: single_task_steps: a positive number of steps, a mapping task -> steps or "
                           f"match_exposure, got {cfg.single_task_steps}")
-    if isinstance(cfg.single_task_steps, dict):
-        bad = next(((t, n) for t, n in cfg.single_task_steps.items() if n <= 0), None)
-        if bad is not None:
-            raise ConfigError(f"{path}: single_task_steps.{bad[0]}: a positive number of steps, got {bad[1]}")
     if cfg.member_seeds and cfg.member_seeds_budget not in cfg.budgets:
         raise ConfigError(f"{path}: member_seeds_budget: {cfg.member_seeds_budget} is not one of budgets {cfg.budgets}")
     stray = [m for m in cfg.start_from_pretrained if m not in cfg.methods]

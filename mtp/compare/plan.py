@@ -92,6 +92,11 @@ def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str,
     return planned
 
 
+def is_member_seed(spec: RunSpec) -> bool:
+    """Whether a planned run is an extra seed of a single-task run (member_seeds)."""
+    return spec.task is not None and spec.seed is not None
+
+
 @dataclass
 class ComparePlan:
     """The comparison's plan, made once per command: its config, the base experiment (read once), every planned run,

@@ -9,7 +9,7 @@ from typing import Any
 
 from mtp.compare.allocation import Choice, best_allocation, largest_member
 from mtp.compare.config import CompareConfig
-from mtp.compare.plan import ComparePlan, _fmt
+from mtp.compare.plan import ComparePlan, _fmt, is_member_seed
 from mtp.compare.store import finished_results, report_dir
 from mtp.config import ConfigError
 from mtp.run_folder import RunResults
@@ -151,6 +151,34 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "margin": None if mt_mean is None or ens_mean is None else mt_mean - ens_mean,
                 "margin_on_second_half": held.get("margin_on_second_half")})
     return rows
+
+
+def member_seed_decisions(plan: ComparePlan) -> dict[str, str | None]:
+    """For every planned extra seed of a single-task run: None when it is to be trained, else why not. With
+    `member_seeds_for: best_ensemble` a seed is trained when its first seed is a member of its method's best ensemble
+    at `member_seeds_budget` over a complete grid (every run that could be a member finished): chosen on the first
+    seeds alone, so a lucky second seed cannot pick the members."""
+    cfg = plan.cfg
+    seeds = [s for s in plan.runs if is_member_seed(s)]
+    if cfg.member_seeds_for == "every_candidate" or not seeds:
+        return {s.name: None for s in seeds}
+    budget = cfg.member_seeds_budget
+    try:
+        rows = build_report(plan)["methods"]
+    except ConfigError:  # nothing has finished
+        return {s.name: f"waits for the grid at B = {budget:g}: no run has finished" for s in seeds}
+    out: dict[str, str | None] = {}
+    for spec in seeds:
+        best = next(r for r in rows[spec.method] if r["budget"] == budget)["best_ensemble"]
+        if best is None or not best["complete"]:
+            left = "" if best is None else f": {len(best['unfinished_runs'])} candidate runs unfinished"
+            out[spec.name] = f"waits for {spec.method}'s grid at B = {budget:g}{left}"
+        elif best["allocation"][spec.task] == _fmt(spec.size):
+            out[spec.name] = None
+        else:
+            out[spec.name] = (f"skipped: not a member of {spec.method}'s best ensemble at B = {budget:g} "
+                              f"({spec.task} at {best['allocation'][spec.task]})")
+    return out
 
 
 def member_spread(cfg: CompareConfig, tasks: list[str], method: str, members: list[Choice], mean: float,

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtp.compare.plan import ComparePlan, RunSpec
+from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed
+from mtp.compare.report import member_seed_decisions
 from mtp.compare.store import claim, finished_results, keep_results, set_aside_if_stale
 from mtp.run_folder import CHECKPOINTS, has_weights, is_finished
 from mtp.schema import PROJECT_ROOT
@@ -42,7 +43,9 @@ def start_run(plan: ComparePlan, spec: RunSpec, port: int, parallel: int = 1) ->
 
 
 def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: Any = print) -> dict[str, str]:
-    """Run every planned run not yet finished (claimed one by one); returns name -> status."""
+    """Run every planned run not yet finished (claimed one by one); returns name -> status. Second seeds of
+    single-task runs (member_seeds) come last: with `member_seeds_for: best_ensemble` only those of the best
+    ensembles' members are trained, once the grid they are chosen from has finished."""
     cfg = plan.cfg
     chosen = [s for s in plan.runs if only is None or re.search(only, s.name)]
     checked: set[str] = set()
@@ -72,8 +75,26 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
             pending.insert(0, teacher)
             retrained.add(teacher.name)
             status.pop(teacher.name, None)
+    seeds = [s for s in pending if is_member_seed(s)] if cfg.member_seeds_for == "best_ensemble" else []
     again = f" (and {len(retrained)} teacher{'s' * (len(retrained) > 1)} again)" if retrained else ""
-    log(f"compare: {len(chosen)} runs, {len(chosen) - to_train} already finished, {to_train} to train{again}")
+    later = f"; {len(seeds)} second seeds wait for the best ensembles" if seeds else ""
+    log(f"compare: {len(chosen)} runs, {len(chosen) - to_train} already finished, {to_train} to train{again}{later}")
+    _train(plan, [s for s in pending if s not in seeds], parallel, retrained, status, log)
+    if seeds:
+        decisions = member_seed_decisions(plan)
+        for spec in seeds:
+            if decisions[spec.name] is not None:
+                status[spec.name] = decisions[spec.name]
+                log(f"compare: {spec.name}: {status[spec.name]}")
+        _train(plan, [s for s in seeds if decisions[s.name] is None], parallel, set(), status, log)
+    return status
+
+
+def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: set[str], status: dict[str, str],
+           log: Any) -> None:
+    """Train `pending` (teachers before their students, `parallel` at a time); fills `status`."""
+    cfg = plan.cfg
+    pending = list(pending)
     active: list[tuple[RunSpec, subprocess.Popen]] = []
     base_port = 29600 + os.getpid() % 1000
     slot = 0
@@ -112,7 +133,6 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
                 keep_results(plan, spec)
         if active or pending:
             time.sleep(1)
-    return status
 
 
 def _finish(spec: RunSpec, code: int, run_dir: Path, status: dict[str, str], log: Any) -> None:

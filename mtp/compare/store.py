@@ -12,7 +12,7 @@ from typing import Any
 from mtp.compare.config import CompareConfig
 from mtp.compare.plan import ComparePlan, RunSpec, recipe_hash
 from mtp.config import ConfigError, saved_config
-from mtp.run_folder import FINAL, is_finished, read_results_dict
+from mtp.run_folder import CHECKPOINTS, FINAL, has_weights, is_finished, read_results_dict
 
 
 def claim(run_dir: Path) -> bool:
@@ -27,12 +27,24 @@ def claim(run_dir: Path) -> bool:
             os.close(fd)
             return True
         except FileExistsError:
-            host, _, pid = claim.read_text().partition(":")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            if claim_holder(run_dir) is None:  # a dead process's claim on this host
                 claim.unlink(missing_ok=True)
                 continue
             return False
     return False
+
+
+def claim_holder(run_dir: Path) -> str | None:
+    """Who holds the run's claim ("HOST:PID"; "" when the file is empty, as while it is being written), or None when
+    nobody does: no claim file, or one of a process on this host that is no longer alive."""
+    try:
+        holder = (run_dir / ".claim").read_text()
+    except FileNotFoundError:
+        return None
+    host, _, pid = holder.partition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        return None
+    return holder
 
 
 def _alive(pid: int) -> bool:
@@ -78,8 +90,8 @@ def set_aside_if_stale(plan: ComparePlan, spec: RunSpec) -> Path | None:
     reused nor resumed; nothing is deleted. Returns the new place, or None if there was nothing to move."""
     run_dir = plan.cfg.run_folder(spec.name)
     shared = bool(plan.cfg.teachers_dir) and spec.method == "none"  # another comparison's teacher
-    if not run_dir.is_dir() or _current(run_dir, spec, plan) or (not shared and (run_dir / ".claim").exists()):
-        return None  # a claimed folder is another process's to train (or a dead claim's, taken over below)
+    if not run_dir.is_dir() or _current(run_dir, spec, plan) or (not shared and claim_holder(run_dir) is not None):
+        return None  # a claimed folder is another process's to train
     if shared:  # checked even while claimed (.recipe is written before its training starts), and never moved
         raise ConfigError(f"compare: teachers_dir: {run_dir} was trained with another recipe "
                           f"({run_dir_recipe(run_dir)}; this plan's {spec.name} is {plan.fingerprint(spec)})")
@@ -130,22 +142,26 @@ def keep_results(plan: ComparePlan, spec: RunSpec) -> None:
 
 def run_state(plan: ComparePlan, spec: RunSpec) -> str:
     """Where one planned run stands, without touching it: "finished" (its run folder or the kept results hold this
-    recipe), "claimed by HOST:PID" (training elsewhere), "resumes from step_N" (a checkpoint of this recipe),
-    "stale: FINGERPRINT" (its folder holds another recipe; training moves it aside) or "to train"."""
-    run_dir = plan.cfg.run_folder(spec.name)
+    recipe), "claimed by HOST:PID" (a live process trains it), "resumes from step_N" (a checkpoint of this recipe),
+    "stale: FINGERPRINT" (its folder holds another recipe: moved aside when training starts, or refused for a
+    shared teacher) or "to train"."""
+    cfg = plan.cfg
+    run_dir = cfg.run_folder(spec.name)
     if finished_results(plan, spec) is not None:
+        if spec.method == "none" and not has_weights(run_dir):
+            return "finished (kept results; no weights here: trained again before a pruned run that starts from it)"
         return "finished"
+    kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
+    elsewhere = " (its kept results are of another recipe)" if cfg.results_dir and kept.is_file() else ""
     if not run_dir.is_dir():
-        return "to train"
-    claim_file = run_dir / ".claim"
-    if claim_file.is_file():
-        host, _, pid = claim_file.read_text().partition(":")
-        if host != socket.gethostname() or (pid.isdigit() and _alive(int(pid))):
-            return f"claimed by {host}:{pid}"
+        return "to train" + elsewhere
+    holder = claim_holder(run_dir)
+    if holder is not None:
+        return f"claimed by {holder or 'a process still writing its claim'}"
     if not _current(run_dir, spec, plan):
-        return f"stale: {run_dir_recipe(run_dir)}"
-    latest = run_dir / "checkpoints" / "latest"
+        shared = " (another comparison's teacher: refused)" if cfg.teachers_dir and spec.method == "none" else ""
+        return f"stale: {run_dir_recipe(run_dir)}{shared}"
+    latest = run_dir / CHECKPOINTS / "latest"
     if latest.is_file():
         return f"resumes from {latest.read_text().strip()}"
-    return "to train"
-
+    return "to train" + elsewhere

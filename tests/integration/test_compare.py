@@ -497,44 +497,134 @@ def test_member_seeds_plan_a_second_seed_of_every_possible_member_and_report_the
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["member_seeds=[7]", "member_seeds_budget=0.3"])
 
 
-def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: Path) -> None:
-    """`mtp compare --plan`: finished (kept results of this recipe), claimed by a live process elsewhere, resumable
-    from its checkpoint, stale (a folder of another recipe) and to train, with each run's steps; nothing is moved."""
-    from mtp.compare import describe_plan, load_compare_config
+def test_second_seeds_are_trained_for_the_best_ensembles_members_once_their_grid_has_finished(
+        tmp_path: Path, monkeypatch) -> None:
+    """member_seeds_for: best_ensemble (the default): one `mtp compare` trains the grid, then chooses each method's
+    best ensemble at member_seeds_budget from the first seeds and trains only its members' second seeds; before the
+    grid is complete every second seed waits, and --plan says so."""
+    import mtp.compare as compare
+    from mtp.compare import describe_plan, load_compare_config, runner
+    from mtp.compare.report import member_seed_decisions
 
     out, kept = tmp_path / "out", tmp_path / "kept"
-    overrides = [f"output_dir={out}", f"results_dir={kept}", "single_task_steps={stsb: 5}"]
+    overrides = [f"output_dir={out}", f"results_dir={kept}", "teachers=false", "budgets=[0.5]",
+                 "single_task_sizes=[0.1]", "member_seeds=[7]", "member_seeds_budget=0.5"]
+    config = ROOT / "configs/compare_tiny.yaml"
+    cfg = load_compare_config(config, overrides)
+    scores = {"st-rte-movement-0.25": 60.0, "st-stsb-movement-0.25": 64.0, "st-rte-movement-0.1": 50.0,
+              "st-stsb-movement-0.1": 50.0, "st-rte-movement-0.5": 40.0}
+    started: list[str] = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, spec) -> None:
+            run_dir = out / "runs" / spec.name
+            (run_dir / "final").mkdir(parents=True, exist_ok=True)
+            score = scores.get(spec.name, 55.0)
+            (run_dir / "results.json").write_text(json.dumps({
+                "finished": True, "mean_score": score, "params": {"encoder_blocks": 1000, "embeddings": 10},
+                "tasks": {"rte": {"score": score}, "stsb": {"score": score}},
+                "pruning": None if spec.method == "none" else {"kept_blocks": int(spec.size * 1000)}}))
+            (run_dir / "final" / "model.safetensors").write_bytes(b"weights")
+
+        def poll(self) -> int:
+            return 0
+
+    def fake_start(_plan, spec, *_args, **_kwargs):
+        started.append(spec.name)
+        return Finished(spec)
+
+    monkeypatch.setattr(runner, "start_run", fake_start)
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    seeds = sorted(s.name for s in plan.runs if s.seed == 7)
+    assert set(member_seed_decisions(plan).values()) == {"waits for the grid at B = 0.5: no run has finished"}
+    # the grid without stsb at 0.25: every second seed waits for it
+    status = compare.run_all(plan, only="^(?!st-stsb-movement-0.25$)", log=lambda _: None)
+    assert not any(n.endswith("-seed7") for n in started)
+    assert {status[n] for n in seeds} == {"waits for movement's grid at B = 0.5: 1 candidate runs unfinished"}
+    plan_lines = describe_plan(config, overrides, only="-seed7$").splitlines()
+    assert plan_lines[-1] == "4 runs: 4 waits"
+    # the whole comparison: the last grid run first, then the members' second seeds (rte 0.25 + stsb 0.25)
+    started.clear()
+    lines: list[str] = []
+    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), log=lines.append)
+    assert started == ["st-stsb-movement-0.25", "st-rte-movement-0.25-seed7", "st-stsb-movement-0.25-seed7"]
+    assert status["st-rte-movement-0.1-seed7"] == "skipped: not a member of movement's best ensemble at B = 0.5 " \
+        "(rte at 0.25)"
+    assert "compare: 13 runs, 8 already finished, 5 to train; 4 second seeds wait for the best ensembles" in lines
+    plan_lines = describe_plan(config, overrides, only="-seed7$").splitlines()
+    assert plan_lines[-1] == "4 runs: 2 finished, 2 skipped"
+    # every candidate's second seed on request
+    every = load_compare_config(config, [*overrides, "member_seeds_for=every_candidate"])
+    assert set(member_seed_decisions(ComparePlan.build(every, ROOT / every.base)).values()) == {None}
+
+
+def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: Path) -> None:
+    """`mtp compare --plan`: finished (in its run folder, or kept results of this recipe: a teacher without weights
+    says it is trained again), claimed by a live process, resumable from its checkpoint, stale (a folder of another
+    recipe) and to train, with each run's steps or epochs; looking moves, takes and writes nothing."""
+    import os
+    import socket
+
+    from mtp.compare import describe_plan, load_compare_config, set_aside_if_stale
+
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    overrides = [f"output_dir={out}", f"results_dir={kept}", "single_task_steps={stsb: 5}",
+                 'overrides_by_run={"^st-rte-dense$": ["train.max_steps=null", "train.epochs=3"]}']
     config = ROOT / "configs/compare_tiny.yaml"
     cfg = load_compare_config(config, overrides)
     plan = ComparePlan.build(cfg, ROOT / cfg.base)
     fingerprint = {s.name: plan.fingerprint(s) for s in plan.runs}
     (kept / "runs").mkdir(parents=True)
     (kept / "runs" / "mt-dense.json").write_text(json.dumps({"recipe": fingerprint["mt-dense"], "finished": True}))
-    claimed = out / "runs" / "mt-movement-0.5"
-    claimed.mkdir(parents=True)
-    (claimed / ".claim").write_text("another-host:123")
-    resumable = out / "runs" / "st-stsb-movement-0.1"
-    (resumable / "checkpoints").mkdir(parents=True)
-    (resumable / ".recipe").write_text(fingerprint["st-stsb-movement-0.1"] + "\n")
-    (resumable / "checkpoints" / "latest").write_text("step_3")
-    stale = out / "runs" / "st-rte-movement-0.1"
-    stale.mkdir(parents=True)
-    (stale / ".recipe").write_text("0123456789abcdef\n")
+    (kept / "runs" / "st-rte-movement-0.2.json").write_text(json.dumps({"recipe": "another", "finished": True}))
+
+    def folder(name: str, recipe: str | None = None, **files: str) -> Path:
+        run_dir = out / "runs" / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / ".recipe").write_text((recipe or fingerprint[name]) + "\n")
+        for file, text in files.items():
+            (run_dir / file.replace("__", "/")).parent.mkdir(exist_ok=True)
+            (run_dir / file.replace("__", "/")).write_text(text)
+        return run_dir
+
+    here = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process of this host that has exited
+    folder("st-rte-dense", **{"results.json": json.dumps({"finished": True}), "final__model.safetensors": ""})
+    claimed = folder("mt-movement-0.5", **{".claim": "another-host:123"})
+    folder("mt-movement-0.2", **{".claim": f"{here}:{os.getpid()}"})
+    folder("st-stsb-movement-0.1", **{"checkpoints__latest": "step_3", ".claim": f"{here}:{dead_pid}"})
+    stale = folder("st-rte-movement-0.1", recipe="0123456789abcdef", **{".claim": f"{here}:{dead_pid}"})
 
     lines = describe_plan(config, overrides).splitlines()
     state = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[:-1]}
     assert len(state) == len(plan.runs)
-    assert state["mt-dense"].endswith("finished")
-    assert state["mt-movement-0.5"].endswith("claimed by another-host:123")
-    assert state["st-stsb-movement-0.1"] == "5 steps  resumes from step_3"
-    assert state["st-rte-movement-0.1"].endswith("stale: 0123456789abcdef")
-    assert state["st-rte-movement-0.2"] == "8 steps  to train"
+    assert state["mt-dense"].endswith("finished (kept results; no weights here: trained again before a pruned run "
+                                      "that starts from it)")
+    assert state["st-rte-dense"] == "3 epochs  finished"
+    assert state["mt-movement-0.5"] == "8 steps  claimed by another-host:123"
+    assert state["mt-movement-0.2"] == f"8 steps  claimed by {here}:{os.getpid()}"
+    assert state["st-stsb-movement-0.1"] == "5 steps  resumes from step_3"  # a dead claim holds nothing
+    assert state["st-rte-movement-0.1"] == "8 steps  stale: 0123456789abcdef"
+    assert state["st-rte-movement-0.2"] == "8 steps  to train (its kept results are of another recipe)"
+    assert state["st-stsb-movement-0.25"] == "5 steps  to train"
     n = len(plan.runs)
-    assert lines[-1] == f"{n} runs: 1 finished, 1 claimed, 1 resumes, 1 stale, {n - 4} to train"
-    assert stale.is_dir() and (claimed / ".claim").is_file()  # looking moves and takes nothing
+    assert lines[-1] == f"{n} runs: 2 finished, 2 claimed, 1 resumes, 1 stale, {n - 6} to train"
     assert describe_plan(config, overrides, only="^st-stsb-").splitlines()[-1] == "3 runs: 1 resumes, 2 to train"
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--only", "^mt-",
                            *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "3 runs: 1 finished, 1 claimed, 1 to train"
-    assert not (kept / "report.md").exists()
+    assert proc.stdout.strip().splitlines()[-1] == "3 runs: 1 finished, 2 claimed"
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, moved or taken
+    assert (claimed / ".claim").read_text() == "another-host:123"
+    # training moves a stale folder aside even when a dead process's claim is left in it
+    assert set_aside_if_stale(plan, plan.by_name["st-rte-movement-0.1"]).name == \
+        "st-rte-movement-0.1.stale-0123456789abcdef"
+    assert not stale.exists()
+    bad = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config),
+                          "single_task_steps={stsb: abc}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].endswith("single_task_steps.stsb: a positive number of steps, got 'abc'")
