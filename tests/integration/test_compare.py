@@ -193,23 +193,10 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
     assert f"encoder.init_from={tmp_path / 'runs' / 'st-rte-dense'}" in plan["st-rte-movement-0.25"].overrides
     started: list[str] = []
 
-    class Finished:
-        returncode = 0
-
-        def __init__(self, spec) -> None:
-            run_dir = tmp_path / "runs" / spec.name
-            (run_dir / "final").mkdir(parents=True, exist_ok=True)
-            fails = spec.name == "st-stsb-dense"
-            (run_dir / "results.json").write_text(json.dumps({"finished": not fails}))
-            if not fails:
-                (run_dir / "final" / "model.safetensors").write_bytes(b"weights")
-
-        def poll(self) -> int:
-            return 0
-
     def fake_start(_plan, spec, *_args, **_kwargs):
         started.append(spec.name)
-        return Finished(spec)
+        fails = spec.name == "st-stsb-dense"
+        return ended_run(tmp_path / "runs" / spec.name, {"finished": not fails}, weights=not fails)
 
     monkeypatch.setattr(runner, "start_run", fake_start)
     status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), parallel=2, log=lambda _: None)
@@ -257,6 +244,25 @@ def test_extra_seeds_give_the_multitask_spread_and_the_report_the_retained_fract
     assert "0.875 of the dense multitask mean" in md
     with pytest.raises(ConfigError, match="spread_budgets: 0.3 is not one of budgets"):
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["spread_seeds=[7]", "spread_budgets=[0.3]"])
+
+
+class EndedProcess:
+    """What a faked `start_run` returns: a run process that has already exited."""
+
+    returncode = 0
+
+    def poll(self) -> int:
+        return 0
+
+
+def ended_run(run_dir: Path, results: dict, weights: bool = True) -> EndedProcess:
+    """Write a run folder as its training would leave it (results.json, and final weights unless `weights` is
+    false); returns the ended process a faked `start_run` gives back."""
+    (run_dir / "final").mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results))
+    if weights:
+        (run_dir / "final" / "model.safetensors").write_bytes(b"weights")
+    return EndedProcess()
 
 
 def write_kept_result(kept: Path, name: str, score: float, kept_blocks: int | None) -> None:
@@ -515,25 +521,13 @@ def test_second_seeds_are_trained_for_the_best_ensembles_members_once_their_grid
               "st-stsb-movement-0.1": 50.0, "st-rte-movement-0.5": 40.0}
     started: list[str] = []
 
-    class Finished:
-        returncode = 0
-
-        def __init__(self, spec) -> None:
-            run_dir = out / "runs" / spec.name
-            (run_dir / "final").mkdir(parents=True, exist_ok=True)
-            score = scores.get(spec.name, 55.0)
-            (run_dir / "results.json").write_text(json.dumps({
-                "finished": True, "mean_score": score, "params": {"encoder_blocks": 1000, "embeddings": 10},
-                "tasks": {"rte": {"score": score}, "stsb": {"score": score}},
-                "pruning": None if spec.method == "none" else {"kept_blocks": int(spec.size * 1000)}}))
-            (run_dir / "final" / "model.safetensors").write_bytes(b"weights")
-
-        def poll(self) -> int:
-            return 0
-
     def fake_start(_plan, spec, *_args, **_kwargs):
         started.append(spec.name)
-        return Finished(spec)
+        score = scores.get(spec.name, 55.0)
+        return ended_run(out / "runs" / spec.name, {
+            "finished": True, "mean_score": score, "params": {"encoder_blocks": 1000, "embeddings": 10},
+            "tasks": {"rte": {"score": score}, "stsb": {"score": score}},
+            "pruning": None if spec.method == "none" else {"kept_blocks": int(spec.size * 1000)}})
 
     monkeypatch.setattr(runner, "start_run", fake_start)
     plan = ComparePlan.build(cfg, ROOT / cfg.base)
