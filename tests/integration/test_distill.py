@@ -294,22 +294,22 @@ def test_recipes_that_leave_the_new_keys_alone_keep_their_fingerprints() -> None
     distilled = load_compare_config(ROOT / "configs/compare_minilm_distill.yaml")  # kept after task_teachers came
     distilled_plan = ComparePlan.build(distilled, ROOT / distilled.base)
     kept = ROOT / distilled.results_dir / "runs"
-    runs = [s for s in distilled_plan.runs if s.method != "movement" and s.seed is None
-            and (kept / f"{s.name}.json").is_file()]
+    runs = [s for s in distilled_plan.runs if s.seed is None and (kept / f"{s.name}.json").is_file()]
     assert len(runs) >= 40
-    # rank's size control became its default (close from half the ramp): its runs changed recipe, and with the
-    # Lagrangian alone (`lag_limit: null`) they are the recipes they were
-    as_before = distilled.model_copy(update={"overrides_by_run": {**distilled.overrides_by_run,
-                                                                   "-rank-": ["pruning.lag_limit=null"]}})
-    as_before_plan = ComparePlan.build(as_before, ROOT / distilled.base)
+    # Two recipe changes since the first grid, each changing exactly its runs: rank's size control became its default
+    # (with the Lagrangian alone, `lag_limit: null`, rank's runs are the recipes they were), and the length study
+    # moved four tasks' single-task runs to 1,500 steps (`single_task_steps: null` gives the first grid's 500). A kept
+    # run is of the grid before or of the rerun.
+    first_grid = distilled.model_copy(update={"single_task_steps": None, "overrides_by_run": {
+        **distilled.overrides_by_run, "-rank-": ["pruning.lag_limit=null"]}})
+    first_plan = ComparePlan.build(first_grid, ROOT / distilled.base)
+    longer = set(distilled.single_task_steps)
     for spec in runs:
         stored = json.loads((kept / f"{spec.name}.json").read_text())["recipe"]
-        if spec.method == "rank":  # a kept rank run is either of the grid before (the Lagrangian alone) or rerun
-            now = recipe_fingerprint(distilled_plan, spec)
-            before = recipe_fingerprint(as_before_plan, as_before_plan.by_name[spec.name])
-            assert now != before and stored in (now, before), spec.name
-        else:
-            assert recipe_fingerprint(distilled_plan, spec) == stored, spec.name
+        now = recipe_fingerprint(distilled_plan, spec)
+        before = recipe_fingerprint(first_plan, first_plan.by_name[spec.name])
+        assert (now != before) == (spec.method == "rank" or spec.task in longer and spec.method != "none"), spec.name
+        assert stored in (now, before), spec.name
     spec = next(s for s in runs if s.name == "mt-magnitude-0.5")
     per_task = distilled.model_copy(update={"pruned_overrides": [*distilled.pruned_overrides,
                                                                  'distill.task_teachers={"rte": "x"}']})
