@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 from collections import Counter
@@ -10,7 +9,7 @@ from pathlib import Path
 
 from mtp.checks import check_experiment
 from mtp.compare.config import load_compare_config
-from mtp.compare.plan import ComparePlan, is_member_seed
+from mtp.compare.plan import ComparePlan, is_member_seed, only_pattern, select_runs
 from mtp.compare.report import member_seed_decisions, write_report
 from mtp.compare.runner import run_all
 from mtp.compare.store import run_state
@@ -39,9 +38,9 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     resumable, stale, to train; a second seed of a single-task run also waits for the grid or is skipped when its
     first seed is not a best-ensemble member), then the count of each state. Reads the run folders and kept results;
     trains nothing, writes nothing."""
+    only_pattern(only)
     plan = _load_plan(config, overrides)
-    pattern = None if only is None else _pattern(only)
-    chosen = [s for s in plan.runs if pattern is None or pattern.search(s.name)]
+    chosen = select_runs(plan.runs, only)
     decisions = member_seed_decisions(plan) if any(is_member_seed(s) for s in chosen) else {}
     rows = []
     for spec in chosen:
@@ -58,17 +57,11 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     return "\n".join(lines)
 
 
-def _pattern(only: str) -> re.Pattern[str]:
-    try:
-        return re.compile(only)
-    except re.error as err:
-        raise ConfigError(f"--only: {only!r} is not a regular expression ({err})") from None
-
-
 def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: str | None = None,
             report_only: bool = False) -> Path:
     """Check one multitask and one single-task run of the plan (exit 2 on errors before anything trains), train the
     runs not finished yet (those matching `only`), and write the report; returns report.md."""
+    only_pattern(only)
     plan = _load_plan(config, overrides)
     cfg, base = plan.cfg, plan.base_path
     for spec in (plan.runs[0], next(s for s in plan.runs if s.task is not None)):

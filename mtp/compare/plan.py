@@ -92,6 +92,22 @@ def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str,
     return planned
 
 
+def only_pattern(only: str | None) -> re.Pattern[str] | None:
+    """`--only` as a compiled regular expression (None selects every run); a bad one is a ConfigError (exit 2)."""
+    if only is None:
+        return None
+    try:
+        return re.compile(only)
+    except re.error as err:
+        raise ConfigError(f"--only: {only!r} is not a regular expression ({err})") from None
+
+
+def select_runs(runs: list[RunSpec], only: str | None) -> list[RunSpec]:
+    """The planned runs whose name `only` matches (re.search), in plan order; every run when `only` is None."""
+    pattern = only_pattern(only)
+    return [s for s in runs if pattern is None or pattern.search(s.name)]
+
+
 def is_member_seed(spec: RunSpec) -> bool:
     """Whether a planned run is an extra seed of a single-task run (member_seeds)."""
     return spec.task is not None and spec.seed is not None

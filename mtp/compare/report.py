@@ -22,6 +22,11 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
     cfg, tasks = plan.cfg, plan.tasks
     by_key = {s.key: finished_results(plan, s) for s in plan.runs}
     missing = sorted(s.name for s in plan.runs if by_key[s.key] is None)
+    missing_by_method: dict[str, int] = {}
+    for spec in plan.runs:
+        if by_key[spec.key] is None:
+            label = "dense" if spec.method == "none" else spec.method
+            missing_by_method[label] = missing_by_method.get(label, 0) + 1
     any_result = next((r for r in by_key.values() if r), None)
     if any_result is None:
         raise ConfigError(f"compare: no finished run under {cfg.run_folder('')} (or {report_dir(cfg)}/runs) yet")
@@ -40,7 +45,8 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
         return None if r is None else r["tasks"][task]["score"]
 
     report: dict[str, Any] = {"tasks": tasks, "dense_blocks": dense_blocks, "embeddings_per_encoder": embeddings,
-                              "methods": {}, "missing_runs": missing, "dense": {}, "low_resource": [], "spread": []}
+                              "methods": {}, "missing_runs": missing,
+                              "missing_by_method": missing_by_method, "dense": {}, "low_resource": [], "spread": []}
     dense_mt = find(None, "none", 1.0)
     if cfg.dense_baselines:
         mt = dense_mt
@@ -419,8 +425,18 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
                          f"{r['single_task_batches']:.0f} ({r['single_task_run']}) | {_cell(r['ratio'], 2)} |")
         lines.append("")
     if report["missing_runs"]:
-        lines += [f"Runs not finished yet: {', '.join(report['missing_runs'])}", ""]
+        lines += [unfinished_line(report["missing_runs"], report.get("missing_by_method", {})), ""]
     return "\n".join(lines)
+
+
+def unfinished_line(names: list[str], by_method: dict[str, int], listed: int = 12) -> str:
+    """The runs not finished yet in one line: every name when there are few, else the count per method (the names
+    stay in report.json's missing_runs, and `mtp compare --plan` says where each stands)."""
+    if len(names) <= listed:
+        return f"Runs not finished yet: {', '.join(names)}"
+    counts = ", ".join(f"{method} {n}" for method, n in by_method.items())
+    return (f"Runs not finished yet: {len(names)} ({counts}); report.json's missing_runs names them and "
+            "`mtp compare --plan` says where each stands.")
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:

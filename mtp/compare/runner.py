@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed
+from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, select_runs
 from mtp.compare.report import member_seed_decisions
 from mtp.compare.store import claim, finished_results, keep_results, set_aside_if_stale
 from mtp.run_folder import CHECKPOINTS, has_weights, is_finished
@@ -47,7 +46,7 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     single-task runs (member_seeds) come last: with `member_seeds_for: best_ensemble` only those of the best
     ensembles' members are trained, once the grid they are chosen from has finished."""
     cfg = plan.cfg
-    chosen = [s for s in plan.runs if only is None or re.search(only, s.name)]
+    chosen = select_runs(plan.runs, only)
     checked: set[str] = set()
     if cfg.teachers_dir:  # a shared teacher of another recipe is refused before anything starts
         for spec in plan.runs:
