@@ -10,7 +10,7 @@ from typing import Any
 
 from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, select_runs
 from mtp.compare.report import member_seed_decisions
-from mtp.compare.store import claim, finished_results, keep_results, set_aside_if_stale
+from mtp.compare.store import claim, finished_results, is_teacher_without_weights, keep_results, set_aside_if_stale
 from mtp.run_folder import CHECKPOINTS, has_weights, is_finished
 from mtp.schema import PROJECT_ROOT
 
@@ -55,18 +55,24 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
                 checked.add(spec.name)
     status: dict[str, str] = {}
     pending = []
+    retrained: set[str] = set()  # teachers whose weights are gone (results kept, folder not): trained again
     for spec in chosen:
         moved = None if spec.name in checked else set_aside_if_stale(plan, spec)
         if moved is not None:
             log(f"compare: {spec.name}: its run folder holds another recipe; moved to {moved}")
         if finished_results(plan, spec) is not None:
             keep_results(plan, spec)
-            status[spec.name] = "reused"
+            if only is not None and is_teacher_without_weights(plan, spec):
+                log(f"compare: {spec.name} is trained again: --only selects this teacher and its weights are "
+                    "not here")
+                pending.append(spec)
+                retrained.add(spec.name)
+            else:
+                status[spec.name] = "reused"
         else:
             pending.append(spec)
-    to_train = len(pending)
+    to_train = len(pending) - len(retrained)
     by_name = plan.by_name
-    retrained: set[str] = set()  # teachers whose weights are gone (results kept, folder not): trained again
     for spec in list(pending):
         teacher = by_name.get(spec.teacher or "")
         if teacher and teacher not in pending and not has_weights(cfg.run_folder(teacher.name)):

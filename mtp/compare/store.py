@@ -140,6 +140,15 @@ def keep_results(plan: ComparePlan, spec: RunSpec) -> None:
     target.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def is_teacher_without_weights(plan: ComparePlan, spec: RunSpec) -> bool:
+    """Whether a dense run is a teacher of this comparison (a pruned run starts from it) trained here, and its
+    weights are not here (its results may be kept): `--only` selecting it trains it again, and so does a pruned run
+    that starts from it (in teachers_dir when the comparison shares another's teachers)."""
+    if spec.method != "none":
+        return False
+    return any(s.teacher == spec.name for s in plan.runs) and not has_weights(plan.cfg.run_folder(spec.name))
+
+
 def run_state(plan: ComparePlan, spec: RunSpec) -> str:
     """Where one planned run stands, without touching it: "finished" (its run folder or the kept results hold this
     recipe), "claimed by HOST:PID" (a live process trains it), "resumes from step_N" (a checkpoint of this recipe),
@@ -148,8 +157,11 @@ def run_state(plan: ComparePlan, spec: RunSpec) -> str:
     cfg = plan.cfg
     run_dir = cfg.run_folder(spec.name)
     if finished_results(plan, spec) is not None:
+        if is_teacher_without_weights(plan, spec):
+            return ("finished (kept results; no weights here: trained again when --only selects it, or before a "
+                    "pruned run that starts from it)")
         if spec.method == "none" and not has_weights(run_dir):
-            return "finished (kept results; no weights here: trained again before a pruned run that starts from it)"
+            return "finished (kept results; no weights here)"
         return "finished"
     kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
     elsewhere = " (its kept results are of another recipe)" if cfg.results_dir and kept.is_file() else ""

@@ -217,6 +217,17 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
     assert started == ["mt-dense", "mt-movement-0.2"]
     assert status == {"mt-dense": "trained", "mt-movement-0.2": "trained"}
     assert "compare: 1 runs, 0 already finished, 1 to train (and 1 teacher again)" in lines
+    # a teacher that --only selects is trained again when its weights are gone (on a new machine, to serve a search
+    # or another comparison); with its weights here it is reused
+    shutil.rmtree(tmp_path / "runs" / "mt-dense")
+    started.clear()
+    lines.clear()
+    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^mt-dense$", log=lines.append)
+    assert started == ["mt-dense"] and status == {"mt-dense": "trained"}
+    assert "compare: 1 runs, 1 already finished, 0 to train (and 1 teacher again)" in lines
+    started.clear()
+    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^mt-dense$", log=lambda _: None)
+    assert started == [] and status == {"mt-dense": "reused"}
 
 
 def test_extra_seeds_give_the_multitask_spread_and_the_report_the_retained_fraction(tmp_path: Path) -> None:
@@ -595,8 +606,8 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
     lines = describe_plan(config, overrides).splitlines()
     state = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[:-1]}
     assert len(state) == len(plan.runs)
-    assert state["mt-dense"].endswith("finished (kept results; no weights here: trained again before a pruned run "
-                                      "that starts from it)")
+    assert state["mt-dense"].endswith("finished (kept results; no weights here: trained again when --only selects it, "
+                                      "or before a pruned run that starts from it)")
     assert state["st-rte-dense"] == "3 epochs  finished"
     assert state["mt-movement-0.5"] == "8 steps  claimed by another-host:123"
     assert state["mt-movement-0.2"] == f"8 steps  claimed by {here}:{os.getpid()}"
