@@ -12,7 +12,7 @@ from mtp.compare.config import load_compare_config
 from mtp.compare.plan import ComparePlan, is_member_seed, only_pattern, select_runs
 from mtp.compare.report import member_seed_decisions, write_report
 from mtp.compare.runner import run_all
-from mtp.compare.store import run_state
+from mtp.compare.store import run_state, wants_weights
 from mtp.config import ConfigError, load_config
 from mtp.schema import resolve_path
 
@@ -41,12 +41,13 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     only_pattern(only)
     plan = _load_plan(config, overrides)
     chosen = select_runs(plan.runs, only)
+    weights_wanted = wants_weights(chosen, only)
     decisions = member_seed_decisions(plan) if any(is_member_seed(s) for s in chosen) else {}
     rows = []
     for spec in chosen:
         train = plan.experiment(spec).train
         length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epochs"
-        state = run_state(plan, spec)
+        state = run_state(plan, spec, weights_wanted)
         if decisions.get(spec.name) and state.startswith(("to train", "resumes")):
             state = decisions[spec.name]
         rows.append((spec.name, length, state))

@@ -10,8 +10,16 @@ from typing import Any
 
 from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, select_runs
 from mtp.compare.report import member_seed_decisions
-from mtp.compare.store import claim, finished_results, is_teacher_without_weights, keep_results, set_aside_if_stale
-from mtp.run_folder import CHECKPOINTS, has_weights, is_finished
+from mtp.compare.store import (
+    claim,
+    finished_results,
+    has_current_weights,
+    is_teacher_without_weights,
+    keep_results,
+    set_aside_if_stale,
+    wants_weights,
+)
+from mtp.run_folder import CHECKPOINTS, is_finished
 from mtp.schema import PROJECT_ROOT
 
 
@@ -42,11 +50,14 @@ def start_run(plan: ComparePlan, spec: RunSpec, port: int, parallel: int = 1) ->
 
 
 def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: Any = print) -> dict[str, str]:
-    """Run every planned run not yet finished (claimed one by one); returns name -> status. Second seeds of
-    single-task runs (member_seeds) come last: with `member_seeds_for: best_ensemble` only those of the best
-    ensembles' members are trained, once the grid they are chosen from has finished."""
+    """Run every planned run not yet finished (claimed one by one); returns name -> status. A teacher whose weights
+    are not here is trained again first where a run to train needs it, or when `only` selects dense runs alone
+    (its kept results stay). Second seeds of single-task runs (member_seeds) come last: with `member_seeds_for:
+    best_ensemble` only those of the best ensembles' members are trained, once the grid they are chosen from has
+    finished."""
     cfg = plan.cfg
     chosen = select_runs(plan.runs, only)
+    weights_wanted = wants_weights(chosen, only)
     checked: set[str] = set()
     if cfg.teachers_dir:  # a shared teacher of another recipe is refused before anything starts
         for spec in plan.runs:
@@ -62,9 +73,9 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
             log(f"compare: {spec.name}: its run folder holds another recipe; moved to {moved}")
         if finished_results(plan, spec) is not None:
             keep_results(plan, spec)
-            if only is not None and is_teacher_without_weights(plan, spec):
-                log(f"compare: {spec.name} is trained again: --only selects this teacher and its weights are "
-                    "not here")
+            if weights_wanted and is_teacher_without_weights(plan, spec):
+                log(f"compare: {spec.name} is trained again: --only selects dense runs alone and this teacher's "
+                    "weights are not here")
                 pending.append(spec)
                 retrained.add(spec.name)
             else:
@@ -75,7 +86,12 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     by_name = plan.by_name
     for spec in list(pending):
         teacher = by_name.get(spec.teacher or "")
-        if teacher and teacher not in pending and not has_weights(cfg.run_folder(teacher.name)):
+        if teacher and teacher.name not in checked:  # a teacher's folder of another recipe holds no usable weights
+            moved = set_aside_if_stale(plan, teacher)
+            checked.add(teacher.name)
+            if moved is not None:
+                log(f"compare: {teacher.name}: its run folder holds another recipe; moved to {moved}")
+        if teacher and teacher not in pending and not has_current_weights(plan, teacher):
             log(f"compare: {teacher.name} is trained again: {spec.name} starts from its weights")
             pending.insert(0, teacher)
             retrained.add(teacher.name)
@@ -105,7 +121,7 @@ def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: 
     slot = 0
     while pending or active:
         while pending and len(active) < parallel:
-            ready = [s for s in pending if s.teacher is None or has_weights(cfg.run_folder(s.teacher))]
+            ready = [s for s in pending if s.teacher is None or has_current_weights(plan, plan.by_name[s.teacher])]
             waiting_on = {s.teacher for s in pending} - {s.name for s in ready}
             if not ready:
                 if active or any((cfg.run_folder(str(t)) / ".claim").exists() for t in waiting_on):
@@ -120,7 +136,7 @@ def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: 
             if not claim(cfg.run_folder(spec.name)):
                 status[spec.name] = "claimed elsewhere"
                 continue
-            done = (has_weights(cfg.run_folder(spec.name)) if spec.name in retrained  # its kept results don't count
+            done = (has_current_weights(plan, spec) if spec.name in retrained  # its kept results don't count
                     else finished_results(plan, spec) is not None)
             if done:  # another process finished it meanwhile
                 (cfg.run_folder(spec.name) / ".claim").unlink(missing_ok=True)
@@ -135,9 +151,18 @@ def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: 
             if proc.poll() is not None:
                 active.remove(item)
                 _finish(spec, proc.returncode, cfg.run_folder(spec.name), status, log)
-                keep_results(plan, spec)
+                kept = keep_results(plan, spec)
+                if kept is not None and spec.name in retrained:
+                    here = (finished_results(plan, spec) or {}).get("mean_score")
+                    log(f"compare: {spec.name} trained again for its weights: mean {_score(here)} here, "
+                        f"{_score(kept.get('mean_score'))} in its kept results, which stay (the finished runs "
+                        "learned from that training)")
         if active or pending:
             time.sleep(1)
+
+
+def _score(value: Any) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
 
 
 def _finish(spec: RunSpec, code: int, run_dir: Path, status: dict[str, str], log: Any) -> None:

@@ -120,13 +120,15 @@ def finished_results(plan: ComparePlan, spec: RunSpec) -> dict[str, Any] | None:
     return None
 
 
-def keep_results(plan: ComparePlan, spec: RunSpec) -> None:
+def keep_results(plan: ComparePlan, spec: RunSpec) -> dict[str, Any] | None:
     """Copy a finished run's results.json into the results folder, with its recipe's fingerprint and this machine's
-    data paths made portable (a GLUE folder becomes $MTP_GLUE_DIR/TASK)."""
+    data paths made portable (a GLUE folder becomes $MTP_GLUE_DIR/TASK). A dense run whose results of this recipe
+    are kept already (a teacher trained again for its weights; CPU training is not bit-reproducible) leaves them as
+    they are, and those kept results are returned; otherwise None."""
     cfg = plan.cfg
     run_dir = cfg.run_folder(spec.name)
     if not cfg.results_dir or not is_finished(run_dir) or not _current(run_dir, spec, plan):
-        return
+        return None
     results = read_results_dict(run_dir) or {}
     results["recipe"] = plan.fingerprint(spec)
     glue = os.environ.get("MTP_GLUE_DIR")
@@ -136,32 +138,55 @@ def keep_results(plan: ComparePlan, spec: RunSpec) -> None:
             inside = glue and source.resolve().is_relative_to(Path(glue).resolve())
             entry["source"] = f"$MTP_GLUE_DIR/{source.name}" if inside else f".../{source.name}"
     target = report_dir(cfg) / "runs" / f"{spec.name}.json"
+    if spec.method == "none" and target.is_file():
+        kept = json.loads(target.read_text())
+        if kept.get("recipe") in (None, results["recipe"]):
+            return kept  # a teacher trained again for its weights: the finished runs learned from the kept training
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
+    return None
+
+
+def has_current_weights(plan: ComparePlan, spec: RunSpec) -> bool:
+    """Whether the run's folder holds final weights of this recipe (a folder of another recipe does not count)."""
+    run_dir = plan.cfg.run_folder(spec.name)
+    return has_weights(run_dir) and _current(run_dir, spec, plan)
 
 
 def is_teacher_without_weights(plan: ComparePlan, spec: RunSpec) -> bool:
-    """Whether a dense run is a teacher of this comparison (a pruned run starts from it) trained here, and its
-    weights are not here (its results may be kept): `--only` selecting it trains it again, and so does a pruned run
-    that starts from it (in teachers_dir when the comparison shares another's teachers)."""
+    """Whether a dense run is a teacher of this comparison (a pruned run starts from it or distils from it) whose
+    weights of this recipe are not in its folder (in teachers_dir when the comparison shares another's teachers),
+    though its results may be kept: a pruned run that needs it trains it again first, and so does a `--only` that
+    selects dense runs alone (`wants_weights`)."""
     if spec.method != "none":
         return False
-    return any(s.teacher == spec.name for s in plan.runs) and not has_weights(plan.cfg.run_folder(spec.name))
+    return any(s.teacher == spec.name for s in plan.runs) and not has_current_weights(plan, spec)
 
 
-def run_state(plan: ComparePlan, spec: RunSpec) -> str:
+def wants_weights(chosen: list[RunSpec], only: str | None) -> bool:
+    """Whether a `--only` selection asks for the weights of its dense runs: it selects dense runs and nothing else
+    (`--only '^mt-dense$'` gives a search or another comparison its teacher); a selection with pruned runs trains a
+    teacher again only where one of them needs it."""
+    return only is not None and bool(chosen) and all(s.method == "none" for s in chosen)
+
+
+def run_state(plan: ComparePlan, spec: RunSpec, weights_wanted: bool = False) -> str:
     """Where one planned run stands, without touching it: "finished" (its run folder or the kept results hold this
     recipe), "claimed by HOST:PID" (a live process trains it), "resumes from step_N" (a checkpoint of this recipe),
     "stale: FINGERPRINT" (its folder holds another recipe: moved aside when training starts, or refused for a
-    shared teacher) or "to train"."""
+    shared teacher) or "to train". `weights_wanted`: the selection asks for its teachers' weights (`wants_weights`),
+    so a teacher with kept results and no weights is "to train again"."""
     cfg = plan.cfg
     run_dir = cfg.run_folder(spec.name)
     if finished_results(plan, spec) is not None:
         if is_teacher_without_weights(plan, spec):
-            return ("finished (kept results; no weights here: trained again when --only selects it, or before a "
-                    "pruned run that starts from it)")
-        if spec.method == "none" and not has_weights(run_dir):
-            return "finished (kept results; no weights here)"
+            holder = claim_holder(run_dir) if run_dir.is_dir() else None
+            if holder is not None:
+                return f"claimed by {holder or 'a process still writing its claim'} (trained again for its weights)"
+            if weights_wanted:
+                return "to train again (kept results, no weights here; --only selects dense runs alone)"
+            return ("finished (kept results; no weights here: trained again before a pruned run that needs it, or "
+                    "when --only selects dense runs alone)")
         return "finished"
     kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
     elsewhere = " (its kept results are of another recipe)" if cfg.results_dir and kept.is_file() else ""

@@ -217,17 +217,37 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
     assert started == ["mt-dense", "mt-movement-0.2"]
     assert status == {"mt-dense": "trained", "mt-movement-0.2": "trained"}
     assert "compare: 1 runs, 0 already finished, 1 to train (and 1 teacher again)" in lines
-    # a teacher that --only selects is trained again when its weights are gone (on a new machine, to serve a search
-    # or another comparison); with its weights here it is reused
+    # --only selecting dense runs alone trains a teacher again when its weights are gone (on a new machine, to give a
+    # search or another comparison its weights); its kept results stay (the finished runs learned from them), and the
+    # log gives both means; with its weights here it is reused
+    kept_teacher = (tmp_path / "kept" / "runs" / "mt-dense.json").read_text()
     shutil.rmtree(tmp_path / "runs" / "mt-dense")
     started.clear()
     lines.clear()
+    monkeypatch.setattr(runner, "start_run", lambda _plan, spec, *_a, **_k: (
+        started.append(spec.name), ended_run(tmp_path / "runs" / spec.name, {"finished": True, "mean_score": 61.5}))[1])
     status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^mt-dense$", log=lines.append)
     assert started == ["mt-dense"] and status == {"mt-dense": "trained"}
     assert "compare: 1 runs, 1 already finished, 0 to train (and 1 teacher again)" in lines
+    assert any(line.startswith("compare: mt-dense trained again for its weights: mean 61.50 here, unknown in its "
+                               "kept results, which stay") for line in lines), lines
+    assert (tmp_path / "kept" / "runs" / "mt-dense.json").read_text() == kept_teacher
     started.clear()
-    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^mt-dense$", log=lambda _: None)
-    assert started == [] and status == {"mt-dense": "reused"}
+    assert compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^mt-dense$", log=lambda _: None) == \
+        {"mt-dense": "reused"} and started == []
+    # a selection with pruned runs trains no teacher whose students are all finished
+    shutil.rmtree(tmp_path / "runs" / "mt-dense")
+    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^mt-", log=lambda _: None)
+    assert started == [] and set(status.values()) == {"reused"}
+    # a teacher's folder of another recipe is no teacher: it is moved aside and trained again before a student
+    stale = tmp_path / "runs" / "mt-dense"
+    ended_run(stale, {"finished": True})
+    (stale / ".recipe").write_text("0123456789abcdef\n")
+    shutil.rmtree(tmp_path / "runs" / "mt-movement-0.2")
+    (tmp_path / "kept" / "runs" / "mt-movement-0.2.json").unlink()
+    status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^mt-movement-0.2$", log=lambda _: None)
+    assert started == ["mt-dense", "mt-movement-0.2"]
+    assert (tmp_path / "runs" / "mt-dense.stale-0123456789abcdef").is_dir()
 
 
 def test_extra_seeds_give_the_multitask_spread_and_the_report_the_retained_fraction(tmp_path: Path) -> None:
@@ -606,8 +626,8 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
     lines = describe_plan(config, overrides).splitlines()
     state = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[:-1]}
     assert len(state) == len(plan.runs)
-    assert state["mt-dense"].endswith("finished (kept results; no weights here: trained again when --only selects it, "
-                                      "or before a pruned run that starts from it)")
+    assert state["mt-dense"].endswith("finished (kept results; no weights here: trained again before a pruned run that "
+                                      "needs it, or when --only selects dense runs alone)")
     assert state["st-rte-dense"] == "3 epochs  finished"
     assert state["mt-movement-0.5"] == "8 steps  claimed by another-host:123"
     assert state["mt-movement-0.2"] == f"8 steps  claimed by {here}:{os.getpid()}"
@@ -618,6 +638,10 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
     n = len(plan.runs)
     assert lines[-1] == f"{n} runs: 2 finished, 2 claimed, 1 resumes, 1 stale, {n - 6} to train"
     assert describe_plan(config, overrides, only="^st-stsb-").splitlines()[-1] == "3 runs: 1 resumes, 2 to train"
+    dense = [line.split(maxsplit=1) for line in describe_plan(config, overrides, only="dense$").splitlines()]
+    assert dense == [["mt-dense", "8 steps  to train again (kept results, no weights here; --only selects dense runs "
+                                  "alone)"], ["st-rte-dense", "3 epochs  finished"],
+                     ["st-stsb-dense", "8 steps  to train"], ["3", "runs: 1 finished, 2 to train"]]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--only", "^mt-",
                            *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -633,3 +657,22 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
                           "single_task_steps={stsb: abc}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].endswith("single_task_steps.stsb: a positive number of steps, got 'abc'")
+
+
+def test_the_report_counts_many_unfinished_runs_per_method(tmp_path: Path) -> None:
+    from mtp.compare import build_report, load_compare_config, render_markdown
+
+    kept = tmp_path / "kept"
+    cfg = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={tmp_path / 'out'}",
+                                                                   f"results_dir={kept}", "methods=[movement,rank]"])
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    (kept / "runs").mkdir(parents=True)
+    write_kept_result(kept, "mt-dense", 80.0, None)
+    report = build_report(plan)
+    unfinished = [s for s in plan.runs if s.name != "mt-dense"]
+    assert len(unfinished) > 12 and report["missing_runs"] == sorted(s.name for s in unfinished)
+    counts = {m: sum(s.method == m for s in unfinished) for m in ("none", "movement", "rank")}
+    assert report["missing_by_method"] == {"dense": counts["none"], "movement": counts["movement"],
+                                           "rank": counts["rank"]}
+    assert (f"Runs not finished yet: {len(unfinished)} (movement {counts['movement']}, rank {counts['rank']}, "
+            f"dense {counts['none']}); report.json's missing_runs names them") in render_markdown(report, cfg, "mtp")

@@ -178,7 +178,6 @@ def test_a_key_of_another_method_is_refused_naming_the_key_and_its_method() -> N
     assert pruning_settings(method="toy_random", budget=0.5, seed=3).seed == 3
 
 
-
 @pytest.mark.parametrize("name", pruned_methods())
 def test_a_compiled_encoder_prunes_as_the_eager_one(name: str) -> None:
     """`train.compile` compiles the encoder in place, with the method's layers and hooks in it (gates sampled in the
@@ -188,17 +187,20 @@ def test_a_compiled_encoder_prunes_as_the_eager_one(name: str) -> None:
     from torch._dynamo.utils import counters
 
     results = []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        counters.clear()
-        torch.manual_seed(1)
-        model, hook, optimizer = start(name)
-        if compiled:
-            model.encoder.compile(dynamic=True, backend="aot_eager")
-        train(model, hook, 1, STEPS, optimizer)
-        report = hook.final_report(model)
-        results.append((report, outputs(model), model.state_dict()))
-    assert counters["stats"]["unique_graphs"] >= 1
+    try:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            torch.manual_seed(1)
+            model, hook, optimizer = start(name)
+            if compiled:
+                model.encoder.compile(dynamic=True, backend="aot_eager")
+            train(model, hook, 1, STEPS, optimizer)
+            report = hook.final_report(model)
+            results.append((report, outputs(model), model.state_dict()))
+        assert counters["stats"]["unique_graphs"] >= 1
+    finally:
+        torch._dynamo.reset()  # no compiled code cached for the tests after this one
     (eager_report, eager_out, eager_state), (report, out, state) = results
     assert report == eager_report
     torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5)
