@@ -64,6 +64,7 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
             capacity = int(math.floor(budget * dense_blocks))
             mt = find(None, method, budget)
             choices, members_by_task = [], []
+            without_halves = [] if mt is None or all(_halves(mt, t) for t in tasks) else [f"mt-{method}-{_fmt(budget)}"]
             for t in tasks:
                 opts, runs = [], []
                 for spec in plan.runs:
@@ -71,6 +72,8 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                     if spec.task == t and spec.method == method and spec.seed is None and r is not None:
                         opts.append(Choice(kept(r), task_score(r, t), _fmt(spec.size)))
                         runs.append(r)
+                        if _halves(r, t) is None:
+                            without_halves.append(spec.name)
                 choices.append(opts)
                 members_by_task.append(runs)
             best = best_allocation(choices, capacity)
@@ -111,6 +114,7 @@ def build_report(plan: ComparePlan) -> dict[str, Any]:
                 "member_seeds": None if best is None or budget != cfg.member_seeds_budget else member_spread(
                     cfg, tasks, method, best[0], best[1], find),
                 "held_out": held_out_half(tasks, members_by_task, choices, capacity, mt),
+                "runs_without_halves": without_halves,
             })
             for t in cfg.low_resource_tasks:
                 if t not in tasks:
@@ -155,7 +159,8 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "ensemble_range": members.get("range"),
                 "ensemble_complete": bool(ens and ens.get("complete")),
                 "margin": None if mt_mean is None or ens_mean is None else mt_mean - ens_mean,
-                "margin_on_second_half": held.get("margin_on_second_half")})
+                "margin_on_second_half": held.get("margin_on_second_half"),
+                "runs_without_halves": row.get("runs_without_halves", [])})
     return rows
 
 
@@ -201,14 +206,17 @@ def member_spread(cfg: CompareConfig, tasks: list[str], method: str, members: li
             "range": max(means) - min(means) if len(means) > 1 else None}
 
 
+def _halves(r: dict[str, Any], task: str) -> list[float] | None:
+    """A run's dev score of `task` on each half of the dev set (None in results from before mtp scored halves)."""
+    return (r.get("tasks") or {}).get(task, {}).get("halves")
+
+
 def held_out_half(tasks: list[str], members_by_task: list[list[dict[str, Any]]], choices: list[list[Choice]],
                   capacity: int, multitask: dict[str, Any] | None) -> dict[str, Any] | None:
     """The best ensemble chosen on the first half of every dev set and scored on the second, beside the multitask
     model scored on the same second half: a margin free of the selection's bias. None unless every run involved
-    recorded its half scores (results from before mtp scored halves)."""
-    def halves(r: dict[str, Any], t: str) -> list[float] | None:
-        return (r.get("tasks") or {}).get(t, {}).get("halves")
-
+    recorded its half scores (results from before mtp scored halves: the row's runs_without_halves)."""
+    halves = _halves
     if multitask is None or any(halves(multitask, t) is None for t in tasks) or any(
             halves(r, t) is None for t, runs in zip(tasks, members_by_task, strict=True) for r in runs):
         return None
@@ -300,7 +308,18 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['method']} | {r['budget']:g} | {multitask} | {ensemble}{partial} | "
                      + ("—" if r["margin"] is None else f"{r['margin']:+.2f}") + " | "
                      + ("—" if r["margin_on_second_half"] is None else f"{r['margin_on_second_half']:+.2f}") + " |")
-    return lines + [""]
+    lines.append("")
+    lacking = [r for r in rows if r["margin_on_second_half"] is None and r["runs_without_halves"]]
+    if lacking:
+        lines += ["No held-out margin where a candidate run's results predate the half scores (train those runs "
+                  "again to get it): " + "; ".join(
+                      f"{r['method']} B = {r['budget']:g}: {_names(r['runs_without_halves'])}" for r in lacking)
+                  + ".", ""]
+    return lines
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])} and {len(names) - shown} more"
 
 
 def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) -> str:

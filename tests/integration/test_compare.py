@@ -451,7 +451,11 @@ def test_the_held_out_half_chooses_the_ensemble_on_one_half_and_scores_it_on_the
     (kept / "runs" / "st-stsb-movement-0.1.json").write_text(json.dumps({
         "finished": True, "mean_score": 60.0, "params": {"encoder_blocks": 1000, "embeddings": 10},
         "tasks": {"stsb": {"score": 60.0}}, "pruning": {"kept_blocks": 100}}))
-    assert build_report(ComparePlan.build(cfg, ROOT / cfg.base))["methods"]["movement"][0]["held_out"] is None
+    report = build_report(ComparePlan.build(cfg, ROOT / cfg.base))
+    row = report["methods"]["movement"][0]
+    assert row["held_out"] is None and row["runs_without_halves"] == ["st-stsb-movement-0.1"]
+    assert ("No held-out margin where a candidate run's results predate the half scores (train those runs again to "
+            "get it): movement B = 0.5: st-stsb-movement-0.1.") in render_markdown(report, cfg, "mtp compare")
 
 
 def test_start_from_pretrained_keeps_the_teacher_and_drops_its_weights_as_the_start() -> None:
