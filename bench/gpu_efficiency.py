@@ -18,6 +18,10 @@ configs/arch/. Sections, each saved as it finishes (one that fails is recorded a
   round of each is its cost): magnitude, movement per matrix and global, rank; `ramp` while masks move every
   step (rank: every gate open, the full-rank start), `at_budget` at the final masks (rank: gates beyond the
   budget closed).
+- compile: BERT-large, bf16 ZeRO-2, `train.compile` (the encoder compiled in place, dynamic shapes, as the trainer
+  does) against eager on the same batches, dense and structured / magnitude at the budget (the paths whose graphs
+  do not break on an accelerator's path; rank breaks, docs/gpu.md): step over eager, and the first step's seconds
+  (compilation).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 from common import fastest
-from gpu import alternated, collectives, environment, guarded, peak_memory_gib, reset_memory, sync, timed
+from gpu import alternated, collectives, environment, finite, guarded, peak_memory_gib, reset_memory, sync, timed
 from pruning_overhead import engine_step, pruned_path
 
 from mtp.config import load_config
@@ -196,6 +200,49 @@ def pruning(arch: str, micro_batch: int, args) -> dict[str, Any]:
             "dense_step_ms": round(1000 * dense / args.steps, 2), "rows": rows}
 
 
+COMPILED_PATHS = {"dense": None, "structured": {"method": "structured"}, "magnitude": {"method": "magnitude"}}
+
+
+def compiled(arch: str, micro_batch: int, args) -> dict[str, Any]:
+    """Each path's step compiled (the encoder in place, `dynamic=True`, as `train.compile` does) over eager on the
+    same batches (rounds alternate), with the first compiled step's seconds: what compiling costs once."""
+    import time
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batches = packed_batches(args.warmup + args.steps, micro_batch, args.seq_len, device)
+    cfg = experiment(arch, micro_batch, args.ds_configs[2], args)
+    base = build_model(arch)
+    if device == "cuda":
+        base = base.cuda()
+    rows = []
+    for name, settings in COMPILED_PATHS.items():
+        paths = {}
+        first_step_s = None
+        for mode in ("eager", "compiled"):
+            if settings is None:
+                model, hooks = copy.deepcopy(base), []
+            else:
+                model, hooks = pruned_path(base, settings, args.budget, 10 ** 6, "at_budget")
+            step = engine_step(cfg, model, hooks, fixed_phase=settings is not None)
+            if mode == "compiled":
+                step.engine.module.encoder.compile(dynamic=True)
+                sync()
+                start = time.perf_counter()
+                step(*batches[0])
+                sync()
+                first_step_s = time.perf_counter() - start
+            paths[mode] = step
+        seconds = alternated(paths, batches, args.warmup, args.rounds)
+        rows.append({"path": name, "eager_step_ms": round(1000 * fastest(seconds["eager"]) / args.steps, 2),
+                     "compiled_step_ms": round(1000 * fastest(seconds["compiled"]) / args.steps, 2),
+                     "compiled_over_eager": round(fastest(seconds["compiled"]) / fastest(seconds["eager"]), 3),
+                     "first_compiled_step_s": round(first_step_s, 1),
+                     "loss_finite": all(finite(step) for step in paths.values())})
+        del paths
+        reset_memory()
+    return {"model": arch, "micro_batch": micro_batch, "zero": 2, "budget": args.budget, "rows": rows}
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The rows and the profile as Markdown tables (docs/gpu.md quotes them)."""
     lines = [f"Device: {report['device']}; bf16 dense peak {report['peak_tflops']} TFLOP/s.", "",
@@ -232,7 +279,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--top", type=int, default=20, help="operators in each profile table")
-    parser.add_argument("--sections", nargs="+", default=["rows", "profile", "pruning"])
+    parser.add_argument("--sections", nargs="+", default=["rows", "profile", "pruning", "compile"])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny BERT, fp32, short sequences")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_efficiency.json"))
     args = parser.parse_args()
@@ -280,6 +327,10 @@ def main() -> None:
         report["pruning"] = guarded(pruning, largest, args.micro_batches[0], args)
         save()
         print(json.dumps(report["pruning"].get("rows", report["pruning"].get("error")), indent=1), flush=True)
+    if "compile" in args.sections:
+        report["compile"] = guarded(compiled, largest, args.micro_batches[0], args)
+        save()
+        print(json.dumps(report["compile"].get("rows", report["compile"].get("error")), indent=1), flush=True)
     if "rows" in args.sections:
         rows((("mtp", 3),))
     print(f"wrote {args.out}")
