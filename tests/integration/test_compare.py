@@ -532,7 +532,9 @@ def test_member_seeds_plan_a_second_seed_of_every_possible_member_and_report_the
     assert report["summary"] == [{"method": "movement", "budget": 0.5, "multitask": 71.0, "multitask_runs": 2,
                                   "multitask_range": 2.0, "best_ensemble": 60.0, "ensemble_runs": 2,
                                   "ensemble_range": 4.0, "ensemble_complete": True, "margin": 11.0,
-                                  "margin_on_second_half": None}]
+                                  "margin_on_second_half": None, "runs_without_halves": [
+                                      "mt-movement-0.5", "st-rte-movement-0.1", "st-rte-movement-0.25",
+                                      "st-rte-movement-0.5", "st-stsb-movement-0.1", "st-stsb-movement-0.25"]}]
     assert "| movement | 0.5 | 71.00 [2.00, 2 runs] | 60.00 [4.00, 2 runs] | +11.00 | — |" in md
     with pytest.raises(ConfigError, match="member_seeds_budget: 0.3 is not one of budgets"):
         load_compare_config(ROOT / "configs/compare_tiny.yaml", ["member_seeds=[7]", "member_seeds_budget=0.3"])
