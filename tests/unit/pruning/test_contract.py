@@ -178,7 +178,16 @@ def test_a_key_of_another_method_is_refused_naming_the_key_and_its_method() -> N
     assert pruning_settings(method="toy_random", budget=0.5, seed=3).seed == 3
 
 
-@pytest.mark.parametrize("name", pruned_methods())
+COMPILED = ["movement", "rank", "structured"]
+"""One method per layer the registry swaps in (MaskedLinear, FactorizedLinear, GroupMaskedLinear): movement for the
+element-wise layer, whose scores take gradients through the mask (magnitude and soft movement use the same layer)."""
+
+
+def test_the_compiled_methods_cover_every_layer() -> None:
+    assert {METHODS[name].layer for name in COMPILED} == {METHODS[name].layer for name in pruned_methods()}
+
+
+@pytest.mark.parametrize("name", COMPILED)
 def test_a_compiled_encoder_prunes_as_the_eager_one(name: str) -> None:
     """`train.compile` compiles the encoder in place, with the method's layers and hooks in it (gates sampled in the
     forward pass, gradient hooks, masks rewritten at the optimizer step): the same training gives the same report,
