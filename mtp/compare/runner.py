@@ -67,10 +67,18 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     status: dict[str, str] = {}
     pending = []
     retrained: set[str] = set()  # teachers whose weights are gone (results kept, folder not): trained again
-    for spec in chosen:
-        moved = None if spec.name in checked else set_aside_if_stale(plan, spec)
+
+    def set_aside_once(spec: RunSpec) -> None:
+        """Move a run folder of another recipe aside (each run checked once)."""
+        if spec.name in checked:
+            return
+        checked.add(spec.name)
+        moved = set_aside_if_stale(plan, spec)
         if moved is not None:
             log(f"compare: {spec.name}: its run folder holds another recipe; moved to {moved}")
+
+    for spec in chosen:
+        set_aside_once(spec)
         if finished_results(plan, spec) is not None:
             keep_results(plan, spec)
             if weights_wanted and is_teacher_without_weights(plan, spec):
@@ -86,11 +94,8 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     by_name = plan.by_name
     for spec in list(pending):
         teacher = by_name.get(spec.teacher or "")
-        if teacher and teacher.name not in checked:  # a teacher's folder of another recipe holds no usable weights
-            moved = set_aside_if_stale(plan, teacher)
-            checked.add(teacher.name)
-            if moved is not None:
-                log(f"compare: {teacher.name}: its run folder holds another recipe; moved to {moved}")
+        if teacher:  # a teacher's folder of another recipe holds no usable weights
+            set_aside_once(teacher)
         if teacher and teacher not in pending and not has_current_weights(plan, teacher):
             log(f"compare: {teacher.name} is trained again: {spec.name} starts from its weights")
             pending.insert(0, teacher)
@@ -116,12 +121,13 @@ def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: 
     """Train `pending` (teachers before their students, `parallel` at a time); fills `status`."""
     cfg = plan.cfg
     pending = list(pending)
+    by_name = plan.by_name
     active: list[tuple[RunSpec, subprocess.Popen]] = []
     base_port = 29600 + os.getpid() % 1000
     slot = 0
     while pending or active:
         while pending and len(active) < parallel:
-            ready = [s for s in pending if s.teacher is None or has_current_weights(plan, plan.by_name[s.teacher])]
+            ready = [s for s in pending if s.teacher is None or has_current_weights(plan, by_name[s.teacher])]
             waiting_on = {s.teacher for s in pending} - {s.name for s in ready}
             if not ready:
                 if active or any((cfg.run_folder(str(t)) / ".claim").exists() for t in waiting_on):
