@@ -6,11 +6,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from mtp.config import ConfigError
 from mtp.pruning import pruned_methods
-from mtp.schema import Strict, load_yaml
+from mtp.schema import Strict, load_yaml, read_yaml
 
 
 class CompareConfig(Strict):
@@ -70,6 +70,10 @@ class CompareConfig(Strict):
     launcher_args: list[str] = Field(default_factory=list)
     """Extra launch.sh arguments for every run (e.g. --hostfile FILE)."""
 
+    _recorded_teachers_dir: str | None = PrivateAttr(None)
+    """The teachers' folder as the config file itself names it (its teachers_dir, else its output_dir), set by
+    load_compare_config: the path that a pruned run's fingerprint records for its teacher."""
+
     @field_validator("single_task_steps", mode="before")
     @classmethod
     def _steps_per_task(cls, value: object) -> object:
@@ -86,6 +90,13 @@ class CompareConfig(Strict):
         root = self.teachers_dir if self.teachers_dir and is_dense_run(name) else self.output_dir
         return Path(root) / "runs" / name
 
+    def recorded_teacher_folder(self, name: str) -> Path:
+        """A teacher's folder as the fingerprint of its students records it: under the config file's own teachers_dir
+        or output_dir, so that the same recipe keeps its fingerprint when output_dir or teachers_dir are overridden
+        (another disk, an absolute path); which teacher it is, is checked by the teacher's own fingerprint."""
+        root = self._recorded_teachers_dir or self.teachers_dir or self.output_dir
+        return Path(root) / "runs" / name
+
 
 def is_dense_run(name: str) -> bool:
     """Whether a planned run's name is a dense run's (mt-dense, st-TASK-dense)."""
@@ -94,6 +105,9 @@ def is_dense_run(name: str) -> bool:
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
     cfg = load_yaml(path, CompareConfig, overrides)
+    written = read_yaml(path)
+    cfg._recorded_teachers_dir = str(written.get("teachers_dir") or written.get("output_dir")
+                                     or CompareConfig.model_fields["output_dir"].default)
     unknown = [m for m in cfg.methods if m not in pruned_methods()]
     if unknown:
         raise ConfigError(f"{path}: methods: {unknown[0]!r} is not a pruning method ({', '.join(pruned_methods())})")

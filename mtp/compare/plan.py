@@ -154,9 +154,19 @@ class ComparePlan:
         return load_config(self.base_path, [*self.overrides(spec), *(extra or [])])
 
     def fingerprint(self, spec: RunSpec) -> str:
-        """A hash of the run's whole resolved experiment config (output dir aside): a changed recipe changes it."""
+        """A hash of the run's whole resolved experiment config (output dir aside, its teacher named by the folder the
+        config file gives it, CompareConfig.recorded_teacher_folder): a changed recipe changes it, a moved folder
+        does not."""
         if spec.name not in self._fingerprints:
-            self._fingerprints[spec.name] = recipe_hash(self.experiment(spec, ["output_dir=."]))
+            exp = self.experiment(spec, ["output_dir=."])
+            if spec.teacher is not None:
+                here = str(self.cfg.run_folder(spec.teacher))
+                recorded = str(self.cfg.recorded_teacher_folder(spec.teacher))
+                if exp.encoder.init_from == here:
+                    exp.encoder.init_from = recorded
+                if exp.distill.teacher == here:
+                    exp.distill.teacher = recorded
+            self._fingerprints[spec.name] = recipe_hash(exp)
         return self._fingerprints[spec.name]
 
     def _task_entry(self, task: str) -> dict[str, Any]:

@@ -368,6 +368,28 @@ def test_the_report_warns_of_runs_cut_to_size_and_shows_each_sides_exposure(tmp_
     assert "| rte | 30 (mt-rank-0.5) | 20 (st-rte-rank-0.25) | 1.50 |" in md
 
 
+def test_a_pruned_runs_fingerprint_keeps_its_teacher_by_the_config_files_folder_wherever_the_runs_go() -> None:
+    """output_dir or teachers_dir given on the command line (another disk, an absolute path) move the teacher the
+    run trains from, not its fingerprint: the kept results stay current; the kept value is the one the file names."""
+    from mtp.compare import load_compare_config
+
+    path = ROOT / "configs/compare_minilm_distill.yaml"
+    kept = ComparePlan.build(load_compare_config(path), ROOT / "configs/default.yaml")
+    spec = kept.by_name["st-mrpc-rank-0.02"]
+    stored = json.loads((ROOT / "docs/results/compare_minilm_distill/runs/st-mrpc-rank-0.02.json").read_text())
+    assert kept.fingerprint(spec) == stored["recipe"]
+    for moved in (["output_dir=/elsewhere/compare"], ["teachers_dir=/teachers", "output_dir=/students"]):
+        plan = ComparePlan.build(load_compare_config(path, moved), ROOT / "configs/default.yaml")
+        teacher = plan.experiment(plan.by_name[spec.name]).distill.teacher
+        assert teacher is not None and teacher.startswith("/") and teacher.endswith("runs/st-mrpc-dense")
+        assert {s.name: plan.fingerprint(s) for s in plan.runs} == {s.name: kept.fingerprint(s) for s in kept.runs}
+    # a recipe change still changes it; a teacher named by the run's own overrides is part of the recipe
+    other = ComparePlan.build(load_compare_config(path, ["output_dir=/o", "overrides_by_run={'^st-mrpc-rank-0.02$': "
+                                                         "[distill.teacher=/another/teacher]}"]),
+                              ROOT / "configs/default.yaml")
+    assert other.fingerprint(other.by_name[spec.name]) != kept.fingerprint(spec)
+
+
 def test_single_task_steps_set_the_pruned_single_task_runs_length_or_match_the_multitask_exposure() -> None:
     from mtp.compare import load_compare_config
     from mtp.data import load_tasks, task_probabilities
