@@ -56,10 +56,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from mtp.compare import compare, describe_plan
 
     if args.plan:
-        print(describe_plan(args.config, args.overrides, only=args.only))
+        print(describe_plan(args.config, args.overrides, only=args.only, retrain=args.retrain))
         return 0
     report = compare(args.config, args.overrides, parallel=args.parallel, only=args.only,
-                     report_only=args.report_only)
+                     report_only=args.report_only, retrain=args.retrain)
     print(report.read_text())
     return 0
 
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--only", default=None,
                          help="train only the runs whose name matches this regular expression (e.g. 'rank|dense')")
     compare.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    compare.add_argument("--retrain", default=None, metavar="REGEX",
+                         help="train again, once, the finished pruned runs whose name matches (e.g. results from "
+                              "before mtp scored the dev halves); their earlier results move to RESULTS/superseded/")
     compare.add_argument("--plan", action="store_true",
                          help="list the planned runs (those --only matches) with their length and state; train nothing")
     compare.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the compare YAML")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from mtp.checks import check_experiment
 from mtp.compare.config import load_compare_config
-from mtp.compare.plan import ComparePlan, is_member_seed, only_pattern, select_runs
+from mtp.compare.plan import ComparePlan, is_member_seed, only_pattern, retrain_pattern, select_runs
 from mtp.compare.report import member_seed_decisions, write_report
 from mtp.compare.runner import run_all
-from mtp.compare.store import run_state, wants_weights
+from mtp.compare.store import retrain_state, run_state, superseded_results, wants_weights
 from mtp.config import ConfigError, load_config
 from mtp.schema import resolve_path
 
@@ -33,14 +33,16 @@ STATES = ("finished", "claimed", "resumes", "stale", "to train", "waits", "skipp
 """The kinds of state `describe_plan` tallies (each line's state starts with one)."""
 
 
-def describe_plan(config: str | Path, overrides: list[str], only: str | None = None) -> str:
+def describe_plan(config: str | Path, overrides: list[str], only: str | None = None,
+                  retrain: str | None = None) -> str:
     """One line per planned run (those matching `only`): its name, length and where it stands (finished, claimed,
     resumable, stale, to train; a second seed of a single-task run also waits for the grid or is skipped when its
-    first seed is not a best-ensemble member), then the count of each state. Reads the run folders and kept results;
-    trains nothing, writes nothing."""
+    first seed is not a best-ensemble member; a finished run that `retrain` matches is to train again), then the
+    count of each state. Reads the run folders and kept results; trains nothing, writes nothing."""
     only_pattern(only)
     plan = _load_plan(config, overrides)
     chosen = select_runs(plan.runs, only)
+    retrain_re = retrain_pattern(retrain, plan.runs, only)
     weights_wanted = wants_weights(chosen, only)
     decisions = member_seed_decisions(plan) if any(is_member_seed(s) for s in chosen) else {}
     rows = []
@@ -48,6 +50,12 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
         train = plan.experiment(spec).train
         length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epochs"
         state = run_state(plan, spec, weights_wanted)
+        again = retrain_state(plan, spec, retrain_re)
+        earlier = superseded_results(plan.cfg, spec.name)
+        if again == "again":
+            state = f"to train again (--retrain: its results move to {earlier.parent})"
+        elif again == "done":
+            state = f"finished (trained again already: its earlier results are in {earlier})"
         if decisions.get(spec.name) and state.startswith(("to train", "resumes")):
             state = decisions[spec.name]
         rows.append((spec.name, length, state))
@@ -59,11 +67,13 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
 
 
 def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: str | None = None,
-            report_only: bool = False) -> Path:
+            report_only: bool = False, retrain: str | None = None) -> Path:
     """Check one multitask and one single-task run of the plan (exit 2 on errors before anything trains), train the
-    runs not finished yet (those matching `only`), and write the report; returns report.md."""
+    runs not finished yet (those matching `only`) and, once, the finished pruned runs that `retrain` matches, and
+    write the report; returns report.md."""
     only_pattern(only)
     plan = _load_plan(config, overrides)
+    retrain_pattern(retrain, plan.runs, only)
     cfg, base = plan.cfg, plan.base_path
     for spec in (plan.runs[0], next(s for s in plan.runs if s.task is not None)):
         run_overrides = [*cfg.overrides, *spec.overrides, "output_dir=/nonexistent/mtp-check"]
@@ -74,7 +84,7 @@ def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: s
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / "compare.yaml").write_text(Path(config).read_text())
     if not report_only:
-        status = run_all(plan, parallel=parallel, only=only)
+        status = run_all(plan, parallel=parallel, only=only, retrain=retrain)
         failed = {k: v for k, v in status.items() if v.startswith("failed")}
         if failed:
             print(f"mtp compare: {len(failed)} runs failed: {', '.join(failed)} (see their launch.log)",

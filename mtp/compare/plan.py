@@ -92,14 +92,26 @@ def plan_runs(cfg: CompareConfig, tasks: list[str], single_task_steps: dict[str,
     return planned
 
 
-def only_pattern(only: str | None) -> re.Pattern[str] | None:
-    """`--only` as a compiled regular expression (None selects every run); a bad one is a ConfigError (exit 2)."""
+def only_pattern(only: str | None, flag: str = "--only") -> re.Pattern[str] | None:
+    """`--only` (or another flag's run-name pattern) as a compiled regular expression (None selects every run); a bad
+    one is a ConfigError (exit 2)."""
     if only is None:
         return None
     try:
         return re.compile(only)
     except re.error as err:
-        raise ConfigError(f"--only: {only!r} is not a regular expression ({err})") from None
+        raise ConfigError(f"{flag}: {only!r} is not a regular expression ({err})") from None
+
+
+def retrain_pattern(retrain: str | None, runs: list[RunSpec], only: str | None = None) -> re.Pattern[str] | None:
+    """`--retrain` as a compiled regular expression; one that matches no pruned run among the planned `runs` that
+    `only` selects is a ConfigError (exit 2): dense runs are not trained again by it."""
+    pattern = only_pattern(retrain, "--retrain")
+    if pattern is not None and not any(s.method != "none" and pattern.search(s.name) for s in select_runs(runs, only)):
+        raise ConfigError(f"--retrain: {retrain!r} matches no pruned run of the plan"
+                          f"{' that --only selects' if only is not None else ''} (dense runs are not trained again by "
+                          "it)")
+    return pattern
 
 
 def select_runs(runs: list[RunSpec], only: str | None) -> list[RunSpec]:

@@ -312,7 +312,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     lacking = [r for r in rows if r["margin_on_second_half"] is None and r["runs_without_halves"]]
     if lacking:
         lines += ["No held-out margin where a candidate run's results predate the half scores (train those runs "
-                  "again to get it): " + "; ".join(
+                  "again to get it: `mtp compare ... --retrain REGEX` with their names): " + "; ".join(
                       f"{r['method']} B = {r['budget']:g}: {_names(r['runs_without_halves'])}" for r in lacking)
                   + ".", ""]
     return lines

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, select_runs
+from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, retrain_pattern, select_runs
 from mtp.compare.report import member_seed_decisions
 from mtp.compare.store import (
     claim,
@@ -16,7 +16,10 @@ from mtp.compare.store import (
     has_current_weights,
     is_teacher_without_weights,
     keep_results,
+    retrain_state,
     set_aside_if_stale,
+    supersede,
+    superseded_results,
     wants_weights,
 )
 from mtp.run_folder import CHECKPOINTS, is_finished
@@ -49,14 +52,17 @@ def start_run(plan: ComparePlan, spec: RunSpec, port: int, parallel: int = 1) ->
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
 
 
-def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: Any = print) -> dict[str, str]:
+def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: Any = print,
+            retrain: str | None = None) -> dict[str, str]:
     """Run every planned run not yet finished (claimed one by one); returns name -> status. A teacher whose weights
     are not here is trained again first where a run to train needs it, or when `only` selects dense runs alone
-    (its kept results stay). Second seeds of single-task runs (member_seeds) come last: with `member_seeds_for:
+    (its kept results stay). A finished pruned run that `retrain` matches is trained again once, its earlier results
+    set aside (store.supersede). Second seeds of single-task runs (member_seeds) come last: with `member_seeds_for:
     best_ensemble` only those of the best ensembles' members are trained, once the grid they are chosen from has
     finished."""
     cfg = plan.cfg
     chosen = select_runs(plan.runs, only)
+    retrain_re = retrain_pattern(retrain, plan.runs, only)
     weights_wanted = wants_weights(chosen, only)
     checked: set[str] = set()
     if cfg.teachers_dir:  # a shared teacher of another recipe is refused before anything starts
@@ -79,6 +85,13 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
 
     for spec in chosen:
         set_aside_once(spec)
+        again = retrain_state(plan, spec, retrain_re)
+        if again == "again":
+            moved = supersede(plan, spec)
+            log(f"compare: {spec.name} is trained again (--retrain): its earlier results moved to {moved}")
+        elif again == "done":
+            log(f"compare: {spec.name} was trained again already (--retrain; its earlier results are in "
+                f"{superseded_results(cfg, spec.name)}): its new results stand")
         if finished_results(plan, spec) is not None:
             keep_results(plan, spec)
             if weights_wanted and is_teacher_without_weights(plan, spec):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,51 @@ def keep_results(plan: ComparePlan, spec: RunSpec) -> dict[str, Any] | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
     return None
+
+
+SUPERSEDED = "superseded"
+"""The folder (in the results folder, and in output_dir for run folders) where `--retrain` keeps a run's earlier
+results."""
+
+
+def superseded_results(cfg: CompareConfig, name: str) -> Path:
+    """Where `--retrain` keeps a run's earlier results: RESULTS/superseded/NAME.json (RESULTS: results_dir, else
+    output_dir). Its presence says the run has been trained again once."""
+    return report_dir(cfg) / SUPERSEDED / f"{name}.json"
+
+
+def retrain_state(plan: ComparePlan, spec: RunSpec, retrain: re.Pattern[str] | None) -> str | None:
+    """What `--retrain` does to one run: "again" (a finished pruned run it matches: trained again), "done" (it has
+    been trained again already: its earlier results are superseded, its new ones stand), or None (not matched, or
+    nothing finished to train again: an interrupted retraining resumes as any run does)."""
+    if retrain is None or spec.method == "none" or not retrain.search(spec.name):
+        return None
+    if finished_results(plan, spec) is None:
+        return None
+    return "done" if superseded_results(plan.cfg, spec.name).is_file() else "again"
+
+
+def supersede(plan: ComparePlan, spec: RunSpec) -> Path:
+    """Set a finished run's results aside before it is trained again (`--retrain`): its kept results (or its run
+    folder's results.json) to RESULTS/superseded/NAME.json, its run folder to OUTPUT/superseded/NAME; nothing is
+    deleted. Returns where its results went."""
+    cfg = plan.cfg
+    target = superseded_results(cfg, spec.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
+    run_dir = cfg.run_folder(spec.name)
+    if cfg.results_dir and kept.is_file():
+        kept.rename(target)
+    elif (run_dir / "results.json").is_file():
+        target.write_text((run_dir / "results.json").read_text())
+    if run_dir.is_dir():
+        folder, n = Path(cfg.output_dir) / SUPERSEDED / spec.name, 1
+        while folder.exists():
+            n += 1
+            folder = Path(cfg.output_dir) / SUPERSEDED / f"{spec.name}-{n}"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.rename(folder)
+    return target
 
 
 def has_current_weights(plan: ComparePlan, spec: RunSpec) -> bool:

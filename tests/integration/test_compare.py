@@ -477,7 +477,67 @@ def test_the_held_out_half_chooses_the_ensemble_on_one_half_and_scores_it_on_the
     row = report["methods"]["movement"][0]
     assert row["held_out"] is None and row["runs_without_halves"] == ["st-stsb-movement-0.1"]
     assert ("No held-out margin where a candidate run's results predate the half scores (train those runs again to "
-            "get it): movement B = 0.5: st-stsb-movement-0.1.") in render_markdown(report, cfg, "mtp compare")
+            "get it: `mtp compare ... --retrain REGEX` with their names): movement B = 0.5: st-stsb-movement-0.1."
+            ) in render_markdown(report, cfg, "mtp compare")
+
+
+def test_retrain_trains_finished_pruned_runs_again_once_and_keeps_their_earlier_results(
+        tmp_path: Path, monkeypatch) -> None:
+    """`--retrain REGEX`: the finished pruned runs it matches are trained again (results from before the half scores),
+    their kept results and run folders moved to superseded/, nothing deleted; the same command again trains nothing
+    (the new results stand); --plan says both; a pattern that matches no pruned run is one line, exit 2."""
+    from mtp.compare import describe_plan, load_compare_config, runner
+
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    overrides = [f"output_dir={out}", f"results_dir={kept}", "teachers=false"]
+    config = ROOT / "configs/compare_tiny.yaml"
+    cfg = load_compare_config(config, overrides)
+    plan = ComparePlan.build(cfg, ROOT / cfg.base)
+    (kept / "runs").mkdir(parents=True)
+    for spec in plan.runs:  # every run finished, without half scores, its folder gone (another machine)
+        write_kept_result(kept, spec.name, 50.0, None if spec.method == "none" else int(spec.size * 1000))
+        stored = json.loads((kept / "runs" / f"{spec.name}.json").read_text())
+        (kept / "runs" / f"{spec.name}.json").write_text(json.dumps({**stored, "recipe": plan.fingerprint(spec)}))
+    started: list[str] = []
+
+    def fake_start(_plan, spec, *_args, **_kwargs):
+        started.append(spec.name)
+        (out / "runs" / spec.name / ".recipe").write_text(plan.fingerprint(spec) + "\n")
+        return ended_run(out / "runs" / spec.name, {
+            "finished": True, "mean_score": 61.0, "params": {"encoder_blocks": 1000, "embeddings": 10},
+            "tasks": {t: {"score": 61.0, "halves": [60.0, 62.0]} for t in ("rte", "stsb")},
+            "pruning": {"kept_blocks": int(spec.size * 1000)}})
+
+    monkeypatch.setattr(runner, "start_run", fake_start)
+    retrain = "^mt-movement-"
+    lines = describe_plan(config, overrides, retrain=retrain).splitlines()
+    assert lines[-1] == f"{len(plan.runs)} runs: {len(plan.runs) - 2} finished, 2 to train"
+    assert f"to train again (--retrain: its results move to {kept / 'superseded'})" in lines[1]
+    log: list[str] = []
+    status = runner.run_all(plan, retrain=retrain, log=log.append)
+    assert sorted(started) == ["mt-movement-0.2", "mt-movement-0.5"]
+    assert {status[n] for n in started} == {"trained"} and status["mt-dense"] == "reused"
+    assert f"compare: mt-movement-0.5 is trained again (--retrain): its earlier results moved to " \
+           f"{kept / 'superseded' / 'mt-movement-0.5.json'}" in log
+    earlier = json.loads((kept / "superseded" / "mt-movement-0.5.json").read_text())
+    assert earlier["mean_score"] == 50.0 and "halves" not in earlier["tasks"]["rte"]
+    assert json.loads((kept / "runs" / "mt-movement-0.5.json").read_text())["tasks"]["rte"]["halves"] == [60.0, 62.0]
+    # the same command again: trained once already, nothing starts, its new results stand
+    started.clear()
+    rebuilt = ComparePlan.build(cfg, ROOT / cfg.base)
+    status = runner.run_all(rebuilt, retrain=retrain, log=log.append)
+    assert started == [] and status["mt-movement-0.5"] == "reused"
+    assert describe_plan(config, overrides, retrain=retrain).splitlines()[-1] == f"{len(plan.runs)} runs: " \
+        f"{len(plan.runs)} finished"
+    # its second training's folder is set aside too when it is trained again after the superseded copy is removed
+    (kept / "superseded" / "mt-movement-0.5.json").unlink()
+    runner.run_all(ComparePlan.build(cfg, ROOT / cfg.base), retrain="^mt-movement-0.5$", log=log.append)
+    assert started == ["mt-movement-0.5"] and (out / "superseded" / "mt-movement-0.5" / "results.json").is_file()
+    proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--retrain",
+                           "dense", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["mtp: error: --retrain: 'dense' matches no pruned run of the plan "
+                                                "(dense runs are not trained again by it)"]
 
 
 def test_start_from_pretrained_keeps_the_teacher_and_drops_its_weights_as_the_start() -> None:
