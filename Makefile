@@ -19,8 +19,11 @@ setup: .setup.stamp
 run: setup
 	bash launch.sh --config configs/default.yaml $(ARGS)
 
+# Test modules run side by side on TEST_WORKERS processes (pytest-xdist; each module's tests stay on one worker, so a
+# module's shared fixture trains once): most of a test's time is starting Python and DeepSpeed, one core each.
+TEST_WORKERS ?= 2
 test: setup lint
-	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # ruff, and the import graph: no circles, the layers of pyproject.toml's [tool.importlinter]
 lint: setup
