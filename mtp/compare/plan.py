@@ -170,16 +170,22 @@ class ComparePlan:
         config file gives it, CompareConfig.recorded_teacher_folder): a changed recipe changes it, a moved folder
         does not."""
         if spec.name not in self._fingerprints:
-            exp = self.experiment(spec, ["output_dir=."])
-            if spec.teacher is not None:
-                here = str(self.cfg.run_folder(spec.teacher))
-                recorded = str(self.cfg.recorded_teacher_folder(spec.teacher))
-                if exp.encoder.init_from == here:
-                    exp.encoder.init_from = recorded
-                if exp.distill.teacher == here:
-                    exp.distill.teacher = recorded
-            self._fingerprints[spec.name] = recipe_hash(exp)
+            self._fingerprints[spec.name] = self.recorded_hash(spec, self.experiment(spec))
         return self._fingerprints[spec.name]
+
+    def recorded_hash(self, spec: RunSpec, exp: ExperimentConfig) -> str:
+        """The fingerprint of `exp` as one of `spec`'s recipes: its output dir aside, and its teacher, where it is this
+        plan's folder for it, named by the folder the config file gives it (a saved run config is checked so too)."""
+        exp = exp.model_copy(deep=True)
+        exp.output_dir = "."
+        if spec.teacher is not None:
+            here = str(self.cfg.run_folder(spec.teacher))
+            recorded = str(self.cfg.recorded_teacher_folder(spec.teacher))
+            if exp.encoder.init_from == here:
+                exp.encoder.init_from = recorded
+            if exp.distill.teacher == here:
+                exp.distill.teacher = recorded
+        return recipe_hash(exp)
 
     def _task_entry(self, task: str) -> dict[str, Any]:
         """The base experiment's entry for `task` (keeps its subsampling, weight and custom-file settings)."""

@@ -140,7 +140,9 @@ def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: 
     slot = 0
     while pending or active:
         while pending and len(active) < parallel:
-            ready = [s for s in pending if s.teacher is None or has_current_weights(plan, by_name[s.teacher])]
+            teachers = {s.teacher for s in pending if s.teacher is not None}  # each teacher's folder read once
+            with_weights = {t for t in teachers if has_current_weights(plan, by_name[t])}
+            ready = [s for s in pending if s.teacher is None or s.teacher in with_weights]
             waiting_on = {s.teacher for s in pending} - {s.name for s in ready}
             if not ready:
                 if active or any((cfg.run_folder(str(t)) / ".claim").exists() for t in waiting_on):

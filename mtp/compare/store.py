@@ -81,7 +81,11 @@ def run_dir_recipe(run_dir: Path) -> str | None:
 
 
 def _current(run_dir: Path, spec: RunSpec, plan: ComparePlan) -> bool:
-    """Whether a run folder holds this recipe's run (or one whose recipe it cannot tell)."""
+    """Whether a run folder holds this recipe's run (or one whose recipe it cannot tell). A folder from before .recipe
+    files is checked by its saved config, its teacher named as the plan's fingerprint names it."""
+    if not (run_dir / ".recipe").is_file() and (run_dir / FINAL / "mtp.json").is_file():
+        saved = saved_config(json.loads((run_dir / FINAL / "mtp.json").read_text())["config"])
+        return plan.recorded_hash(spec, saved) == plan.fingerprint(spec)
     stored = run_dir_recipe(run_dir)
     return stored is None or stored == plan.fingerprint(spec)
 
