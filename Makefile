@@ -19,11 +19,12 @@ setup: .setup.stamp
 run: setup
 	bash launch.sh --config configs/default.yaml $(ARGS)
 
-# Test modules run side by side on TEST_WORKERS processes (pytest-xdist; each module's tests stay on one worker, so a
-# module's shared fixture trains once): most of a test's time is starting Python and DeepSpeed, one core each.
+# Tests run side by side on TEST_WORKERS processes (pytest-xdist): most of a test's time is starting Python and
+# DeepSpeed, one core each. Modules that share a fixture which trains (zero_runs, a teacher) or a Ray cluster are one
+# xdist_group each (their pytestmark), so it trains once.
 TEST_WORKERS ?= 2
 test: setup lint
-	$(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # ruff, and the import graph: no circles, the layers of pyproject.toml's [tool.importlinter]
 lint: setup

@@ -239,7 +239,8 @@ def summarize(cfg: TuneConfig, grid: Any) -> dict[str, Any]:
         from mtp.export import export_run
 
         summary["best"] = {**best, "config": str(path / "best_config.yaml"),
-                           "export": str(export_run(best["run_dir"], path / "best_export"))}
+                           "export": str(export_run(best["run_dir"], path / "best_export",
+                                                  onnx=cfg.export_onnx))}
     (path / "summary.json").write_text(json.dumps(summary, indent=2))
     (path / "summary.md").write_text(render_table(summary, cfg))
     return summary

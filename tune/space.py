@@ -52,6 +52,8 @@ class TuneConfig(Strict):
     """Retries of a crashed trial before it is reported as failed."""
     storage_path: str = "runs/tune"
     name: str = "search"
+    export_onnx: bool = True
+    """Whether the best trial's export (best_export/) includes onnx/encoder.onnx; its export takes the longest."""
 
     @model_validator(mode="after")
     def _check_space(self) -> TuneConfig:

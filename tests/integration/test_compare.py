@@ -19,14 +19,16 @@ from tests.conftest import ROOT
 def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
     out = tmp_path / "compare"
     kept = tmp_path / "kept"  # the light results folder a user commits
+    # one budget (7 runs: three dense, the multitask model, rte at 0.25 and 0.5, stsb at 0.25); the report over
+    # several budgets is checked on kept results below (test_a_best_ensemble_over_a_partial_grid_...)
     cmd = [sys.executable, "-m", "mtp", "compare", "--config", "configs/compare_tiny.yaml", "--parallel", "2",
-           f"output_dir={out}", f"results_dir={kept}"]
+           f"output_dir={out}", f"results_dir={kept}", "budgets=[0.5]"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((kept / "report.json").read_text())
     assert report["missing_runs"] == []
     rows = report["methods"]["movement"]
-    assert [r["budget"] for r in rows] == [0.5, 0.2]
+    assert [r["budget"] for r in rows] == [0.5]
     for row in rows:
         assert row["multitask"]["kept_blocks"] <= row["capacity"] and row["tasks_without_single_task_runs"] == []
         assert row["equal_split"] is not None
@@ -34,7 +36,7 @@ def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
             assert row["best_ensemble"]["kept_blocks"] <= row["capacity"]
             assert row["best_ensemble"]["mean"] >= row["equal_split"]["mean"] - 1e-9
     assert report["dense"]["multitask"] and report["dense"]["single_task"]
-    assert {(r["task"], r["size"]) for r in report["low_resource"]} == {("rte", 0.5), ("rte", 0.2)}
+    assert {(r["task"], r["size"]) for r in report["low_resource"]} == {("rte", 0.5)}
     md = (kept / "report.md").read_text()
     assert "| 0.5 | multitask |" in md and "best ensemble" in md and "Low-resource" in md
     assert (kept / "mean_vs_budget.png").stat().st_size > 1000
@@ -56,6 +58,7 @@ def test_tiny_compare_end_to_end_and_reuse(tmp_path: Path) -> None:
     from mtp.compare import finished_results, load_compare_config
 
     changed = load_compare_config(ROOT / "configs/compare_tiny.yaml", [f"output_dir={out}", f"results_dir={kept}",
+                                                                      "budgets=[0.5]",
                                                                       "single_task_overrides=[train.lr=0.002]"])
     plan = ComparePlan.build(changed, ROOT / changed.base)
     assert finished_results(plan, plan.by_name["mt-movement-0.5"]) is not None
@@ -332,9 +335,16 @@ def test_a_best_ensemble_over_a_partial_grid_is_marked_a_lower_bound(tmp_path: P
     assert "over a partial grid (1 single-task runs not finished): a lower bound" in md
 
     write("st-stsb-movement-0.25", 52.5, 250)
-    row = next(r for r in build_report(compare_plan)["methods"]["movement"] if r["budget"] == 0.5)
+    report = build_report(compare_plan)
+    row = next(r for r in report["methods"]["movement"] if r["budget"] == 0.5)
     assert row["best_ensemble"]["complete"] is True and row["best_ensemble"]["unfinished_runs"] == []
     assert row["best_ensemble"]["allocation"] == {"rte": "0.25", "stsb": "0.25"}
+    # every budget has its row (the end-to-end run trains one budget), each within its own capacity
+    assert [r["budget"] for r in report["methods"]["movement"]] == [0.5, 0.2]
+    low = next(r for r in report["methods"]["movement"] if r["budget"] == 0.2)
+    assert low["best_ensemble"]["allocation"] == {"rte": "0.1", "stsb": "0.1"}
+    assert low["best_ensemble"]["kept_blocks"] <= low["capacity"]
+    assert {(r["task"], r["size"]) for r in report["low_resource"]} >= {("rte", 0.5), ("rte", 0.2)}
 
 
 def test_the_report_warns_of_runs_cut_to_size_and_shows_each_sides_exposure(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from tests.conftest import ROOT, free_port, launch, results
 from tests.integration.conftest import FIXED_PHASE, PRUNE
 from tests.integration.test_pruning_dist import masks
 
-pytestmark = pytest.mark.slow
+# zero_runs (a session fixture, four 2-rank jobs) is shared with test_pruning_dist.py: one xdist worker runs both
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("zero_runs")]
 TINY = "configs/tiny.yaml"
 
 

@@ -16,7 +16,8 @@ from mtp.pruning import pruned_methods
 from tests.conftest import ROOT, launch, results
 from tests.integration.conftest import PRUNE
 
-pytestmark = pytest.mark.slow
+# zero_runs is shared with test_distributed.py (one xdist worker runs both); method_runs is this module's
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("zero_runs")]
 TINY = "configs/tiny.yaml"
 
 

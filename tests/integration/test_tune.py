@@ -26,6 +26,8 @@ from tune.space import (
 )
 
 TINY_SEARCH = ROOT / "tune" / "configs" / "tiny.yaml"
+# one local Ray cluster at a time: the searches here run on one xdist worker
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 def write(tmp_path: Path, tree: dict) -> Path:
@@ -252,6 +254,7 @@ def test_two_trial_search_resumes_after_interruption_and_writes_the_summary(tmp_
         else:
             assert getattr(getattr(best_cfg, section), field) == pytest.approx(value)
     assert (Path(best["export"]) / "compact" / "model.safetensors").is_file()
+    assert (Path(best["export"]) / "onnx" / "encoder.onnx").is_file()
     md = (storage / "t" / "summary.md").read_text()
     assert "| objective |" in md and "Best config" in md
     again = subprocess.run([*args, "--summary-only"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -270,7 +273,7 @@ def test_a_crashing_trial_is_retried_reported_and_does_not_stop_the_search(tmp_p
     search = write(tmp_path, {**BASE, "space": {"encoder.config_overrides.hidden_dropout_prob": {"grid": [0.1, 7.0]}},
                               "search": {"algorithm": "grid", "num_samples": 1}, "scheduler": {"name": "fifo"},
                               "evaluations": 1, "max_failures": 1, "storage_path": str(tmp_path / "tune"),
-                              "name": "crash"})
+                              "name": "crash", "export_onnx": False})
     proc = subprocess.run([sys.executable, "-m", "tune", "--config", str(search)], cwd=ROOT, capture_output=True,
                           text=True, timeout=900, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -282,6 +285,8 @@ def test_a_crashing_trial_is_retried_reported_and_does_not_stop_the_search(tmp_p
     assert "dropout probability" in (tmp_path / "tune" / "crash" / bad["run_dir"].split("/")[-2] / "error.txt"
                                      ).read_text()
     assert f"Trial {bad['trial']} failed after 2 attempts" in (tmp_path / "tune" / "crash" / "summary.md").read_text()
+    export = Path(summary["best"]["export"])  # export_onnx: false leaves the ONNX file out
+    assert (export / "compact" / "model.safetensors").is_file() and not (export / "onnx").exists()
 
 
 def test_a_search_whose_teacher_is_missing_exits_2_before_ray_starts(tmp_path: Path) -> None:
