@@ -262,7 +262,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, onnx: bool = 
     export_compact(cfg, meta, state, out / "compact")
     if onnx:
         export_onnx(out / "compact", out / "onnx")
-    write_model_card(out, cfg, meta)
+    write_model_card(out, cfg, meta, onnx=onnx)
     return out
 
 
@@ -324,5 +324,5 @@ def verify_export(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
         report |= {"trained_in": low_precision, "dev_scores_trained_fp32": reference,
                    "max_gap_to_end_of_training": max(abs(reference[k] - meta["dev_scores"][k]) for k in reference)}
     report["latency"] = latency_against_dense(compact, trained)
-    write_model_card(out, cfg, meta, report["latency"])
+    write_model_card(out, cfg, meta, report["latency"], onnx=(out / "onnx" / "encoder.onnx").is_file())
     return report

@@ -40,8 +40,9 @@ def latency_against_dense(compact: nn.Module, dense: nn.Module, batch: int = 8, 
 
 
 def write_model_card(out: Path, cfg: ExperimentConfig, meta: dict[str, Any], latency: dict[str, Any] | None = None,
-                     ) -> Path:
-    """out/README.md (and out/config.yaml, the run's config, which the card's command trains again)."""
+                     onnx: bool = True) -> Path:
+    """out/README.md (and out/config.yaml, the run's config, which the card's command trains again); `onnx`: the
+    export has onnx/encoder.onnx (the card shows how to run it)."""
     pruning = meta.get("pruning") or {}
     (out / "config.yaml").write_text(dump_config(cfg))
     lines = ["---", yaml.safe_dump({"library_name": "transformers", "base_model": cfg.encoder.name,
@@ -71,18 +72,22 @@ def write_model_card(out: Path, cfg: ExperimentConfig, meta: dict[str, Any], lat
     lines += ["", "## Loading", "", "```python", "from transformers import AutoModel",
               'encoder = AutoModel.from_pretrained("hf/encoder", trust_remote_code=True)  # code ships in the folder',
               "```", "Task heads: `hf/heads.safetensors` (layout in `hf/heads.json`); with `cls` pooling `hf/<task>/` "
-              "is a sequence classifier. `compact/` is mtp's compact form (`mtp.export.load_compact`), "
-              "`onnx/encoder.onnx` the compact encoder for onnxruntime:", "",
-              "```python", "import onnxruntime  # or mtp.export.onnx_session(path, threads, spinning=False)", "",
-              "options = onnxruntime.SessionOptions()",
-              "# where every core runs an intra-op thread, idle threads sleep rather than spin",
-              'options.add_session_config_entry("session.intra_op.allow_spinning", "0")',
-              "# SkipLayerNormFusion left out: its fused fp32 CPU kernel ran slower than the ops it replaces",
-              'session = onnxruntime.InferenceSession("onnx/encoder.onnx", options,',
-              '                                       providers=["CPUExecutionProvider"],',
-              '                                       disabled_optimizers=["SkipLayerNormFusion"])',
-              "```", "The two settings and their measurements: mtp's docs/pruning.md (structured pruning, what it "
-              "buys).", "",
+              "is a sequence classifier. `compact/` is mtp's compact form (`mtp.export.load_compact`)"
+              + (", `onnx/encoder.onnx` the compact encoder for onnxruntime:" if onnx else
+                 " (exported without its ONNX file: `mtp export RUN_DIR` writes `onnx/encoder.onnx` too).")]
+    if onnx:
+        lines += ["", "```python", "import onnxruntime  # or mtp.export.onnx_session(path, threads, spinning=False)",
+                  "",
+                  "options = onnxruntime.SessionOptions()",
+                  "# where every core runs an intra-op thread, idle threads sleep rather than spin",
+                  'options.add_session_config_entry("session.intra_op.allow_spinning", "0")',
+                  "# SkipLayerNormFusion left out: its fused fp32 CPU kernel ran slower than the ops it replaces",
+                  'session = onnxruntime.InferenceSession("onnx/encoder.onnx", options,',
+                  '                                       providers=["CPUExecutionProvider"],',
+                  '                                       disabled_optimizers=["SkipLayerNormFusion"])',
+                  "```", "The two settings and their measurements: mtp's docs/pruning.md (structured pruning, what it "
+                  "buys)."]
+    lines += ["",
               "## Made by", "", "```bash", "bash launch.sh --config config.yaml   # the run's config, as trained",
               "mtp export RUN_DIR --verify", "```", ""]
     path = out / "README.md"

@@ -72,6 +72,8 @@ def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: s
     runs not finished yet (those matching `only`) and, once, the finished pruned runs that `retrain` matches, and
     write the report; returns report.md."""
     only_pattern(only)
+    if retrain is not None and report_only:
+        raise ConfigError("--retrain trains runs again and --report-only trains nothing: give one of them")
     plan = _load_plan(config, overrides)
     retrain_pattern(retrain, plan.runs, only)
     cfg, base = plan.cfg, plan.base_path

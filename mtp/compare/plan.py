@@ -173,6 +173,14 @@ class ComparePlan:
             self._fingerprints[spec.name] = self.recorded_hash(spec, self.experiment(spec))
         return self._fingerprints[spec.name]
 
+    def matches(self, stored: str, spec: RunSpec) -> bool:
+        """Whether a stored fingerprint is this run's recipe: today's, or the one kept before the teacher was named by
+        the config file's folder (its path as this command places it: results trained with output_dir or
+        teachers_dir given on the command line stay current)."""
+        if stored == self.fingerprint(spec):
+            return True
+        return spec.teacher is not None and stored == recipe_hash(self.experiment(spec, ["output_dir=."]))
+
     def recorded_hash(self, spec: RunSpec, exp: ExperimentConfig) -> str:
         """The fingerprint of `exp` as one of `spec`'s recipes: its output dir aside, and its teacher, where it is this
         plan's folder for it, named by the folder the config file gives it (a saved run config is checked so too)."""

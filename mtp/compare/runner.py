@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -86,13 +87,10 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     for spec in chosen:
         set_aside_once(spec)
         again = retrain_state(plan, spec, retrain_re)
-        if again == "again":
-            moved = supersede(plan, spec)
-            log(f"compare: {spec.name} is trained again (--retrain): its earlier results moved to {moved}")
-        elif again == "done":
+        if again == "done":
             log(f"compare: {spec.name} was trained again already (--retrain; its earlier results are in "
                 f"{superseded_results(cfg, spec.name)}): its new results stand")
-        if finished_results(plan, spec) is not None:
+        if again != "again" and finished_results(plan, spec) is not None:
             keep_results(plan, spec)
             if weights_wanted and is_teacher_without_weights(plan, spec):
                 log(f"compare: {spec.name} is trained again: --only selects dense runs alone and this teacher's "
@@ -118,20 +116,21 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     again = f" (and {len(retrained)} teacher{'s' * (len(retrained) > 1)} again)" if retrained else ""
     later = f"; {len(seeds)} second seeds wait for the best ensembles" if seeds else ""
     log(f"compare: {len(chosen)} runs, {len(chosen) - to_train} already finished, {to_train} to train{again}{later}")
-    _train(plan, [s for s in pending if s not in seeds], parallel, retrained, status, log)
+    _train(plan, [s for s in pending if s not in seeds], parallel, retrained, status, log, retrain_re)
     if seeds:
         decisions = member_seed_decisions(plan)
         for spec in seeds:
             if decisions[spec.name] is not None:
                 status[spec.name] = decisions[spec.name]
                 log(f"compare: {spec.name}: {status[spec.name]}")
-        _train(plan, [s for s in seeds if decisions[s.name] is None], parallel, set(), status, log)
+        _train(plan, [s for s in seeds if decisions[s.name] is None], parallel, set(), status, log, retrain_re)
     return status
 
 
 def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: set[str], status: dict[str, str],
-           log: Any) -> None:
-    """Train `pending` (teachers before their students, `parallel` at a time); fills `status`."""
+           log: Any, retrain: re.Pattern[str] | None = None) -> None:
+    """Train `pending` (teachers before their students, `parallel` at a time); fills `status`. A finished run that
+    `retrain` matches has its earlier results set aside only once it is claimed here and its teacher is ready."""
     cfg = plan.cfg
     pending = list(pending)
     by_name = plan.by_name
@@ -157,6 +156,9 @@ def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: 
             if not claim(cfg.run_folder(spec.name)):
                 status[spec.name] = "claimed elsewhere"
                 continue
+            if retrain_state(plan, spec, retrain) == "again":  # under the claim: nobody else moves or trains it
+                moved = supersede(plan, spec)
+                log(f"compare: {spec.name} is trained again (--retrain): its earlier results moved to {moved}")
             done = (has_current_weights(plan, spec) if spec.name in retrained  # its kept results don't count
                     else finished_results(plan, spec) is not None)
             if done:  # another process finished it meanwhile

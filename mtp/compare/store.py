@@ -87,7 +87,7 @@ def _current(run_dir: Path, spec: RunSpec, plan: ComparePlan) -> bool:
         saved = saved_config(json.loads((run_dir / FINAL / "mtp.json").read_text())["config"])
         return plan.recorded_hash(spec, saved) == plan.fingerprint(spec)
     stored = run_dir_recipe(run_dir)
-    return stored is None or stored == plan.fingerprint(spec)
+    return stored is None or plan.matches(stored, spec)
 
 
 def set_aside_if_stale(plan: ComparePlan, spec: RunSpec) -> Path | None:
@@ -120,7 +120,7 @@ def finished_results(plan: ComparePlan, spec: RunSpec) -> dict[str, Any] | None:
     if cfg.results_dir and kept.is_file():
         results = json.loads(kept.read_text())
         stored = results.get("recipe")
-        if stored is None or stored == plan.fingerprint(spec):
+        if stored is None or plan.matches(stored, spec):
             return results
     return None
 
@@ -175,9 +175,9 @@ def retrain_state(plan: ComparePlan, spec: RunSpec, retrain: re.Pattern[str] | N
 
 
 def supersede(plan: ComparePlan, spec: RunSpec) -> Path:
-    """Set a finished run's results aside before it is trained again (`--retrain`): its kept results (or its run
-    folder's results.json) to RESULTS/superseded/NAME.json, its run folder to OUTPUT/superseded/NAME; nothing is
-    deleted. Returns where its results went."""
+    """Set a finished run's results aside before it is trained again (`--retrain`; called by the process that holds
+    the run's claim): its kept results (or its run folder's results.json) to RESULTS/superseded/NAME.json, its run
+    folder's contents but the claim to OUTPUT/superseded/NAME; nothing is deleted. Returns where its results went."""
     cfg = plan.cfg
     target = superseded_results(cfg, spec.name)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -187,13 +187,15 @@ def supersede(plan: ComparePlan, spec: RunSpec) -> Path:
         kept.rename(target)
     elif (run_dir / "results.json").is_file():
         target.write_text((run_dir / "results.json").read_text())
-    if run_dir.is_dir():
+    contents = [p for p in run_dir.iterdir() if p.name != ".claim"] if run_dir.is_dir() else []
+    if contents:
         folder, n = Path(cfg.output_dir) / SUPERSEDED / spec.name, 1
         while folder.exists():
             n += 1
             folder = Path(cfg.output_dir) / SUPERSEDED / f"{spec.name}-{n}"
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        run_dir.rename(folder)
+        folder.mkdir(parents=True)
+        for path in contents:
+            path.rename(folder / path.name)
     return target
 
 

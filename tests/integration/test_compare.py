@@ -393,6 +393,12 @@ def test_a_pruned_runs_fingerprint_keeps_its_teacher_by_the_config_files_folder_
         teacher = plan.experiment(plan.by_name[spec.name]).distill.teacher
         assert teacher is not None and teacher.startswith("/") and teacher.endswith("runs/st-mrpc-dense")
         assert {s.name: plan.fingerprint(s) for s in plan.runs} == {s.name: kept.fingerprint(s) for s in kept.runs}
+        # results kept before the teacher was named so (its path as this command places it) stay current too
+        from mtp.compare.plan import recipe_hash
+
+        before = recipe_hash(plan.experiment(plan.by_name[spec.name], ["output_dir=."]))
+        assert before != kept.fingerprint(spec) and plan.matches(before, plan.by_name[spec.name])
+        assert not plan.matches("0123456789abcdef", plan.by_name[spec.name])
     # a recipe change still changes it; a teacher named by the run's own overrides is part of the recipe
     other = ComparePlan.build(load_compare_config(path, ["output_dir=/o", "overrides_by_run={'^st-mrpc-rank-0.02$': "
                                                          "[distill.teacher=/another/teacher]}"]),
@@ -496,7 +502,7 @@ def test_retrain_trains_finished_pruned_runs_again_once_and_keeps_their_earlier_
     """`--retrain REGEX`: the finished pruned runs it matches are trained again (results from before the half scores),
     their kept results and run folders moved to superseded/, nothing deleted; the same command again trains nothing
     (the new results stand); --plan says both; a pattern that matches no pruned run is one line, exit 2."""
-    from mtp.compare import describe_plan, load_compare_config, runner
+    from mtp.compare import compare, describe_plan, load_compare_config, runner
 
     out, kept = tmp_path / "out", tmp_path / "kept"
     overrides = [f"output_dir={out}", f"results_dir={kept}", "teachers=false"]
@@ -543,6 +549,8 @@ def test_retrain_trains_finished_pruned_runs_again_once_and_keeps_their_earlier_
     (kept / "superseded" / "mt-movement-0.5.json").unlink()
     runner.run_all(ComparePlan.build(cfg, ROOT / cfg.base), retrain="^mt-movement-0.5$", log=log.append)
     assert started == ["mt-movement-0.5"] and (out / "superseded" / "mt-movement-0.5" / "results.json").is_file()
+    with pytest.raises(ConfigError, match="--retrain trains runs again and --report-only trains nothing"):
+        compare(config, overrides, retrain=retrain, report_only=True)
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--retrain",
                            "dense", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2

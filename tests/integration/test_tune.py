@@ -287,6 +287,7 @@ def test_a_crashing_trial_is_retried_reported_and_does_not_stop_the_search(tmp_p
     assert f"Trial {bad['trial']} failed after 2 attempts" in (tmp_path / "tune" / "crash" / "summary.md").read_text()
     export = Path(summary["best"]["export"])  # export_onnx: false leaves the ONNX file out
     assert (export / "compact" / "model.safetensors").is_file() and not (export / "onnx").exists()
+    assert "InferenceSession" not in (export / "README.md").read_text()  # the card offers no ONNX file it lacks
 
 
 def test_a_search_whose_teacher_is_missing_exits_2_before_ray_starts(tmp_path: Path) -> None:
