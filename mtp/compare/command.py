@@ -9,10 +9,17 @@ from pathlib import Path
 
 from mtp.checks import check_experiment
 from mtp.compare.config import load_compare_config
-from mtp.compare.plan import ComparePlan, is_member_seed, only_pattern, retrain_pattern, select_runs
+from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, only_pattern, retrain_pattern, select_runs
 from mtp.compare.report import member_seed_decisions, write_report
 from mtp.compare.runner import run_all
-from mtp.compare.store import retrain_state, run_state, superseded_results, wants_weights
+from mtp.compare.store import (
+    claim_holder,
+    has_current_weights,
+    retrain_state,
+    run_state,
+    superseded_results,
+    wants_weights,
+)
 from mtp.config import ConfigError, load_config
 from mtp.schema import resolve_path
 
@@ -62,8 +69,20 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     width = max((len(r[0]) for r in rows), default=0)
     lines = [f"{name:<{width}}  {length:>12}  {state}" for name, length, state in rows]
     tally = Counter(next(k for k in STATES if state.startswith(k)) for _, _, state in rows)
-    lines.append(f"{len(rows)} runs: " + ", ".join(f"{tally[k]} {k}" for k in STATES if tally[k]))
+    going = [spec for spec, row in zip(chosen, rows, strict=True) if row[2].startswith(("to train", "resumes"))]
+    again = teachers_again(plan, going)
+    count = f" (and {len(again)} teacher{'s' * (len(again) > 1)} again: {', '.join(again)})" if again else ""
+    lines.append(f"{len(rows)} runs: " + ", ".join(f"{tally[k]} {k}" for k in STATES if tally[k]) + count)
     return "\n".join(lines)
+
+
+def teachers_again(plan: ComparePlan, to_train: list[RunSpec]) -> list[str]:
+    """The teachers `mtp compare` trains again before `to_train` (the runs it will train): those outside it whose
+    weights of this recipe are not here and that no live process is training (as `run_all` decides)."""
+    names = {s.name for s in to_train}
+    teachers = sorted({s.teacher for s in to_train if s.teacher is not None} - names)
+    return [t for t in teachers if not has_current_weights(plan, plan.by_name[t])
+            and claim_holder(plan.cfg.run_folder(t)) is None]
 
 
 def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: str | None = None,

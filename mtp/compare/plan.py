@@ -136,6 +136,7 @@ class ComparePlan:
     base: ExperimentConfig
     runs: list[RunSpec]
     _fingerprints: dict[str, str] = field(default_factory=dict)
+    _earlier_fingerprints: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, cfg: CompareConfig, base_path: Path) -> ComparePlan:
@@ -179,7 +180,11 @@ class ComparePlan:
         teachers_dir given on the command line stay current)."""
         if stored == self.fingerprint(spec):
             return True
-        return spec.teacher is not None and stored == recipe_hash(self.experiment(spec, ["output_dir=."]))
+        if spec.teacher is None:
+            return False
+        if spec.name not in self._earlier_fingerprints:
+            self._earlier_fingerprints[spec.name] = recipe_hash(self.experiment(spec, ["output_dir=."]))
+        return stored == self._earlier_fingerprints[spec.name]
 
     def recorded_hash(self, spec: RunSpec, exp: ExperimentConfig) -> str:
         """The fingerprint of `exp` as one of `spec`'s recipes: its output dir aside, and its teacher, where it is this

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -74,6 +73,7 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     status: dict[str, str] = {}
     pending = []
     retrained: set[str] = set()  # teachers whose weights are gone (results kept, folder not): trained again
+    again_once: set[str] = set()  # finished pruned runs that --retrain trains again
 
     def set_aside_once(spec: RunSpec) -> None:
         """Move a run folder of another recipe aside (each run checked once)."""
@@ -90,7 +90,10 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
         if again == "done":
             log(f"compare: {spec.name} was trained again already (--retrain; its earlier results are in "
                 f"{superseded_results(cfg, spec.name)}): its new results stand")
-        if again != "again" and finished_results(plan, spec) is not None:
+        if again == "again":
+            again_once.add(spec.name)
+            pending.append(spec)
+        elif finished_results(plan, spec) is not None:
             keep_results(plan, spec)
             if weights_wanted and is_teacher_without_weights(plan, spec):
                 log(f"compare: {spec.name} is trained again: --only selects dense runs alone and this teacher's "
@@ -116,21 +119,22 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     again = f" (and {len(retrained)} teacher{'s' * (len(retrained) > 1)} again)" if retrained else ""
     later = f"; {len(seeds)} second seeds wait for the best ensembles" if seeds else ""
     log(f"compare: {len(chosen)} runs, {len(chosen) - to_train} already finished, {to_train} to train{again}{later}")
-    _train(plan, [s for s in pending if s not in seeds], parallel, retrained, status, log, retrain_re)
+    _train(plan, [s for s in pending if s not in seeds], parallel, retrained, status, log, again_once)
     if seeds:
         decisions = member_seed_decisions(plan)
         for spec in seeds:
             if decisions[spec.name] is not None:
                 status[spec.name] = decisions[spec.name]
                 log(f"compare: {spec.name}: {status[spec.name]}")
-        _train(plan, [s for s in seeds if decisions[s.name] is None], parallel, set(), status, log, retrain_re)
+        _train(plan, [s for s in seeds if decisions[s.name] is None], parallel, set(), status, log, again_once)
     return status
 
 
 def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: set[str], status: dict[str, str],
-           log: Any, retrain: re.Pattern[str] | None = None) -> None:
-    """Train `pending` (teachers before their students, `parallel` at a time); fills `status`. A finished run that
-    `retrain` matches has its earlier results set aside only once it is claimed here and its teacher is ready."""
+           log: Any, again_once: set[str] | None = None) -> None:
+    """Train `pending` (teachers before their students, `parallel` at a time); fills `status`. A finished run named
+    in `again_once` (`--retrain`) has its earlier results set aside only once it is claimed here and its teacher is
+    ready, and only if no other process has trained it again meanwhile."""
     cfg = plan.cfg
     pending = list(pending)
     by_name = plan.by_name
@@ -156,7 +160,7 @@ def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: 
             if not claim(cfg.run_folder(spec.name)):
                 status[spec.name] = "claimed elsewhere"
                 continue
-            if retrain_state(plan, spec, retrain) == "again":  # under the claim: nobody else moves or trains it
+            if spec.name in (again_once or ()) and not superseded_results(cfg, spec.name).is_file():  # under the claim
                 moved = supersede(plan, spec)
                 log(f"compare: {spec.name} is trained again (--retrain): its earlier results moved to {moved}")
             done = (has_current_weights(plan, spec) if spec.name in retrained  # its kept results don't count

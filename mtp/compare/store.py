@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp.compare.config import CompareConfig
-from mtp.compare.plan import ComparePlan, RunSpec, recipe_hash
+from mtp.compare.plan import ComparePlan, RunSpec
 from mtp.config import ConfigError, saved_config
 from mtp.run_folder import CHECKPOINTS, FINAL, has_weights, is_finished, read_results_dict
 
@@ -68,25 +68,22 @@ def recipe_fingerprint(plan: ComparePlan, spec: RunSpec) -> str:
     return plan.fingerprint(spec)
 
 
-def run_dir_recipe(run_dir: Path) -> str | None:
+def run_dir_recipe(run_dir: Path, plan: ComparePlan, spec: RunSpec) -> str | None:
     """The fingerprint of the recipe a run folder was trained with: the .recipe file compare writes when it starts
-    the run, else (folders from before that file) the config saved with its final model; None if neither."""
+    the run, else (folders from before that file) the config saved with its final model, its teacher named as the
+    plan's fingerprint names it (ComparePlan.recorded_hash); None if neither."""
     marker = run_dir / ".recipe"
     if marker.is_file():
         return marker.read_text().strip()
     meta = run_dir / FINAL / "mtp.json"
     if meta.is_file():
-        return recipe_hash(saved_config({**json.loads(meta.read_text())["config"], "output_dir": "."}))
+        return plan.recorded_hash(spec, saved_config(json.loads(meta.read_text())["config"]))
     return None
 
 
 def _current(run_dir: Path, spec: RunSpec, plan: ComparePlan) -> bool:
-    """Whether a run folder holds this recipe's run (or one whose recipe it cannot tell). A folder from before .recipe
-    files is checked by its saved config, its teacher named as the plan's fingerprint names it."""
-    if not (run_dir / ".recipe").is_file() and (run_dir / FINAL / "mtp.json").is_file():
-        saved = saved_config(json.loads((run_dir / FINAL / "mtp.json").read_text())["config"])
-        return plan.recorded_hash(spec, saved) == plan.fingerprint(spec)
-    stored = run_dir_recipe(run_dir)
+    """Whether a run folder holds this recipe's run (or one whose recipe it cannot tell)."""
+    stored = run_dir_recipe(run_dir, plan, spec)
     return stored is None or plan.matches(stored, spec)
 
 
@@ -97,10 +94,11 @@ def set_aside_if_stale(plan: ComparePlan, spec: RunSpec) -> Path | None:
     shared = bool(plan.cfg.teachers_dir) and spec.method == "none"  # another comparison's teacher
     if not run_dir.is_dir() or _current(run_dir, spec, plan) or (not shared and claim_holder(run_dir) is not None):
         return None  # a claimed folder is another process's to train
+    stored = run_dir_recipe(run_dir, plan, spec)
     if shared:  # checked even while claimed (.recipe is written before its training starts), and never moved
         raise ConfigError(f"compare: teachers_dir: {run_dir} was trained with another recipe "
-                          f"({run_dir_recipe(run_dir)}; this plan's {spec.name} is {plan.fingerprint(spec)})")
-    stale = f"{spec.name}.stale-{run_dir_recipe(run_dir)}"
+                          f"({stored}; this plan's {spec.name} is {plan.fingerprint(spec)})")
+    stale = f"{spec.name}.stale-{stored}"
     target, n = run_dir.with_name(stale), 1
     while target.exists():
         n += 1
@@ -249,7 +247,7 @@ def run_state(plan: ComparePlan, spec: RunSpec, weights_wanted: bool = False) ->
         return f"claimed by {holder or 'a process still writing its claim'}"
     if not _current(run_dir, spec, plan):
         shared = " (another comparison's teacher: refused)" if cfg.teachers_dir and spec.method == "none" else ""
-        return f"stale: {run_dir_recipe(run_dir)}{shared}"
+        return f"stale: {run_dir_recipe(run_dir, plan, spec)}{shared}"
     latest = run_dir / CHECKPOINTS / "latest"
     if latest.is_file():
         return f"resumes from {latest.read_text().strip()}"
