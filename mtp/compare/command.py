@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -14,6 +15,7 @@ from mtp.compare.report import member_seed_decisions, write_report
 from mtp.compare.runner import run_all
 from mtp.compare.store import (
     claim_holder,
+    finished_results,
     has_current_weights,
     retrain_state,
     run_state,
@@ -69,11 +71,58 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     width = max((len(r[0]) for r in rows), default=0)
     lines = [f"{name:<{width}}  {length:>12}  {state}" for name, length, state in rows]
     tally = Counter(next(k for k in STATES if state.startswith(k)) for _, _, state in rows)
-    going = [spec for spec, row in zip(chosen, rows, strict=True) if row[2].startswith(("to train", "resumes"))]
+    training = ("to train", "resumes", "stale")  # a stale folder is set aside and its run trained
+    going = [spec for spec, row in zip(chosen, rows, strict=True) if row[2].startswith(training)]
     again = teachers_again(plan, going)
     count = f" (and {len(again)} teacher{'s' * (len(again) > 1)} again: {', '.join(again)})" if again else ""
     lines.append(f"{len(rows)} runs: " + ", ".join(f"{tally[k]} {k}" for k in STATES if tally[k]) + count)
+    left = [(spec, row[2]) for spec, row in zip(chosen, rows, strict=True) if spec in going]
+    estimate = time_left(plan, left + [(plan.by_name[t], "to train") for t in again])
+    if estimate:
+        lines.append(estimate)
     return "\n".join(lines)
+
+
+def _kind(spec: RunSpec) -> str:
+    """The runs whose step costs alike: one task's (or the multitask) dense or pruned runs."""
+    return f"{spec.task or 'multitask'} {'dense' if spec.method == 'none' else 'pruned'}"
+
+
+def time_left(plan: ComparePlan, going: list[tuple[RunSpec, str]]) -> str | None:
+    """How long the runs still to train take, one at a time, at the median seconds per optimizer step of the finished
+    runs of the same kind (`_kind`; their results' wall time over their steps); a run trained by epochs counts the
+    steps of its own kept results (a teacher trained again). None when nothing is to train."""
+    if not going:
+        return None
+    per_step: dict[str, list[float]] = {}
+    for spec in plan.runs:
+        results = finished_results(plan, spec) or {}
+        if results.get("steps") and results.get("wall_time_s"):
+            per_step.setdefault(_kind(spec), []).append(results["wall_time_s"] / results["steps"])
+    seconds, unknown = 0.0, 0
+    for spec, state in going:
+        steps = plan.experiment(spec).train.max_steps or (finished_results(plan, spec) or {}).get("steps")
+        done = int(state.rsplit("_", 1)[-1]) if state.startswith("resumes from step_") else 0
+        if not steps or _kind(spec) not in per_step:
+            unknown += 1
+            continue
+        seconds += (steps - done) * statistics.median(per_step[_kind(spec)])
+    if unknown == len(going):
+        return (f"time left: unknown: no finished run of the same task, dense or pruned, to go by for "
+                f"{_runs(unknown)}")
+    rest = f"; {_runs(unknown)} more with none finished of their kind" if unknown else ""
+    return (f"time left: about {_duration(seconds)} of training for {_runs(len(going) - unknown)}, one at a time at "
+            f"the median seconds per step of the finished runs of the same task, dense or pruned{rest}")
+
+
+def _runs(n: int) -> str:
+    return f"{n} run{'s' * (n != 1)}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def teachers_again(plan: ComparePlan, to_train: list[RunSpec]) -> list[str]:

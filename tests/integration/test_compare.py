@@ -708,7 +708,8 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
     plan = ComparePlan.build(cfg, ROOT / cfg.base)
     fingerprint = {s.name: plan.fingerprint(s) for s in plan.runs}
     (kept / "runs").mkdir(parents=True)
-    (kept / "runs" / "mt-dense.json").write_text(json.dumps({"recipe": fingerprint["mt-dense"], "finished": True}))
+    (kept / "runs" / "mt-dense.json").write_text(json.dumps({"recipe": fingerprint["mt-dense"], "finished": True,
+                                                            "steps": 8, "wall_time_s": 16.0}))  # 2 s a step
     (kept / "runs" / "st-rte-movement-0.2.json").write_text(json.dumps({"recipe": "another", "finished": True}))
 
     def folder(name: str, recipe: str | None = None, **files: str) -> Path:
@@ -730,7 +731,7 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
     stale = folder("st-rte-movement-0.1", recipe="0123456789abcdef", **{".claim": f"{here}:{dead_pid}"})
 
     lines = describe_plan(config, overrides).splitlines()
-    state = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[:-1]}
+    state = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[:-2]}
     assert len(state) == len(plan.runs)
     assert state["mt-dense"].endswith("finished (kept results; no weights here: trained again before a pruned run that "
                                       "needs it, or when --only selects dense runs alone)")
@@ -742,12 +743,20 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
     assert state["st-rte-movement-0.2"] == "8 steps  to train (its kept results are of another recipe)"
     assert state["st-stsb-movement-0.25"] == "5 steps  to train"
     n = len(plan.runs)
-    assert lines[-1] == f"{n} runs: 2 finished, 2 claimed, 1 resumes, 1 stale, {n - 6} to train"
-    assert describe_plan(config, overrides, only="^st-stsb-").splitlines()[-1] == "3 runs: 1 resumes, 2 to train"
+    assert lines[-2] == f"{n} runs: 2 finished, 2 claimed, 1 resumes, 1 stale, {n - 6} to train"
+    # only mt-dense has finished, and no multitask run is to train: the time left is unknown (the stale run trains too)
+    assert lines[-1] == ("time left: unknown: no finished run of the same task, dense or pruned, to go by for "
+                         f"{n - 4} runs")
+    assert describe_plan(config, overrides, only="^st-stsb-").splitlines()[-2:] == [
+        "3 runs: 1 resumes, 2 to train",
+        "time left: unknown: no finished run of the same task, dense or pruned, to go by for 3 runs"]
     dense = [line.split(maxsplit=1) for line in describe_plan(config, overrides, only="dense$").splitlines()]
     assert dense == [["mt-dense", "8 steps  to train again (kept results, no weights here; --only selects dense runs "
                                   "alone)"], ["st-rte-dense", "3 epochs  finished"],
-                     ["st-stsb-dense", "8 steps  to train"], ["3", "runs: 1 finished, 2 to train"]]
+                     ["st-stsb-dense", "8 steps  to train"], ["3", "runs: 1 finished, 2 to train"],
+                     ["time", "left: about 16 s of training for 1 run, one at a time at the median seconds per step "
+                              "of the finished runs of the same task, dense or pruned; 1 run more with none finished "
+                              "of their kind"]]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--only", "^mt-",
                            *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
