@@ -6,6 +6,21 @@ from pathlib import Path
 
 import pytest
 
+SHARED_RUNS = {"zero_runs": "zero_runs", "method_runs": "zero_runs", "teacher_run": "distill_teacher"}
+"""Fixtures whose runs are trained once per session, and the xdist group of the tests that read them: with
+`--dist loadgroup` every test of a group runs on one worker, so each shared run trains once; the other tests of
+the same modules go to whichever worker is free."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist names each test by its group
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        groups = {SHARED_RUNS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_RUNS}
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} reads runs of two xdist groups: {sorted(groups)}")
+        if groups and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
+
 
 @pytest.fixture(autouse=True)
 def _needs_glue(glue_dir: Path) -> None:

@@ -22,9 +22,6 @@ from mtp.run_folder import initialise_from_run
 from mtp.zero3 import full_state_dict
 from tests.conftest import ROOT
 
-# the module's teacher_run fixture trains once: one xdist worker runs the module
-pytestmark = pytest.mark.xdist_group("distill_teacher")
-
 
 def tiny_model(seed: int = 0, tasks: tuple[tuple[str, int], ...] = (("rte", 2), ("stsb", 1))) -> MultitaskModel:
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from tests.integration.conftest import FIXED_PHASE, PRUNE
 from tests.integration.test_pruning_dist import masks
 
 # zero_runs (a session fixture, four 2-rank jobs) is shared with test_pruning_dist.py: one xdist worker runs both
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("zero_runs")]
+pytestmark = pytest.mark.slow  # the tests that read the shared ZeRO runs share an xdist group (conftest.py)
 TINY = "configs/tiny.yaml"
 
 

@@ -17,7 +17,7 @@ from tests.conftest import ROOT, launch, results
 from tests.integration.conftest import PRUNE
 
 # zero_runs is shared with test_distributed.py (one xdist worker runs both); method_runs is this module's
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("zero_runs")]
+pytestmark = pytest.mark.slow  # the tests that read the shared runs share an xdist group (conftest.py)
 TINY = "configs/tiny.yaml"
 
 
