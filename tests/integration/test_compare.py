@@ -768,6 +768,13 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
     assert set_aside_if_stale(plan, plan.by_name["st-rte-movement-0.1"]).name == \
         "st-rte-movement-0.1.stale-0123456789abcdef"
     assert not stale.exists()
+    # the time left counts a resumed run's steps from its checkpoint: st-stsb-movement-0.25 finished 5 steps in 10 s,
+    # st-stsb-movement-0.1 resumes from step 3 of 5
+    (kept / "runs" / "st-stsb-movement-0.25.json").write_text(json.dumps({
+        "recipe": fingerprint["st-stsb-movement-0.25"], "finished": True, "steps": 5, "wall_time_s": 10.0}))
+    assert describe_plan(config, overrides, only="^st-stsb-").splitlines()[-1] == (
+        "time left: about 4 s of training for 1 run, one at a time at the median seconds per step of the finished "
+        "runs of the same task, dense or pruned; 1 run more with none finished of their kind")
     bad = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config),
                           "single_task_steps={stsb: abc}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
