@@ -20,8 +20,8 @@ run: setup
 	bash launch.sh --config configs/default.yaml $(ARGS)
 
 # Tests run side by side on TEST_WORKERS processes (pytest-xdist): most of a test's time is starting Python and
-# DeepSpeed, one core each. Modules that share a fixture which trains (zero_runs, a teacher) or a Ray cluster are one
-# xdist_group each (their pytestmark), so it trains once.
+# DeepSpeed, one core each. The tests that read a fixture which trains (zero_runs, method_runs, a teacher) share an
+# xdist_group (tests/integration/conftest.py), so it trains once; the Ray searches are one group (one cluster at a time).
 TEST_WORKERS ?= 2
 test: setup lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)

@@ -23,6 +23,7 @@ from mtp.compare.store import (
     wants_weights,
 )
 from mtp.config import ConfigError, load_config
+from mtp.run_folder import CHECKPOINTS
 from mtp.schema import resolve_path
 
 
@@ -47,40 +48,54 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     """One line per planned run (those matching `only`): its name, length and where it stands (finished, claimed,
     resumable, stale, to train; a second seed of a single-task run also waits for the grid or is skipped when its
     first seed is not a best-ensemble member; a finished run that `retrain` matches is to train again), then the
-    count of each state. Reads the run folders and kept results; trains nothing, writes nothing."""
+    count of each state with the teachers that would be trained again first, and the time left (`time_left`).
+    Reads the run folders and kept results; trains nothing, writes nothing."""
     only_pattern(only)
     plan = _load_plan(config, overrides)
     chosen = select_runs(plan.runs, only)
     retrain_re = retrain_pattern(retrain, plan.runs, only)
     weights_wanted = wants_weights(chosen, only)
     decisions = member_seed_decisions(plan) if any(is_member_seed(s) for s in chosen) else {}
-    rows = []
+    states = []
     for spec in chosen:
-        train = plan.experiment(spec).train
-        length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epochs"
         state = run_state(plan, spec, weights_wanted)
         again = retrain_state(plan, spec, retrain_re)
         earlier = superseded_results(plan.cfg, spec.name)
         if again == "again":
-            state = f"to train again (--retrain: its results move to {earlier.parent})"
+            state = f"{RETRAIN_STATE} (--retrain: its results move to {earlier.parent})"
         elif again == "done":
             state = f"finished (trained again already: its earlier results are in {earlier})"
         if decisions.get(spec.name) and state.startswith(("to train", "resumes")):
             state = decisions[spec.name]
-        rows.append((spec.name, length, state))
-    width = max((len(r[0]) for r in rows), default=0)
-    lines = [f"{name:<{width}}  {length:>12}  {state}" for name, length, state in rows]
-    tally = Counter(next(k for k in STATES if state.startswith(k)) for _, _, state in rows)
-    training = ("to train", "resumes", "stale")  # a stale folder is set aside and its run trained
-    going = [spec for spec, row in zip(chosen, rows, strict=True) if row[2].startswith(training)]
-    again = teachers_again(plan, going)
-    count = f" (and {len(again)} teacher{'s' * (len(again) > 1)} again: {', '.join(again)})" if again else ""
-    lines.append(f"{len(rows)} runs: " + ", ".join(f"{tally[k]} {k}" for k in STATES if tally[k]) + count)
-    left = [(spec, row[2]) for spec, row in zip(chosen, rows, strict=True) if spec in going]
-    estimate = time_left(plan, left + [(plan.by_name[t], "to train") for t in again])
+        states.append(state)
+    lengths = []
+    for spec in chosen:
+        train = plan.experiment(spec).train
+        lengths.append(f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epochs")
+    width = max((len(s.name) for s in chosen), default=0)
+    lines = [f"{s.name:<{width}}  {length:>12}  {state}" for s, length, state in zip(chosen, lengths, states,
+                                                                                    strict=True)]
+    tally = Counter(next(k for k in STATES if state.startswith(k)) for state in states)
+    going = [(spec, state) for spec, state in zip(chosen, states, strict=True) if trains(state)]
+    teachers = teachers_again(plan, [spec for spec, _ in going])
+    count = f" (and {len(teachers)} teacher{'s' * (len(teachers) > 1)} again: {', '.join(teachers)})" \
+        if teachers else ""
+    lines.append(f"{len(chosen)} runs: " + ", ".join(f"{tally[k]} {k}" for k in STATES if tally[k]) + count)
+    going += [(plan.by_name[t], run_state(plan, plan.by_name[t])) for t in teachers]
+    estimate = time_left(plan, going, waiting=tally["waits"])
     if estimate:
         lines.append(estimate)
     return "\n".join(lines)
+
+
+RETRAIN_STATE = "to train again"
+"""How `describe_plan` starts the state of a finished run that `--retrain` trains again."""
+
+
+def trains(state: str) -> bool:
+    """Whether `mtp compare` would train a run in this state (a stale folder is set aside first; a shared teacher of
+    another recipe is refused instead)."""
+    return state.startswith(("to train", "resumes", "stale")) and not state.endswith("refused)")
 
 
 def _kind(spec: RunSpec) -> str:
@@ -88,10 +103,21 @@ def _kind(spec: RunSpec) -> str:
     return f"{spec.task or 'multitask'} {'dense' if spec.method == 'none' else 'pruned'}"
 
 
-def time_left(plan: ComparePlan, going: list[tuple[RunSpec, str]]) -> str | None:
-    """How long the runs still to train take, one at a time, at the median seconds per optimizer step of the finished
-    runs of the same kind (`_kind`; their results' wall time over their steps); a run trained by epochs counts the
-    steps of its own kept results (a teacher trained again). None when nothing is to train."""
+def _steps_done(plan: ComparePlan, spec: RunSpec, state: str) -> int:
+    """The step a run to train starts from: its checkpoint's, unless its folder is set aside first (stale, or
+    trained again by --retrain)."""
+    if state.startswith(("stale", f"{RETRAIN_STATE} (--retrain")):
+        return 0
+    latest = plan.cfg.run_folder(spec.name) / CHECKPOINTS / "latest"
+    return int(latest.read_text().strip().rsplit("_", 1)[-1]) if latest.is_file() else 0
+
+
+def time_left(plan: ComparePlan, going: list[tuple[RunSpec, str]], waiting: int = 0) -> str | None:
+    """How long the runs to train (`going`: each with its state) take, one at a time, at the median seconds per
+    optimizer step of the finished runs of the same kind (`_kind`; their results' wall time, evaluations included,
+    over their steps, on whatever machine trained them), each from its checkpoint's step; a run trained by epochs
+    counts the steps of its own kept results (a teacher trained again), else its length is unknown. `waiting`
+    second seeds are named, not counted. None when nothing is to train."""
     if not going:
         return None
     per_step: dict[str, list[float]] = {}
@@ -99,20 +125,24 @@ def time_left(plan: ComparePlan, going: list[tuple[RunSpec, str]]) -> str | None
         results = finished_results(plan, spec) or {}
         if results.get("steps") and results.get("wall_time_s"):
             per_step.setdefault(_kind(spec), []).append(results["wall_time_s"] / results["steps"])
-    seconds, unknown = 0.0, 0
+    seconds, counted, no_rate, by_epochs = 0.0, 0, 0, 0
     for spec, state in going:
         steps = plan.experiment(spec).train.max_steps or (finished_results(plan, spec) or {}).get("steps")
-        done = int(state.rsplit("_", 1)[-1]) if state.startswith("resumes from step_") else 0
-        if not steps or _kind(spec) not in per_step:
-            unknown += 1
-            continue
-        seconds += (steps - done) * statistics.median(per_step[_kind(spec)])
-    if unknown == len(going):
-        return (f"time left: unknown: no finished run of the same task, dense or pruned, to go by for "
-                f"{_runs(unknown)}")
-    rest = f"; {_runs(unknown)} more with none finished of their kind" if unknown else ""
-    return (f"time left: about {_duration(seconds)} of training for {_runs(len(going) - unknown)}, one at a time at "
-            f"the median seconds per step of the finished runs of the same task, dense or pruned{rest}")
+        if not steps:
+            by_epochs += 1
+        elif _kind(spec) not in per_step:
+            no_rate += 1
+        else:
+            seconds += max(steps - _steps_done(plan, spec, state), 0) * statistics.median(per_step[_kind(spec)])
+            counted += 1
+    head = "time left: unknown"
+    if counted:
+        head = (f"time left: about {_duration(seconds)} of training for {_runs(counted)}, one at a time at the median "
+                "seconds per step of the finished runs of the same task, dense or pruned")
+    notes = [f"{_runs(no_rate)} with no finished run of the same task, dense or pruned, to go by"] * bool(no_rate)
+    notes += [f"{_runs(by_epochs)} trained by epochs, of unknown length"] * bool(by_epochs)
+    notes += [f"{_runs(waiting)} waiting for their grid, not counted"] * bool(waiting)
+    return head + ("; " if counted else ": ") + "; ".join(notes) if notes else head
 
 
 def _runs(n: int) -> str:
@@ -126,8 +156,9 @@ def _duration(seconds: float) -> str:
 
 
 def teachers_again(plan: ComparePlan, to_train: list[RunSpec]) -> list[str]:
-    """The teachers `mtp compare` trains again before `to_train` (the runs it will train): those outside it whose
-    weights of this recipe are not here and that no live process is training (as `run_all` decides)."""
+    """The teachers this process would train again before `to_train` (the runs it will train): those outside it
+    whose weights of this recipe are not here and that no live process holds the claim of (`run_all` adds every
+    teacher without weights; a claimed one is then left to its holder)."""
     names = {s.name for s in to_train}
     teachers = sorted({s.teacher for s in to_train if s.teacher is not None} - names)
     return [t for t in teachers if not has_current_weights(plan, plan.by_name[t])

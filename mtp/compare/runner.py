@@ -160,7 +160,8 @@ def _train(plan: ComparePlan, pending: list[RunSpec], parallel: int, retrained: 
             if not claim(cfg.run_folder(spec.name)):
                 status[spec.name] = "claimed elsewhere"
                 continue
-            if spec.name in (again_once or ()) and not superseded_results(cfg, spec.name).is_file():  # under the claim
+            if (spec.name in (again_once or ()) and not superseded_results(cfg, spec.name).is_file()
+                    and finished_results(plan, spec) is not None):  # under the claim: nobody else moves or trains it
                 moved = supersede(plan, spec)
                 log(f"compare: {spec.name} is trained again (--retrain): its earlier results moved to {moved}")
             done = (has_current_weights(plan, spec) if spec.name in retrained  # its kept results don't count

@@ -174,18 +174,16 @@ def retrain_state(plan: ComparePlan, spec: RunSpec, retrain: re.Pattern[str] | N
 
 def supersede(plan: ComparePlan, spec: RunSpec) -> Path:
     """Set a finished run's results aside before it is trained again (`--retrain`; called by the process that holds
-    the run's claim): its kept results (or its run folder's results.json) to RESULTS/superseded/NAME.json, its run
-    folder's contents but the claim to OUTPUT/superseded/NAME; nothing is deleted. Returns where its results went."""
+    the run's claim): its run folder's contents but the claim to OUTPUT/superseded/NAME, then its kept results (or
+    its run folder's results.json) to RESULTS/superseded/NAME.json, last: that file says the run was trained again,
+    so it appears only once nothing of the earlier training is left to be taken for the new one. Nothing is
+    deleted. Returns where its results went."""
     cfg = plan.cfg
     target = superseded_results(cfg, spec.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
     kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
     run_dir = cfg.run_folder(spec.name)
-    if cfg.results_dir and kept.is_file():
-        kept.rename(target)
-    elif (run_dir / "results.json").is_file():
-        target.write_text((run_dir / "results.json").read_text())
     contents = [p for p in run_dir.iterdir() if p.name != ".claim"] if run_dir.is_dir() else []
+    folder = None
     if contents:
         folder, n = Path(cfg.output_dir) / SUPERSEDED / spec.name, 1
         while folder.exists():
@@ -194,6 +192,13 @@ def supersede(plan: ComparePlan, spec: RunSpec) -> Path:
         folder.mkdir(parents=True)
         for path in contents:
             path.rename(folder / path.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.results_dir and kept.is_file():
+        kept.rename(target)
+    elif folder is not None and (folder / "results.json").is_file():
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_text((folder / "results.json").read_text())
+        partial.rename(target)
     return target
 
 

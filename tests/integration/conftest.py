@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 SHARED_RUNS = {"zero_runs": "zero_runs", "method_runs": "zero_runs", "teacher_run": "distill_teacher"}
-"""Fixtures whose runs are trained once per session, and the xdist group of the tests that read them: with
-`--dist loadgroup` every test of a group runs on one worker, so each shared run trains once; the other tests of
-the same modules go to whichever worker is free."""
+"""Fixtures whose runs are trained once (per session or per module), and the xdist group of the tests that read
+them: with `--dist loadgroup` every test of a group runs on one worker, so each shared run trains once; the other
+tests of the same modules go to whichever worker is free."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist names each test by its group

@@ -527,7 +527,8 @@ def test_retrain_trains_finished_pruned_runs_again_once_and_keeps_their_earlier_
     monkeypatch.setattr(runner, "start_run", fake_start)
     retrain = "^mt-movement-"
     lines = describe_plan(config, overrides, retrain=retrain).splitlines()
-    assert lines[-1] == f"{len(plan.runs)} runs: {len(plan.runs) - 2} finished, 2 to train"
+    assert lines[-2] == f"{len(plan.runs)} runs: {len(plan.runs) - 2} finished, 2 to train"
+    assert lines[-1].startswith("time left: unknown: 2 runs")  # the kept results here hold no wall time
     assert f"to train again (--retrain: its results move to {kept / 'superseded'})" in lines[1]
     log: list[str] = []
     status = runner.run_all(plan, retrain=retrain, log=log.append)
@@ -549,6 +550,23 @@ def test_retrain_trains_finished_pruned_runs_again_once_and_keeps_their_earlier_
     (kept / "superseded" / "mt-movement-0.5.json").unlink()
     runner.run_all(ComparePlan.build(cfg, ROOT / cfg.base), retrain="^mt-movement-0.5$", log=log.append)
     assert started == ["mt-movement-0.5"] and (out / "superseded" / "mt-movement-0.5" / "results.json").is_file()
+    # another process trains it again between this one's planning and its claim: reused, nothing moved twice
+    (kept / "superseded" / "mt-movement-0.2.json").unlink()
+    real_claim = runner.claim
+
+    def claim_after_another_retrain(run_dir: Path) -> bool:
+        if run_dir.name == "mt-movement-0.2":
+            (kept / "superseded" / "mt-movement-0.2.json").write_text('{"mean_score": 61.0, "by": "the other"}')
+            for results in (kept / "runs" / "mt-movement-0.2.json", run_dir / "results.json"):  # its new training
+                results.write_text(json.dumps({**json.loads(results.read_text()), "mean_score": 70.0}))
+        return real_claim(run_dir)
+
+    monkeypatch.setattr(runner, "claim", claim_after_another_retrain)
+    started.clear()
+    status = runner.run_all(ComparePlan.build(cfg, ROOT / cfg.base), retrain="^mt-movement-0.2$", log=log.append)
+    assert started == [] and status["mt-movement-0.2"] == "reused"
+    assert json.loads((kept / "superseded" / "mt-movement-0.2.json").read_text())["by"] == "the other"
+    assert json.loads((kept / "runs" / "mt-movement-0.2.json").read_text())["mean_score"] == 70.0
     with pytest.raises(ConfigError, match="--retrain trains runs again and --report-only trains nothing"):
         compare(config, overrides, retrain=retrain, report_only=True)
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--retrain",
@@ -744,19 +762,20 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
     assert state["st-stsb-movement-0.25"] == "5 steps  to train"
     n = len(plan.runs)
     assert lines[-2] == f"{n} runs: 2 finished, 2 claimed, 1 resumes, 1 stale, {n - 6} to train"
-    # only mt-dense has finished, and no multitask run is to train: the time left is unknown (the stale run trains too)
-    assert lines[-1] == ("time left: unknown: no finished run of the same task, dense or pruned, to go by for "
-                         f"{n - 4} runs")
+    # no run of the kinds to train (single-task, and multitask pruned) has a finished run with its steps and wall
+    # time to go by: the time left is unknown (the stale run counts: it is set aside and trained)
+    assert lines[-1] == f"time left: unknown: {n - 4} runs with no finished run of the same task, dense or pruned, " \
+        "to go by"
     assert describe_plan(config, overrides, only="^st-stsb-").splitlines()[-2:] == [
         "3 runs: 1 resumes, 2 to train",
-        "time left: unknown: no finished run of the same task, dense or pruned, to go by for 3 runs"]
+        "time left: unknown: 3 runs with no finished run of the same task, dense or pruned, to go by"]
     dense = [line.split(maxsplit=1) for line in describe_plan(config, overrides, only="dense$").splitlines()]
     assert dense == [["mt-dense", "8 steps  to train again (kept results, no weights here; --only selects dense runs "
                                   "alone)"], ["st-rte-dense", "3 epochs  finished"],
                      ["st-stsb-dense", "8 steps  to train"], ["3", "runs: 1 finished, 2 to train"],
                      ["time", "left: about 16 s of training for 1 run, one at a time at the median seconds per step "
-                              "of the finished runs of the same task, dense or pruned; 1 run more with none finished "
-                              "of their kind"]]
+                              "of the finished runs of the same task, dense or pruned; 1 run with no finished run "
+                              "of the same task, dense or pruned, to go by"]]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--only", "^mt-",
                            *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -774,7 +793,13 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
         "recipe": fingerprint["st-stsb-movement-0.25"], "finished": True, "steps": 5, "wall_time_s": 10.0}))
     assert describe_plan(config, overrides, only="^st-stsb-").splitlines()[-1] == (
         "time left: about 4 s of training for 1 run, one at a time at the median seconds per step of the finished "
-        "runs of the same task, dense or pruned; 1 run more with none finished of their kind")
+        "runs of the same task, dense or pruned; 1 run with no finished run of the same task, dense or pruned, to go "
+        "by")
+    # a run trained by epochs whose results hold no steps (st-rte-dense here) has no known length; waiting second
+    # seeds are named, not counted
+    from mtp.compare.command import time_left
+    assert time_left(plan, [(plan.by_name["st-rte-dense"], "to train")], waiting=2) == (
+        "time left: unknown: 1 run trained by epochs, of unknown length; 2 runs waiting for their grid, not counted")
     bad = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config),
                           "single_task_steps={stsb: abc}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
