@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import shlex
-import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
 from mtp.checks import check_experiment
 from mtp.compare.config import load_compare_config
+from mtp.compare.estimate import RETRAIN_STATE, time_left
 from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, only_pattern, retrain_pattern, select_runs
 from mtp.compare.report import member_seed_decisions, write_report
 from mtp.compare.runner import run_all
 from mtp.compare.store import (
     claim_holder,
-    finished_results,
     has_current_weights,
     retrain_state,
     run_state,
@@ -23,7 +22,6 @@ from mtp.compare.store import (
     wants_weights,
 )
 from mtp.config import ConfigError, load_config
-from mtp.run_folder import CHECKPOINTS
 from mtp.schema import resolve_path
 
 
@@ -88,71 +86,10 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     return "\n".join(lines)
 
 
-RETRAIN_STATE = "to train again"
-"""How `describe_plan` starts the state of a finished run that `--retrain` trains again."""
-
-
 def trains(state: str) -> bool:
     """Whether `mtp compare` would train a run in this state (a stale folder is set aside first; a shared teacher of
     another recipe is refused instead)."""
     return state.startswith(("to train", "resumes", "stale")) and not state.endswith("refused)")
-
-
-def _kind(spec: RunSpec) -> str:
-    """The runs whose step costs alike: one task's (or the multitask) dense or pruned runs."""
-    return f"{spec.task or 'multitask'} {'dense' if spec.method == 'none' else 'pruned'}"
-
-
-def _steps_done(plan: ComparePlan, spec: RunSpec, state: str) -> int:
-    """The step a run to train starts from: its checkpoint's, unless its folder is set aside first (stale, or
-    trained again by --retrain)."""
-    if state.startswith(("stale", f"{RETRAIN_STATE} (--retrain")):
-        return 0
-    latest = plan.cfg.run_folder(spec.name) / CHECKPOINTS / "latest"
-    return int(latest.read_text().strip().rsplit("_", 1)[-1]) if latest.is_file() else 0
-
-
-def time_left(plan: ComparePlan, going: list[tuple[RunSpec, str]], waiting: int = 0) -> str | None:
-    """How long the runs to train (`going`: each with its state) take, one at a time, at the median seconds per
-    optimizer step of the finished runs of the same kind (`_kind`; their results' wall time, evaluations included,
-    over their steps, on whatever machine trained them), each from its checkpoint's step; a run trained by epochs
-    counts the steps of its own kept results (a teacher trained again), else its length is unknown. `waiting`
-    second seeds are named, not counted. None when nothing is to train."""
-    if not going:
-        return None
-    per_step: dict[str, list[float]] = {}
-    for spec in plan.runs:
-        results = finished_results(plan, spec) or {}
-        if results.get("steps") and results.get("wall_time_s"):
-            per_step.setdefault(_kind(spec), []).append(results["wall_time_s"] / results["steps"])
-    seconds, counted, no_rate, by_epochs = 0.0, 0, 0, 0
-    for spec, state in going:
-        steps = plan.experiment(spec).train.max_steps or (finished_results(plan, spec) or {}).get("steps")
-        if not steps:
-            by_epochs += 1
-        elif _kind(spec) not in per_step:
-            no_rate += 1
-        else:
-            seconds += max(steps - _steps_done(plan, spec, state), 0) * statistics.median(per_step[_kind(spec)])
-            counted += 1
-    head = "time left: unknown"
-    if counted:
-        head = (f"time left: about {_duration(seconds)} of training for {_runs(counted)}, one at a time at the median "
-                "seconds per step of the finished runs of the same task, dense or pruned")
-    notes = [f"{_runs(no_rate)} with no finished run of the same task, dense or pruned, to go by"] * bool(no_rate)
-    notes += [f"{_runs(by_epochs)} trained by epochs, of unknown length"] * bool(by_epochs)
-    notes += [f"{_runs(waiting)} waiting for their grid, not counted"] * bool(waiting)
-    return head + ("; " if counted else ": ") + "; ".join(notes) if notes else head
-
-
-def _runs(n: int) -> str:
-    return f"{n} run{'s' * (n != 1)}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def teachers_again(plan: ComparePlan, to_train: list[RunSpec]) -> list[str]:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtp.compare.estimate import RETRAIN_STATE, time_left
 from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, retrain_pattern, select_runs
 from mtp.compare.report import member_seed_decisions
 from mtp.compare.store import (
@@ -119,6 +120,10 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     again = f" (and {len(retrained)} teacher{'s' * (len(retrained) > 1)} again)" if retrained else ""
     later = f"; {len(seeds)} second seeds wait for the best ensembles" if seeds else ""
     log(f"compare: {len(chosen)} runs, {len(chosen) - to_train} already finished, {to_train} to train{again}{later}")
+    estimate = time_left(plan, [(s, f"{RETRAIN_STATE} (--retrain)" if s.name in again_once else "to train")
+                                for s in pending if s not in seeds], waiting=len(seeds))
+    if estimate:
+        log(f"compare: {estimate}")
     _train(plan, [s for s in pending if s not in seeds], parallel, retrained, status, log, again_once)
     if seeds:
         decisions = member_seed_decisions(plan)

@@ -220,6 +220,9 @@ def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Pa
     assert started == ["mt-dense", "mt-movement-0.2"]
     assert status == {"mt-dense": "trained", "mt-movement-0.2": "trained"}
     assert "compare: 1 runs, 0 already finished, 1 to train (and 1 teacher again)" in lines
+    # the faked runs' results hold no wall time: nothing to estimate from, and the log says so
+    assert "compare: time left: unknown: 2 runs with no finished run of the same task, dense or pruned, to go by" \
+        in lines
     # --only selecting dense runs alone trains a teacher again when its weights are gone (on a new machine, to give a
     # search or another comparison its weights); its kept results stay (the finished runs learned from them), and the
     # log gives both means; with its weights here it is reused
