@@ -3,6 +3,7 @@ the light results folder (results_dir) whose kept results let a comparison conti
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -17,22 +18,30 @@ from mtp.run_folder import CHECKPOINTS, FINAL, has_weights, is_finished, read_re
 
 
 def claim(run_dir: Path) -> bool:
-    """Take the run for this process (a claim file); a claim of a dead process on this host is taken over."""
+    """Take the run for this process (a claim file); a claim of a dead process on this host is taken over. The
+    processes of one host take claims one at a time (a lock on CLAIM_LOCK), so two of them never both take over the
+    same dead claim; across hosts the claim file's exclusive creation decides."""
     run_dir.mkdir(parents=True, exist_ok=True)
     claim = run_dir / ".claim"
     me = f"{socket.gethostname()}:{os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, me.encode())
-            os.close(fd)
-            return True
-        except FileExistsError:
-            if claim_holder(run_dir) is None:  # a dead process's claim on this host
-                claim.unlink(missing_ok=True)
-                continue
-            return False
+    with open(run_dir / CLAIM_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for _ in range(2):
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, me.encode())
+                os.close(fd)
+                return True
+            except FileExistsError:
+                if claim_holder(run_dir) is None:  # a dead process's claim on this host
+                    claim.unlink(missing_ok=True)
+                    continue
+                return False
     return False
+
+
+CLAIM_LOCK = ".claim.lock"
+"""The lock file in a run folder that this host's processes hold while they take its claim."""
 
 
 def claim_holder(run_dir: Path) -> str | None:
@@ -174,15 +183,15 @@ def retrain_state(plan: ComparePlan, spec: RunSpec, retrain: re.Pattern[str] | N
 
 def supersede(plan: ComparePlan, spec: RunSpec) -> Path:
     """Set a finished run's results aside before it is trained again (`--retrain`; called by the process that holds
-    the run's claim): its run folder's contents but the claim to OUTPUT/superseded/NAME, then its kept results (or
-    its run folder's results.json) to RESULTS/superseded/NAME.json, last: that file says the run was trained again,
-    so it appears only once nothing of the earlier training is left to be taken for the new one. Nothing is
-    deleted. Returns where its results went."""
+    the run's claim): its run folder's contents but the claim and its lock to OUTPUT/superseded/NAME, then its kept
+    results (or its run folder's results.json) to RESULTS/superseded/NAME.json, last: that file says the run was
+    trained again, so it appears only once nothing of the earlier training is left to be taken for the new one.
+    Nothing is deleted. Returns where its results went."""
     cfg = plan.cfg
     target = superseded_results(cfg, spec.name)
     kept = report_dir(cfg) / "runs" / f"{spec.name}.json"
     run_dir = cfg.run_folder(spec.name)
-    contents = [p for p in run_dir.iterdir() if p.name != ".claim"] if run_dir.is_dir() else []
+    contents = [p for p in run_dir.iterdir() if p.name not in (".claim", CLAIM_LOCK)] if run_dir.is_dir() else []
     folder = None
     if contents:
         folder, n = Path(cfg.output_dir) / SUPERSEDED / spec.name, 1

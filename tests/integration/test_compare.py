@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,34 @@ def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tmp_path: 
     status = compare.run_all(ComparePlan.build(cfg, ROOT / cfg.base), only="^st-rte-", log=lambda _: None)
     assert status and set(status.values()) == {"reused"}
     assert not any((tmp_path / "runs").glob("*/.claim"))
+
+
+def test_two_processes_of_one_host_never_both_take_over_a_dead_claim(tmp_path: Path, monkeypatch) -> None:
+    """A claim left by a dead process is taken over by one process only, however the two interleave: each finds the
+    holder dead (slowly, here), and without the claim lock the second would remove the first's new claim."""
+    import threading
+    import time as clock
+
+    from mtp.compare import store
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / ".claim").write_text(f"{socket.gethostname()}:{int(dead.stdout)}")
+    alive = store._alive
+
+    def slow_alive(pid: int) -> bool:  # both processes are past the check before either takes the claim
+        clock.sleep(0.3)
+        return alive(pid)
+
+    monkeypatch.setattr(store, "_alive", slow_alive)
+    taken: list[bool] = []
+    threads = [threading.Thread(target=lambda: taken.append(store.claim(run_dir))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == [False, True]
 
 
 def test_pruned_runs_start_from_and_distil_from_their_dense_teacher(tmp_path: Path, monkeypatch) -> None:
