@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mtp.checks import check_experiment
 from mtp.compare.config import load_compare_config
-from mtp.compare.estimate import RETRAIN_STATE, time_left
+from mtp.compare.estimate import time_left
 from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, only_pattern, retrain_pattern, select_runs
 from mtp.compare.report import member_seed_decisions, write_report
 from mtp.compare.runner import run_all
@@ -60,7 +60,7 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
         again = retrain_state(plan, spec, retrain_re)
         earlier = superseded_results(plan.cfg, spec.name)
         if again == "again":
-            state = f"{RETRAIN_STATE} (--retrain: its results move to {earlier.parent})"
+            state = f"to train again (--retrain: its results move to {earlier.parent})"
         elif again == "done":
             state = f"finished (trained again already: its earlier results are in {earlier})"
         if decisions.get(spec.name) and state.startswith(("to train", "resumes")):
@@ -79,8 +79,9 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     count = f" (and {len(teachers)} teacher{'s' * (len(teachers) > 1)} again: {', '.join(teachers)})" \
         if teachers else ""
     lines.append(f"{len(chosen)} runs: " + ", ".join(f"{tally[k]} {k}" for k in STATES if tally[k]) + count)
-    going += [(plan.by_name[t], run_state(plan, plan.by_name[t])) for t in teachers]
-    estimate = time_left(plan, going, waiting=tally["waits"])
+    from_scratch = {spec.name for spec, state in going if state.startswith(("stale", "to train again (--retrain"))}
+    estimate = time_left(plan, [spec for spec, _ in going] + [plan.by_name[t] for t in teachers], from_scratch,
+                         waiting=tally["waits"])
     if estimate:
         lines.append(estimate)
     return "\n".join(lines)

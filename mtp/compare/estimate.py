@@ -8,28 +8,26 @@ from mtp.compare.plan import ComparePlan, RunSpec
 from mtp.compare.store import finished_results
 from mtp.run_folder import CHECKPOINTS
 
-RETRAIN_STATE = "to train again"
-"""How `describe_plan` starts the state of a finished run that `--retrain` trains again."""
-
 
 def _kind(spec: RunSpec) -> str:
     """The runs whose step costs alike: one task's (or the multitask) dense or pruned runs."""
     return f"{spec.task or 'multitask'} {'dense' if spec.method == 'none' else 'pruned'}"
 
 
-def _steps_done(plan: ComparePlan, spec: RunSpec, state: str) -> int:
-    """The step a run to train starts from: its checkpoint's, unless its folder is set aside first (stale, or
-    trained again by --retrain)."""
-    if state.startswith(("stale", f"{RETRAIN_STATE} (--retrain")):
+def _steps_done(plan: ComparePlan, spec: RunSpec) -> int:
+    """The step a run to train resumes from: its checkpoint's (0 without one, or while one is being written)."""
+    try:
+        return int((plan.cfg.run_folder(spec.name) / CHECKPOINTS / "latest").read_text().strip().rsplit("_", 1)[-1])
+    except (OSError, ValueError):
         return 0
-    latest = plan.cfg.run_folder(spec.name) / CHECKPOINTS / "latest"
-    return int(latest.read_text().strip().rsplit("_", 1)[-1]) if latest.is_file() else 0
 
 
-def time_left(plan: ComparePlan, going: list[tuple[RunSpec, str]], waiting: int = 0) -> str | None:
-    """How long the runs to train (`going`: each with its state) take, one at a time, at the median seconds per
-    optimizer step of the finished runs of the same kind (`_kind`; their results' wall time, evaluations included,
-    over their steps, on whatever machine trained them), each from its checkpoint's step; a run trained by epochs
+def time_left(plan: ComparePlan, going: list[RunSpec], from_scratch: set[str] | None = None,
+              waiting: int = 0) -> str | None:
+    """How long the runs to train (`going`) take, one at a time, at the median seconds per optimizer step of the
+    finished runs of the same kind (`_kind`; their results' wall time, evaluations included, over their steps, on
+    whatever machine trained them), each from its checkpoint's step but those named in `from_scratch` (a folder set
+    aside first: stale, or trained again by --retrain); a run trained by epochs
     counts the steps of its own kept results (a teacher trained again), else its length is unknown. `waiting`
     second seeds are named, not counted. None when nothing is to train."""
     if not going:
@@ -40,14 +38,15 @@ def time_left(plan: ComparePlan, going: list[tuple[RunSpec, str]], waiting: int 
         if results.get("steps") and results.get("wall_time_s"):
             per_step.setdefault(_kind(spec), []).append(results["wall_time_s"] / results["steps"])
     seconds, counted, no_rate, by_epochs = 0.0, 0, 0, 0
-    for spec, state in going:
+    for spec in going:
         steps = plan.experiment(spec).train.max_steps or (finished_results(plan, spec) or {}).get("steps")
         if not steps:
             by_epochs += 1
         elif _kind(spec) not in per_step:
             no_rate += 1
         else:
-            seconds += max(steps - _steps_done(plan, spec, state), 0) * statistics.median(per_step[_kind(spec)])
+            done = 0 if spec.name in (from_scratch or ()) else _steps_done(plan, spec)
+            seconds += max(steps - done, 0) * statistics.median(per_step[_kind(spec)])
             counted += 1
     head = "time left: unknown"
     if counted:

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtp.compare.estimate import RETRAIN_STATE, time_left
+from mtp.compare.estimate import time_left
 from mtp.compare.plan import ComparePlan, RunSpec, is_member_seed, retrain_pattern, select_runs
 from mtp.compare.report import member_seed_decisions
 from mtp.compare.store import (
     claim,
+    claim_holder,
     finished_results,
     has_current_weights,
     is_teacher_without_weights,
@@ -120,8 +121,11 @@ def run_all(plan: ComparePlan, parallel: int = 1, only: str | None = None, log: 
     again = f" (and {len(retrained)} teacher{'s' * (len(retrained) > 1)} again)" if retrained else ""
     later = f"; {len(seeds)} second seeds wait for the best ensembles" if seeds else ""
     log(f"compare: {len(chosen)} runs, {len(chosen) - to_train} already finished, {to_train} to train{again}{later}")
-    estimate = time_left(plan, [(s, f"{RETRAIN_STATE} (--retrain)" if s.name in again_once else "to train")
-                                for s in pending if s not in seeds], waiting=len(seeds))
+    decisions = member_seed_decisions(plan) if seeds else {}  # seeds whose grid is complete train now
+    going = [s for s in pending if (s not in seeds or decisions[s.name] is None)
+             and claim_holder(cfg.run_folder(s.name)) is None]  # as --plan: runs another process holds are its own
+    waiting = sum(1 for s in seeds if (decisions[s.name] or "").startswith("waits"))
+    estimate = time_left(plan, going, again_once, waiting=waiting)
     if estimate:
         log(f"compare: {estimate}")
     _train(plan, [s for s in pending if s not in seeds], parallel, retrained, status, log, again_once)

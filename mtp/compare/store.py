@@ -3,11 +3,13 @@ the light results folder (results_dir) whose kept results let a comparison conti
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import re
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ def claim(run_dir: Path) -> bool:
     claim = run_dir / ".claim"
     me = f"{socket.gethostname()}:{os.getpid()}"
     with open(run_dir / CLAIM_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        _lock(lock)  # released when the file closes
         for _ in range(2):
             try:
                 fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -42,6 +44,25 @@ def claim(run_dir: Path) -> bool:
 
 CLAIM_LOCK = ".claim.lock"
 """The lock file in a run folder that this host's processes hold while they take its claim."""
+
+
+def _lock(lock: Any) -> None:
+    """An exclusive flock on an open file; where the file system has no locks (NFS without its lock daemon, Lustre
+    without `-o flock`) one warning, and claims are taken as before the lock (the claim file's exclusive creation
+    still decides; only two processes of one host taking over the same dead claim at once could both succeed)."""
+    global _UNLOCKED_WARNED
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        if not _UNLOCKED_WARNED:
+            warnings.warn(f"compare: no file locks where the runs are ({error.strerror}): claims are taken without "
+                          "the lock", stacklevel=3)
+            _UNLOCKED_WARNED = True
+
+
+_UNLOCKED_WARNED = False
 
 
 def claim_holder(run_dir: Path) -> str | None:
