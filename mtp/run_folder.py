@@ -104,6 +104,23 @@ def is_finished(run_dir: str | Path) -> bool:
     return bool(raw and raw.get("finished", False))
 
 
+def latest_checkpoint(run_dir: str | Path) -> str | None:
+    """The tag of the run's latest checkpoint (checkpoints/latest, e.g. "step_500"), or None without one (or while
+    the file is being written)."""
+    try:
+        return (Path(run_dir) / CHECKPOINTS / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def checkpoint_step(tag: str | None) -> int:
+    """The optimizer step a checkpoint tag names ("step_500" -> 500); 0 for None or a tag without one."""
+    try:
+        return int((tag or "").rsplit("_", 1)[-1])
+    except ValueError:
+        return 0
+
+
 def final_model_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / FINAL / "model.safetensors"
 

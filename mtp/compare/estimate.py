@@ -6,7 +6,7 @@ import statistics
 
 from mtp.compare.plan import ComparePlan, RunSpec
 from mtp.compare.store import finished_results
-from mtp.run_folder import CHECKPOINTS
+from mtp.run_folder import checkpoint_step, latest_checkpoint
 
 
 def _kind(spec: RunSpec) -> str:
@@ -16,10 +16,7 @@ def _kind(spec: RunSpec) -> str:
 
 def _steps_done(plan: ComparePlan, spec: RunSpec) -> int:
     """The step a run to train resumes from: its checkpoint's (0 without one, or while one is being written)."""
-    try:
-        return int((plan.cfg.run_folder(spec.name) / CHECKPOINTS / "latest").read_text().strip().rsplit("_", 1)[-1])
-    except (OSError, ValueError):
-        return 0
+    return checkpoint_step(latest_checkpoint(plan.cfg.run_folder(spec.name)))
 
 
 def time_left(plan: ComparePlan, going: list[RunSpec], from_scratch: set[str] | None = None,
@@ -29,17 +26,18 @@ def time_left(plan: ComparePlan, going: list[RunSpec], from_scratch: set[str] | 
     whatever machine trained them), each from its checkpoint's step but those named in `from_scratch` (a folder set
     aside first: stale, or trained again by --retrain); a run trained by epochs
     counts the steps of its own kept results (a teacher trained again), else its length is unknown. `waiting`
-    second seeds are named, not counted. None when nothing is to train."""
+    second seeds are named, not counted. Each run's kept results are read once. None when nothing is to train."""
     if not going:
         return None
+    finished = {spec.name: finished_results(plan, spec) for spec in plan.runs}
     per_step: dict[str, list[float]] = {}
     for spec in plan.runs:
-        results = finished_results(plan, spec) or {}
+        results = finished.get(spec.name) or {}
         if results.get("steps") and results.get("wall_time_s"):
             per_step.setdefault(_kind(spec), []).append(results["wall_time_s"] / results["steps"])
     seconds, counted, no_rate, by_epochs = 0.0, 0, 0, 0
     for spec in going:
-        steps = plan.experiment(spec).train.max_steps or (finished_results(plan, spec) or {}).get("steps")
+        steps = plan.experiment(spec).train.max_steps or (finished.get(spec.name) or {}).get("steps")
         if not steps:
             by_epochs += 1
         elif _kind(spec) not in per_step:

@@ -24,7 +24,7 @@ from mtp.compare.store import (
     superseded_results,
     wants_weights,
 )
-from mtp.run_folder import CHECKPOINTS, is_finished
+from mtp.run_folder import is_finished, latest_checkpoint
 from mtp.schema import PROJECT_ROOT
 
 
@@ -34,7 +34,7 @@ def launch_command(plan: ComparePlan, spec: RunSpec, port: int) -> list[str]:
     run_dir = cfg.run_folder(spec.name)
     args = ["bash", str(PROJECT_ROOT / "launch.sh"), "--nproc", str(cfg.nproc), "--master_port", str(port),
             *cfg.launcher_args, "--config", str(plan.base_path)]
-    if (run_dir / CHECKPOINTS / "latest").exists():
+    if latest_checkpoint(run_dir) is not None:
         args.append("--resume")
     return [*args, *plan.overrides(spec), f"output_dir={run_dir}"]
 

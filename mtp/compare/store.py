@@ -16,7 +16,7 @@ from typing import Any
 from mtp.compare.config import CompareConfig
 from mtp.compare.plan import ComparePlan, RunSpec
 from mtp.config import ConfigError, saved_config
-from mtp.run_folder import CHECKPOINTS, FINAL, has_weights, is_finished, read_results_dict
+from mtp.run_folder import FINAL, has_weights, is_finished, latest_checkpoint, read_results_dict
 
 
 def claim(run_dir: Path) -> bool:
@@ -283,7 +283,7 @@ def run_state(plan: ComparePlan, spec: RunSpec, weights_wanted: bool = False) ->
     if not _current(run_dir, spec, plan):
         shared = " (another comparison's teacher: refused)" if cfg.teachers_dir and spec.method == "none" else ""
         return f"stale: {run_dir_recipe(run_dir, plan, spec)}{shared}"
-    latest = run_dir / CHECKPOINTS / "latest"
-    if latest.is_file():
-        return f"resumes from {latest.read_text().strip()}"
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        return f"resumes from {latest}"
     return "to train" + elsewhere

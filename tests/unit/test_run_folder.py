@@ -11,8 +11,10 @@ import pytest
 from mtp.config import ConfigError
 from mtp.run_folder import (
     RunResults,
+    checkpoint_step,
     has_weights,
     is_finished,
+    latest_checkpoint,
     read_results,
     require_finished_run,
     run_tasks,
@@ -53,3 +55,13 @@ def test_a_folder_without_a_finished_run_is_refused_in_one_line_naming_the_key(t
     (tmp_path / "final" / "mtp.json").write_text("{")
     with pytest.raises(ConfigError, match=r"^distill.teacher: .*mtp.json is not an mtp run's final/mtp.json$"):
         run_tasks(tmp_path, "distill.teacher")
+
+
+def test_the_latest_checkpoint_is_read_as_its_tag_and_its_step(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None and checkpoint_step(None) == 0  # no checkpoint: from step 0
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("")  # being written
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints" / "latest").write_text("step_1250\n")
+    assert latest_checkpoint(tmp_path) == "step_1250" and checkpoint_step("step_1250") == 1250
+    assert checkpoint_step("final") == 0  # a tag that names no step
