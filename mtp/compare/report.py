@@ -241,7 +241,8 @@ projection, not training, took it to its size."""
 
 
 def size_checks(plan: ComparePlan, by_key: dict[Any, dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """Every finished run that reports its expected size before the final cut (rank): that size over its target."""
+    """Every finished run that reports its size before the final cut (rank's expected size, soft movement's kept
+    fraction above its threshold): that size over its target."""
     rows = []
     for spec in plan.runs:
         pruning = (by_key[spec.key] or {}).get("pruning") or {}
@@ -425,13 +426,13 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
     far = [r for r in report.get("size_at_fix", []) if r["far"]]
     if far:
         lines += [f"**Warning**: {len(far)} run{'s' * (len(far) > 1)} ended above {SIZE_WARNING:g}x "
-                  "their size where their ranks were fixed: the final projection, not training, cut them to size "
-                  "(expected size over target): " + ", ".join(f"{r['run']} {r['expected_over_target']:.2f}"
+                  "their size where their ranks or masks were fixed: the final projection, not training, cut them "
+                  "to size (size over target): " + ", ".join(f"{r['run']} {r['expected_over_target']:.2f}"
                                                                for r in far), ""]
     if report.get("size_at_fix"):
         ratios = [r["expected_over_target"] for r in report["size_at_fix"]]
-        lines += [f"Expected size where the ranks were fixed, over the target: {min(ratios):.2f}-{max(ratios):.2f} "
-                  f"over {len(ratios)} runs (report.json: size_at_fix).", ""]
+        lines += [f"Size where the ranks or masks were fixed (rank: expected), over the target: "
+                  f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} runs (report.json: size_at_fix).", ""]
     if report.get("exposure"):
         counted = all(r["counted"] for r in report["exposure"])
         lines += ["## Exposure: batches of each task seen by each side", "",

@@ -35,6 +35,7 @@ class SoftMovementPruning(MovementPruning):
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
+        self.fraction_before_cut: float | None = None  # kept blocks over dense where the masks are fixed, pre-cut
         for block in self.blocks:  # one term per encoder block: the sum over its six matrices' scores at once
             block.score_term = sigmoid_sum
 
@@ -57,7 +58,26 @@ class SoftMovementPruning(MovementPruning):
         for m, scores in self.criteria():
             torch.gt(scores, cut, out=m.mask)
 
+    def final_masks(self) -> None:
+        """The projection to the budget; what the threshold kept just before it is recorded (one host read)."""
+        if self.fraction_before_cut is None:
+            self.fraction_before_cut = self.kept_report(self.model)["kept_fraction"]
+        super().final_masks()
+
     def final_report(self, model: nn.Module) -> dict[str, Any]:
         if not self.fixed:  # it does not reach the budget by itself
             self.final_masks()
-        return super().final_report(model)
+        report = super().final_report(model)
+        if self.fraction_before_cut is not None:
+            # the size the threshold reached by itself over the target: 1 when λ landed on the budget, above it when
+            # the projection had to cut the rest (what `mtp compare` warns about; rank reports the same key)
+            report["kept_fraction_before_cut"] = self.fraction_before_cut
+            report["expected_over_target"] = self.fraction_before_cut / report["budget_fraction"]
+        return report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "fraction_before_cut": self.fraction_before_cut}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.fraction_before_cut = state.get("fraction_before_cut")

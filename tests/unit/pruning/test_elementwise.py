@@ -106,6 +106,30 @@ def test_soft_movement_projects_to_the_budget_at_the_end() -> None:
     assert hook.budget.target - report["kept_blocks"] <= 1
 
 
+def test_soft_movement_reports_what_its_threshold_kept_before_the_projection() -> None:
+    """The size soft movement reached by itself where the masks are fixed, over its target: what `mtp compare` warns
+    about when λ did not land near the budget; kept across a resume."""
+    model = tiny_model()
+    hook = build_pruning(pruning_settings(method="soft_movement", budget=0.25, finetune_ratio=0.2), 10)[0]
+    hook.setup(model)
+    for _, _, m in prunable_modules(model):
+        m.scores.data.normal_()
+    hook.on_optimizer_step(model, 8)  # the end of the schedule: tau = 0.1, the masks are sigmoid(S) > 0.1
+    budget = hook.budget
+    above = sum(int((torch.sigmoid(m.scores.detach()) > 0.1).sum()) for _, _, m in prunable_modules(model))
+    before = (above + budget.non_prunable) / budget.dense_blocks
+    hook.on_optimizer_step(model, 9)  # the fixed-mask phase: projected to the budget
+    saved = hook.state_dict()
+    report = hook.final_report(model)
+    assert report["within_budget"] and report["kept_fraction_before_cut"] == pytest.approx(before)
+    assert report["expected_over_target"] == pytest.approx(before / report["budget_fraction"])
+    assert report["expected_over_target"] > 3  # N(0, 1) scores: about 98% above the threshold, four times the target
+    resumed = build_pruning(pruning_settings(method="soft_movement", budget=0.25, finetune_ratio=0.2), 10)[0]
+    resumed.setup(tiny_model())
+    resumed.load_state_dict(saved)
+    assert resumed.final_report(resumed.model)["kept_fraction_before_cut"] == pytest.approx(before)
+
+
 @pytest.mark.parametrize("method", ["movement", "soft_movement"])
 def test_scores_stop_learning_once_the_masks_are_fixed(method: str) -> None:
     """From the fixed-mask phase on the scores take no part in the forward pass (no gradient, no regulariser term),
