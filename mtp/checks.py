@@ -15,7 +15,7 @@ from mtp.distill import check_teachers
 from mtp.glue import canonical_task_name
 from mtp.model import MultitaskModel, load_encoder, load_hf_config, load_tokenizer, parameter_counts
 from mtp.pruning import make_budget
-from mtp.run_folder import CHECKPOINTS, require_finished_run
+from mtp.run_folder import CHECKPOINTS, checkpoint_tag_file, latest_checkpoint, require_finished_run
 from mtp.training.loggers import check_loggers
 from mtp.training.optim import build_ds_config
 
@@ -25,9 +25,12 @@ def check_experiment(cfg: ExperimentConfig, world_size: int, resume: bool) -> di
     build_ds_config(cfg, world_size)
     check_loggers(cfg.train.loggers)
     ckpts = Path(cfg.output_dir) / CHECKPOINTS
-    has_ckpt = (ckpts / "latest").exists()
+    has_ckpt = checkpoint_tag_file(cfg.output_dir).exists()
     if resume and not has_ckpt:
         raise ConfigError(f"--resume: no checkpoint in {ckpts}")
+    if resume and latest_checkpoint(cfg.output_dir) is None:
+        raise ConfigError(f"--resume: {checkpoint_tag_file(cfg.output_dir)} is empty (a checkpoint's write was cut "
+                          "short): write the name of its last complete checkpoint folder into it, e.g. step_500")
     if not resume and has_ckpt:
         raise ConfigError(f"output_dir: {cfg.output_dir} already holds checkpoints; pass --resume to continue "
                           "or choose another output_dir")

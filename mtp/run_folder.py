@@ -104,11 +104,16 @@ def is_finished(run_dir: str | Path) -> bool:
     return bool(raw and raw.get("finished", False))
 
 
+def checkpoint_tag_file(run_dir: str | Path) -> Path:
+    """checkpoints/latest: the file that names the run's latest checkpoint (DeepSpeed's tag, e.g. "step_500")."""
+    return Path(run_dir) / CHECKPOINTS / "latest"
+
+
 def latest_checkpoint(run_dir: str | Path) -> str | None:
-    """The tag of the run's latest checkpoint (checkpoints/latest, e.g. "step_500"), or None without one (or while
-    the file is being written)."""
+    """The tag of the run's latest checkpoint, or None without one (no checkpoints/latest, or an empty one: a write
+    cut short, which the trainer refuses to resume from)."""
     try:
-        return (Path(run_dir) / CHECKPOINTS / "latest").read_text().strip() or None
+        return checkpoint_tag_file(run_dir).read_text().strip() or None
     except OSError:
         return None
 

@@ -16,6 +16,7 @@ from mtp.compare.runner import run_all
 from mtp.compare.store import (
     claim_holder,
     has_current_weights,
+    holds_other_recipe,
     retrain_state,
     run_state,
     superseded_results,
@@ -37,6 +38,7 @@ def _load_plan(config: str | Path, overrides: list[str]) -> ComparePlan:
     return plan
 
 
+RETRAIN_STATE = "to train again (--retrain"
 STATES = ("finished", "claimed", "resumes", "stale", "to train", "waits", "skipped")
 """The kinds of state `describe_plan` tallies (each line's state starts with one)."""
 
@@ -60,7 +62,7 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
         again = retrain_state(plan, spec, retrain_re)
         earlier = superseded_results(plan.cfg, spec.name)
         if again == "again":
-            state = f"to train again (--retrain: its results move to {earlier.parent})"
+            state = f"{RETRAIN_STATE}: its results move to {earlier.parent})"
         elif again == "done":
             state = f"finished (trained again already: its earlier results are in {earlier})"
         if decisions.get(spec.name) and state.startswith(("to train", "resumes")):
@@ -79,7 +81,9 @@ def describe_plan(config: str | Path, overrides: list[str], only: str | None = N
     count = f" (and {len(teachers)} teacher{'s' * (len(teachers) > 1)} again: {', '.join(teachers)})" \
         if teachers else ""
     lines.append(f"{len(chosen)} runs: " + ", ".join(f"{tally[k]} {k}" for k in STATES if tally[k]) + count)
-    from_scratch = {spec.name for spec, state in going if state.startswith(("stale", "to train again (--retrain"))}
+    # set aside before training, so trained from step 0: stale folders (a teacher's too) and runs --retrain trains again
+    from_scratch = {spec.name for spec, state in going if state.startswith(("stale", RETRAIN_STATE))}
+    from_scratch |= {t for t in teachers if holds_other_recipe(plan, plan.by_name[t])}
     estimate = time_left(plan, [spec for spec, _ in going] + [plan.by_name[t] for t in teachers], from_scratch,
                          waiting=tally["waits"])
     if estimate:

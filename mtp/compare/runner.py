@@ -24,7 +24,7 @@ from mtp.compare.store import (
     superseded_results,
     wants_weights,
 )
-from mtp.run_folder import is_finished, latest_checkpoint
+from mtp.run_folder import checkpoint_tag_file, is_finished
 from mtp.schema import PROJECT_ROOT
 
 
@@ -34,7 +34,7 @@ def launch_command(plan: ComparePlan, spec: RunSpec, port: int) -> list[str]:
     run_dir = cfg.run_folder(spec.name)
     args = ["bash", str(PROJECT_ROOT / "launch.sh"), "--nproc", str(cfg.nproc), "--master_port", str(port),
             *cfg.launcher_args, "--config", str(plan.base_path)]
-    if latest_checkpoint(run_dir) is not None:
+    if checkpoint_tag_file(run_dir).exists():  # (an empty one is refused by the trainer's check in one line)
         args.append("--resume")
     return [*args, *plan.overrides(spec), f"output_dir={run_dir}"]
 

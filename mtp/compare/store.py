@@ -16,7 +16,14 @@ from typing import Any
 from mtp.compare.config import CompareConfig
 from mtp.compare.plan import ComparePlan, RunSpec
 from mtp.config import ConfigError, saved_config
-from mtp.run_folder import FINAL, has_weights, is_finished, latest_checkpoint, read_results_dict
+from mtp.run_folder import (
+    FINAL,
+    checkpoint_tag_file,
+    has_weights,
+    is_finished,
+    latest_checkpoint,
+    read_results_dict,
+)
 
 
 def claim(run_dir: Path) -> bool:
@@ -115,6 +122,12 @@ def _current(run_dir: Path, spec: RunSpec, plan: ComparePlan) -> bool:
     """Whether a run folder holds this recipe's run (or one whose recipe it cannot tell)."""
     stored = run_dir_recipe(run_dir, plan, spec)
     return stored is None or plan.matches(stored, spec)
+
+
+def holds_other_recipe(plan: ComparePlan, spec: RunSpec) -> bool:
+    """Whether the run's folder is there and holds another recipe's run (set aside before training: from step 0)."""
+    run_dir = plan.cfg.run_folder(spec.name)
+    return run_dir.is_dir() and not _current(run_dir, spec, plan)
 
 
 def set_aside_if_stale(plan: ComparePlan, spec: RunSpec) -> Path | None:
@@ -286,4 +299,6 @@ def run_state(plan: ComparePlan, spec: RunSpec, weights_wanted: bool = False) ->
     latest = latest_checkpoint(run_dir)
     if latest is not None:
         return f"resumes from {latest}"
+    if checkpoint_tag_file(run_dir).exists():
+        return "to train, refused: its checkpoints/latest is empty (a write cut short; name the last checkpoint in it)"
     return "to train" + elsewhere

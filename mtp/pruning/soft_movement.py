@@ -59,7 +59,8 @@ class SoftMovementPruning(MovementPruning):
             torch.gt(scores, cut, out=m.mask)
 
     def final_masks(self) -> None:
-        """The projection to the budget; what the threshold kept just before it is recorded (one host read)."""
+        """The projection to the budget; what the threshold kept just before it is recorded (once per run: one count
+        per matrix read to the host)."""
         if self.fraction_before_cut is None:
             self.fraction_before_cut = self.kept_report(self.model)["kept_fraction"]
         super().final_masks()

@@ -838,6 +838,14 @@ def test_the_plan_lists_every_run_with_its_length_and_where_it_stands(tmp_path: 
         "time left: about 4 s of training for 1 run, one at a time at the median seconds per step of the finished "
         "runs of the same task, dense or pruned; 1 run with no finished run of the same task, dense or pruned, to go "
         "by")
+    # a stale teacher is moved aside before it trains again: its checkpoint does not count (8 steps at 2 s, not 2)
+    folder("mt-dense", recipe="fedcba9876543210", **{"checkpoints__latest": "step_6"})
+    (out / "runs" / "mt-movement-0.2" / ".claim").unlink()  # its student, free to train
+    assert describe_plan(config, overrides, only="^mt-movement-0.2$").splitlines()[-2:] == [
+        "1 runs: 1 to train (and 1 teacher again: mt-dense)",
+        "time left: about 16 s of training for 1 run, one at a time at the median seconds per step of the finished "
+        "runs of the same task, dense or pruned; 1 run with no finished run of the same task, dense or pruned, to go "
+        "by"]
     # a run trained by epochs whose results hold no steps (st-rte-dense here) has no known length; waiting second
     # seeds are named, not counted
     from mtp.compare.command import time_left

@@ -80,6 +80,11 @@ def test_resume_without_checkpoint_and_overwrite_are_refused(tmp_path: Path) -> 
     (out / "checkpoints" / "latest").write_text("step_4")
     proc = check("--config", str(TINY), f"output_dir={out}")
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    (out / "checkpoints" / "latest").write_text("")  # a write cut short: refused in one line, not in DeepSpeed's load
+    proc = check("--config", str(TINY), "--resume", f"output_dir={out}")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"mtp: error: --resume: {out}/checkpoints/latest is empty (a checkpoint's write was cut short): write the name "
+        "of its last complete checkpoint folder into it, e.g. step_500")
 
 
 def test_launch_sh_refuses_bad_config_before_starting(tmp_path: Path) -> None:
