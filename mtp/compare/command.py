@@ -132,5 +132,6 @@ def compare(config: str | Path, overrides: list[str], parallel: int = 1, only: s
         if failed:
             print(f"mtp compare: {len(failed)} runs failed: {', '.join(failed)} (see their launch.log)",
                   file=sys.stderr)
-    command = " ".join(["mtp compare --config", shlex.quote(str(config)), *map(shlex.quote, overrides)])
+    selection = ["--only", shlex.quote(only)] if only else []  # what reproduces these runs, not the whole grid
+    command = " ".join(["mtp compare --config", shlex.quote(str(config)), *map(shlex.quote, overrides), *selection])
     return write_report(plan, command)

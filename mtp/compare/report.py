@@ -236,8 +236,9 @@ def held_out_half(tasks: list[str], members_by_task: list[list[dict[str, Any]]],
 
 
 SIZE_WARNING = 1.1
-"""A run whose expected size where its ranks were fixed is above this multiple of its target is reported: the final
-projection, not training, took it to its size."""
+"""A run whose size where its ranks or masks were fixed is above this multiple of its target, or below its inverse, is
+reported: the final projection, not training, took it to its size (cut the rest, or gave back what training took
+beyond it: soft movement with too strong a λ)."""
 
 
 def size_checks(plan: ComparePlan, by_key: dict[Any, dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -250,7 +251,8 @@ def size_checks(plan: ComparePlan, by_key: dict[Any, dict[str, Any] | None]) -> 
         if ratio is None and pruning.get("expected_fraction_at_end") is not None:  # results from before the key
             ratio = pruning["expected_fraction_at_end"] / pruning["budget_fraction"]
         if ratio is not None:
-            rows.append({"run": spec.name, "expected_over_target": ratio, "far": ratio > SIZE_WARNING})
+            rows.append({"run": spec.name, "expected_over_target": ratio,
+                         "far": not 1 / SIZE_WARNING <= ratio <= SIZE_WARNING})
     return rows
 
 
@@ -425,10 +427,10 @@ def render_markdown(report: dict[str, Any], cfg: CompareConfig, command: str) ->
         lines.append("")
     far = [r for r in report.get("size_at_fix", []) if r["far"]]
     if far:
-        lines += [f"**Warning**: {len(far)} run{'s' * (len(far) > 1)} ended above {SIZE_WARNING:g}x "
-                  "their size where their ranks or masks were fixed: the final projection, not training, cut them "
-                  "to size (size over target): " + ", ".join(f"{r['run']} {r['expected_over_target']:.2f}"
-                                                               for r in far), ""]
+        lines += [f"**Warning**: {len(far)} run{'s' * (len(far) > 1)} ended outside {1 / SIZE_WARNING:.2f}-"
+                  f"{SIZE_WARNING:g}x their size where their ranks or masks were fixed: the final projection, not "
+                  "training, took them to size (size over target): " + ", ".join(
+                      f"{r['run']} {r['expected_over_target']:.2f}" for r in far), ""]
     if report.get("size_at_fix"):
         ratios = [r["expected_over_target"] for r in report["size_at_fix"]]
         lines += [f"Size where the ranks or masks were fixed (rank: expected), over the target: "

@@ -405,19 +405,21 @@ def test_the_report_warns_of_runs_cut_to_size_and_shows_each_sides_exposure(tmp_
             "batches_per_task": batches, "sampling": sampling or {}}))
 
     write("mt-rank-0.5", {"kept_blocks": 500, "expected_over_target": 1.02}, {"rte": 30, "stsb": 10})
+    write("mt-rank-0.2", {"kept_blocks": 200, "expected_over_target": 0.44}, {"rte": 30, "stsb": 10})  # far below
     write("st-rte-rank-0.25", {"kept_blocks": 250, "expected_over_target": 1.5}, {"rte": 20})
     # results from before the count and the ratio key: both worked out from what they hold
     write("st-stsb-rank-0.25", {"kept_blocks": 250, "expected_fraction_at_end": 0.3, "budget_fraction": 0.25},
           {}, {"stsb": 1.0})
     report = build_report(ComparePlan.build(cfg, ROOT / cfg.base))
     checks = {r["run"]: r for r in report["size_at_fix"]}
-    assert not checks["mt-rank-0.5"]["far"] and checks["st-rte-rank-0.25"]["far"]
+    assert not checks["mt-rank-0.5"]["far"] and checks["st-rte-rank-0.25"]["far"] and checks["mt-rank-0.2"]["far"]
     assert checks["st-stsb-rank-0.25"]["expected_over_target"] == pytest.approx(1.2)
     exposure = {r["task"]: r for r in report["exposure"]}
     assert exposure["rte"]["ratio"] == pytest.approx(1.5) and exposure["rte"]["counted"]
     assert exposure["stsb"]["single_task_batches"] == pytest.approx(40.0) and not exposure["stsb"]["counted"]
     md = render_markdown(report, cfg, "mtp compare")
-    assert "**Warning**: 2 runs ended above 1.1x" in md and "st-rte-rank-0.25 1.50" in md
+    assert "**Warning**: 3 runs ended outside 0.91-1.1x" in md and "st-rte-rank-0.25 1.50" in md
+    assert "mt-rank-0.2 0.44" in md
     assert "| rte | 30 (mt-rank-0.5) | 20 (st-rte-rank-0.25) | 1.50 |" in md
 
 
@@ -612,6 +614,9 @@ def test_retrain_trains_finished_pruned_runs_again_once_and_keeps_their_earlier_
     assert json.loads((kept / "runs" / "mt-movement-0.2.json").read_text())["mean_score"] == 70.0
     with pytest.raises(ConfigError, match="--retrain trains runs again and --report-only trains nothing"):
         compare(config, overrides, retrain=retrain, report_only=True)
+    # the report's command reproduces the runs the selection trained, not the whole grid
+    reproduce = compare(config, overrides, only="^mt-movement-0.2$", report_only=True).read_text().splitlines()[2]
+    assert reproduce.endswith("--only '^mt-movement-0.2$'`") and reproduce.startswith("Reproduce: `mtp compare")
     proc = subprocess.run([sys.executable, "-m", "mtp", "compare", "--plan", "--config", str(config), "--retrain",
                            "dense", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
