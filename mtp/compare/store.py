@@ -135,7 +135,7 @@ def set_aside_if_stale(plan: ComparePlan, spec: RunSpec) -> Path | None:
     reused nor resumed; nothing is deleted. Returns the new place, or None if there was nothing to move."""
     run_dir = plan.cfg.run_folder(spec.name)
     shared = bool(plan.cfg.teachers_dir) and spec.method == "none"  # another comparison's teacher
-    if not run_dir.is_dir() or _current(run_dir, spec, plan) or (not shared and claim_holder(run_dir) is not None):
+    if not holds_other_recipe(plan, spec) or (not shared and claim_holder(run_dir) is not None):
         return None  # a claimed folder is another process's to train
     stored = run_dir_recipe(run_dir, plan, spec)
     if shared:  # checked even while claimed (.recipe is written before its training starts), and never moved
